@@ -1,0 +1,1 @@
+//! Protocol-free interrupt models: PCI INTx, MSI-X table and PBA, event channels.

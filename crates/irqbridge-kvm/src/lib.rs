@@ -1,0 +1,1 @@
+//! VMM-side plugin: wires the interrupts and doorbells of an irqbridge device into KVM.

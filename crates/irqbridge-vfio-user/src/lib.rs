@@ -1,0 +1,3 @@
+//! vfio-user wire format, framing with fd passing, server loop and the irqbridge PCI test device.
+
+pub mod device;
