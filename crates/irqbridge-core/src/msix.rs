@@ -1,0 +1,577 @@
+//! PCI MSI-X: the vector table, the pending bit array (PBA) and per-vector masking
+//! (protocols.md §6, PCI Local Bus 3.0 §6.8.2).
+//!
+//! A vector is masked when MSI-X is not enabled, when Function Mask is set, when the mask bit
+//! of its vector control word is set, or when the VMM masked it with
+//! `SET_IRQS(MSIX, MASK)` ("host mask"). An event on a masked vector sets its PBA bit and
+//! signals nothing; when a vector with its PBA bit set becomes unmasked, the bit is cleared and
+//! the vector's notifier is written once. Hence an unmasked vector never has its PBA bit set.
+//!
+//! The model does not send MSI messages itself: the VMM bound an eventfd (usually a KVM irqfd
+//! on an MSI route built from the table entry) to each vector it uses.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::notifier::Notifier;
+
+/// Largest MSI-X table (Message Control Table Size is 11 bits, N − 1).
+pub const MSIX_MAX_VECTORS: u16 = 2048;
+/// Size of one table entry in bytes.
+pub const MSIX_ENTRY_SIZE: u64 = 16;
+/// Vector control bit 0: the vector is masked.
+pub const MSIX_CTRL_MASK: u32 = 1;
+/// Message Control bit 14: Function Mask.
+pub const MSIX_CONTROL_FUNCTION_MASK: u16 = 0x4000;
+/// Message Control bit 15: MSI-X Enable.
+pub const MSIX_CONTROL_ENABLE: u16 = 0x8000;
+
+/// One MSI-X table entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixEntry {
+    /// Message address, low 32 bits (bits 1:0 read as 0).
+    pub addr_lo: u32,
+    /// Message address, high 32 bits.
+    pub addr_hi: u32,
+    /// Message data.
+    pub data: u32,
+    /// Vector control: bit 0 is the mask bit, bits 31:1 are reserved (read as 0).
+    pub ctrl: u32,
+}
+
+impl MsixEntry {
+    /// The entry after a reset: zero, masked.
+    pub const RESET: MsixEntry = MsixEntry {
+        addr_lo: 0,
+        addr_hi: 0,
+        data: 0,
+        ctrl: MSIX_CTRL_MASK,
+    };
+
+    /// Whether the vector control mask bit is set.
+    pub fn masked(&self) -> bool {
+        self.ctrl & MSIX_CTRL_MASK != 0
+    }
+
+    /// The 64-bit message address.
+    pub fn address(&self) -> u64 {
+        (u64::from(self.addr_hi) << 32) | u64::from(self.addr_lo)
+    }
+
+    /// Dword `field` (0 address low, 1 address high, 2 data, 3 vector control) as read.
+    fn read_dword(&self, field: u64) -> u32 {
+        match field {
+            0 => self.addr_lo & !3,
+            1 => self.addr_hi,
+            2 => self.data,
+            3 => self.ctrl & MSIX_CTRL_MASK,
+            _ => 0,
+        }
+    }
+
+    /// The entry with reserved bits cleared.
+    fn sanitized(self) -> MsixEntry {
+        MsixEntry {
+            addr_lo: self.addr_lo & !3,
+            ctrl: self.ctrl & MSIX_CTRL_MASK,
+            ..self
+        }
+    }
+}
+
+/// What happened to an event on a vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The vector was unmasked and its notifier was written.
+    Sent,
+    /// The vector was masked: its PBA bit is set.
+    Pending,
+    /// The vector was unmasked but has no notifier: the event was dropped.
+    NoNotifier,
+}
+
+/// Counters of an MSI-X function.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixStats {
+    /// Notifier writes (direct events and pending deliveries on unmask).
+    pub triggers: u64,
+    /// Events that hit a masked vector (each sets, or keeps set, the PBA bit).
+    pub pending_sets: u64,
+    /// Events dropped because the unmasked vector had no notifier.
+    pub dropped: u64,
+}
+
+/// Serializable state of an [`Msix`] (everything except the notifiers).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    /// The table, one entry per vector.
+    pub entries: Vec<MsixEntry>,
+    /// The PBA, ⌈N/64⌉ quad words; vector n is bit n % 64 of word n / 64.
+    pub pba: Vec<u64>,
+    /// Per-vector masks set by the VMM (`SET_IRQS(MSIX, MASK)`).
+    pub host_masked: Vec<bool>,
+    /// Message Control bit 15.
+    pub enabled: bool,
+    /// Message Control bit 14.
+    pub function_mask: bool,
+    /// Counters.
+    pub stats: MsixStats,
+}
+
+/// An MSI-X function: table, PBA, masks and one optional notifier per vector.
+#[derive(Debug)]
+pub struct Msix {
+    entries: Vec<MsixEntry>,
+    pba: Vec<u64>,
+    host_masked: Vec<bool>,
+    notifiers: Vec<Option<Arc<dyn Notifier>>>,
+    enabled: bool,
+    function_mask: bool,
+    stats: MsixStats,
+}
+
+fn pba_words(vectors: u16) -> usize {
+    usize::from(vectors).div_ceil(64)
+}
+
+impl Msix {
+    /// An MSI-X function with `vectors` vectors (1..=2048) in its reset state.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] if `vectors` is 0 or above [`MSIX_MAX_VECTORS`].
+    pub fn new(vectors: u16) -> Result<Self> {
+        if vectors == 0 || vectors > MSIX_MAX_VECTORS {
+            return Err(Error::InvalidConfig(format!(
+                "MSI-X table size {vectors} is not in 1..={MSIX_MAX_VECTORS}"
+            )));
+        }
+        let n = usize::from(vectors);
+        Ok(Msix {
+            entries: vec![MsixEntry::RESET; n],
+            pba: vec![0; pba_words(vectors)],
+            host_masked: vec![false; n],
+            notifiers: vec![None; n],
+            enabled: false,
+            function_mask: false,
+            stats: MsixStats::default(),
+        })
+    }
+
+    /// Number of vectors (the table size).
+    pub fn num_vectors(&self) -> u16 {
+        // The constructor and `restore` keep the length in 1..=2048.
+        u16::try_from(self.entries.len()).unwrap_or(MSIX_MAX_VECTORS)
+    }
+
+    /// Size of the table in bytes: 16 per vector.
+    pub fn table_size_bytes(&self) -> u64 {
+        MSIX_ENTRY_SIZE * u64::from(self.num_vectors())
+    }
+
+    /// Size of the PBA in bytes: ⌈N/64⌉ quad words.
+    pub fn pba_size_bytes(&self) -> u64 {
+        8 * pba_words(self.num_vectors()) as u64
+    }
+
+    /// Message Control value for this function: Table Size (N − 1) plus Enable and
+    /// Function Mask.
+    pub fn message_control(&self) -> u16 {
+        let mut v = self.num_vectors().saturating_sub(1) & 0x07ff;
+        if self.enabled {
+            v |= MSIX_CONTROL_ENABLE;
+        }
+        if self.function_mask {
+            v |= MSIX_CONTROL_FUNCTION_MASK;
+        }
+        v
+    }
+
+    /// Bind (`Some`) or unbind (`None`) the notifier of `vector`. Signals nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidVector`] if `vector` is out of range.
+    pub fn set_notifier(&mut self, vector: u16, n: Option<Arc<dyn Notifier>>) -> Result<()> {
+        let slot = self
+            .notifiers
+            .get_mut(usize::from(vector))
+            .ok_or(Error::InvalidVector(u32::from(vector)))?;
+        *slot = n;
+        Ok(())
+    }
+
+    /// Unbind every notifier.
+    pub fn clear_notifiers(&mut self) {
+        self.notifiers.iter_mut().for_each(|n| *n = None);
+    }
+
+    /// Whether `vector` has a notifier (false if out of range).
+    pub fn has_notifier(&self, vector: u16) -> bool {
+        matches!(self.notifiers.get(usize::from(vector)), Some(Some(_)))
+    }
+
+    /// Whether `vector` is masked: not enabled, Function Mask, its vector control mask bit, or
+    /// its host mask.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidVector`] if `vector` is out of range.
+    pub fn is_masked(&self, vector: u16) -> Result<bool> {
+        let v = self.index(vector)?;
+        Ok(self.masked_at(v))
+    }
+
+    /// An event on `vector`.
+    ///
+    /// Masked: set the PBA bit ([`Delivery::Pending`], `pending_sets` + 1). Unmasked with a
+    /// notifier: write it ([`Delivery::Sent`], `triggers` + 1). Unmasked without a notifier:
+    /// [`Delivery::NoNotifier`] (`dropped` + 1), the PBA is not touched.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidVector`] if `vector` is out of range; [`Error::Notify`] if the
+    /// notifier write failed.
+    pub fn fire(&mut self, vector: u16) -> Result<Delivery> {
+        let v = self.index(vector)?;
+        if self.masked_at(v) {
+            self.set_pba(v, true);
+            self.stats.pending_sets = self.stats.pending_sets.wrapping_add(1);
+            return Ok(Delivery::Pending);
+        }
+        self.send(v)
+    }
+
+    /// `SET_IRQS(MSIX, MASK / UNMASK)` from the VMM for one vector. An unmask that leaves the
+    /// vector unmasked with its PBA bit set clears the bit and signals once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidVector`] if `vector` is out of range; [`Error::Notify`] if the
+    /// pending delivery failed.
+    pub fn set_host_mask(&mut self, vector: u16, masked: bool) -> Result<()> {
+        let v = self.index(vector)?;
+        if let Some(m) = self.host_masked.get_mut(v) {
+            *m = masked;
+        }
+        self.deliver_pending(v).map(|_| ())
+    }
+
+    /// Set or clear the vector control mask bit of `vector` (device-side alias registers,
+    /// binding policy). Clearing it follows the same deliver-pending rule as
+    /// [`set_host_mask`](Self::set_host_mask).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidVector`] if `vector` is out of range; [`Error::Notify`] if the
+    /// pending delivery failed.
+    pub fn set_entry_masked(&mut self, vector: u16, masked: bool) -> Result<()> {
+        let v = self.index(vector)?;
+        if let Some(e) = self.entries.get_mut(v) {
+            if masked {
+                e.ctrl |= MSIX_CTRL_MASK;
+            } else {
+                e.ctrl &= !MSIX_CTRL_MASK;
+            }
+        }
+        self.deliver_pending(v).map(|_| ())
+    }
+
+    /// Message Control was written: Enable (bit 15) and Function Mask (bit 14). Every vector
+    /// that ends up unmasked with its PBA bit set has the bit cleared and is signalled once, in
+    /// vector order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notify`] with the first failed delivery (the other vectors are still
+    /// delivered).
+    pub fn write_control(&mut self, enabled: bool, function_mask: bool) -> Result<()> {
+        self.enabled = enabled;
+        self.function_mask = function_mask;
+        if !enabled || function_mask {
+            return Ok(());
+        }
+        let mut first_err = None;
+        for v in 0..self.entries.len() {
+            if let Err(e) = self.deliver_pending(v) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Message Control Enable (bit 15).
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Message Control Function Mask (bit 14).
+    pub fn function_masked(&self) -> bool {
+        self.function_mask
+    }
+
+    /// Whether a table access of `len` bytes at byte `offset` is one the model honours:
+    /// 4 or 8 bytes, naturally aligned, inside the table.
+    pub fn table_access_ok(&self, offset: u64, len: usize) -> bool {
+        access_ok(offset, len, self.table_size_bytes())
+    }
+
+    /// Whether a PBA read of `len` bytes at byte `offset` is one the model honours:
+    /// 4 or 8 bytes, naturally aligned, inside the PBA.
+    pub fn pba_access_ok(&self, offset: u64, len: usize) -> bool {
+        access_ok(offset, len, self.pba_size_bytes())
+    }
+
+    /// Read the table at byte `offset` from its start into `data` (little endian).
+    ///
+    /// Only naturally aligned 4- or 8-byte reads inside the table are honoured; any other
+    /// read fills `data` with zeros. Reserved vector control bits and address bits 1:0 read
+    /// as 0.
+    pub fn table_read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if !self.table_access_ok(offset, data.len()) {
+            log::debug!(
+                "msix: ignored table read of {} bytes at {offset:#x}",
+                data.len()
+            );
+            return;
+        }
+        for (i, chunk) in data.chunks_exact_mut(4).enumerate() {
+            let dw = offset / 4 + i as u64;
+            let value = self
+                .entries
+                .get(usize::try_from(dw / 4).unwrap_or(usize::MAX))
+                .map_or(0, |e| e.read_dword(dw % 4));
+            chunk.copy_from_slice(&value.to_le_bytes());
+        }
+    }
+
+    /// Write the table at byte `offset` from its start (little endian).
+    ///
+    /// Only naturally aligned 4- or 8-byte writes inside the table are honoured; others are
+    /// ignored (logged at debug level). An 8-byte write covers two dwords, the low one first.
+    /// Reserved vector control bits are ignored. Clearing a vector control mask bit follows
+    /// the deliver-pending rule.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notify`] if a pending delivery failed (the write itself took effect).
+    pub fn table_write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if !self.table_access_ok(offset, data.len()) {
+            log::debug!(
+                "msix: ignored table write of {} bytes at {offset:#x}",
+                data.len()
+            );
+            return Ok(());
+        }
+        let mut result = Ok(());
+        for (i, chunk) in data.chunks_exact(4).enumerate() {
+            let mut bytes = [0u8; 4];
+            bytes.copy_from_slice(chunk);
+            let value = u32::from_le_bytes(bytes);
+            let dw = offset / 4 + i as u64;
+            let Ok(v) = usize::try_from(dw / 4) else {
+                continue;
+            };
+            let Some(e) = self.entries.get_mut(v) else {
+                continue;
+            };
+            match dw % 4 {
+                0 => e.addr_lo = value & !3,
+                1 => e.addr_hi = value,
+                2 => e.data = value,
+                _ => {
+                    e.ctrl = value & MSIX_CTRL_MASK;
+                    if let Err(err) = self.deliver_pending(v) {
+                        if result.is_ok() {
+                            result = Err(err);
+                        }
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// Read the PBA at byte `offset` from its start into `data` (little endian).
+    ///
+    /// Only naturally aligned 4- or 8-byte reads inside the PBA are honoured; any other read
+    /// fills `data` with zeros. The PBA is read-only: writes are ignored by the caller.
+    pub fn pba_read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if !self.pba_access_ok(offset, data.len()) {
+            log::debug!(
+                "msix: ignored PBA read of {} bytes at {offset:#x}",
+                data.len()
+            );
+            return;
+        }
+        for (i, chunk) in data.chunks_exact_mut(4).enumerate() {
+            let dw = offset / 4 + i as u64;
+            let word = self
+                .pba
+                .get(usize::try_from(dw / 2).unwrap_or(usize::MAX))
+                .copied()
+                .unwrap_or(0);
+            let value = if dw % 2 == 0 { word } else { word >> 32 };
+            chunk.copy_from_slice(&(value as u32).to_le_bytes());
+        }
+    }
+
+    /// Whether the PBA bit of `vector` is set.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidVector`] if `vector` is out of range.
+    pub fn pending(&self, vector: u16) -> Result<bool> {
+        let v = self.index(vector)?;
+        Ok(self.pba_at(v))
+    }
+
+    /// The table entry of `vector` (reserved bits cleared).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidVector`] if `vector` is out of range.
+    pub fn entry(&self, vector: u16) -> Result<MsixEntry> {
+        self.entries
+            .get(usize::from(vector))
+            .map(|e| e.sanitized())
+            .ok_or(Error::InvalidVector(u32::from(vector)))
+    }
+
+    /// Power-on state (QEMU `msix_reset`): Enable and Function Mask cleared, table zeroed with
+    /// every vector control mask bit set, PBA clear, host masks clear. Notifiers and counters
+    /// survive.
+    pub fn reset(&mut self) {
+        self.enabled = false;
+        self.function_mask = false;
+        self.entries.fill(MsixEntry::RESET);
+        self.pba.fill(0);
+        self.host_masked.fill(false);
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> MsixStats {
+        self.stats
+    }
+
+    /// The whole state except the notifiers.
+    pub fn snapshot(&self) -> MsixState {
+        MsixState {
+            entries: self.entries.clone(),
+            pba: self.pba.clone(),
+            host_masked: self.host_masked.clone(),
+            enabled: self.enabled,
+            function_mask: self.function_mask,
+            stats: self.stats,
+        }
+    }
+
+    /// Restore a state taken with [`snapshot`](Self::snapshot) from a function of the same
+    /// size. Notifiers are kept; nothing is signalled. Reserved bits (entry bits, PBA bits
+    /// beyond the table size) are cleared.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SnapshotMismatch`] if the table, PBA or host-mask sizes differ from this
+    /// function's; the model is then unchanged.
+    pub fn restore(&mut self, state: &MsixState) -> Result<()> {
+        let n = self.entries.len();
+        if state.entries.len() != n
+            || state.host_masked.len() != n
+            || state.pba.len() != self.pba.len()
+        {
+            return Err(Error::SnapshotMismatch(format!(
+                "MSI-X snapshot has {} entries, {} PBA words and {} host masks; this function has {n} vectors",
+                state.entries.len(),
+                state.pba.len(),
+                state.host_masked.len()
+            )));
+        }
+        for (dst, src) in self.entries.iter_mut().zip(&state.entries) {
+            *dst = src.sanitized();
+        }
+        for (i, (dst, src)) in self.pba.iter_mut().zip(&state.pba).enumerate() {
+            let valid = n.saturating_sub(i * 64);
+            let keep = if valid >= 64 {
+                u64::MAX
+            } else {
+                (1u64 << valid) - 1
+            };
+            *dst = src & keep;
+        }
+        self.host_masked.copy_from_slice(&state.host_masked);
+        self.enabled = state.enabled;
+        self.function_mask = state.function_mask;
+        self.stats = state.stats;
+        Ok(())
+    }
+
+    fn index(&self, vector: u16) -> Result<usize> {
+        let v = usize::from(vector);
+        if v < self.entries.len() {
+            Ok(v)
+        } else {
+            Err(Error::InvalidVector(u32::from(vector)))
+        }
+    }
+
+    fn masked_at(&self, v: usize) -> bool {
+        !self.enabled
+            || self.function_mask
+            || self.entries.get(v).is_none_or(MsixEntry::masked)
+            || self.host_masked.get(v).copied().unwrap_or(true)
+    }
+
+    fn pba_at(&self, v: usize) -> bool {
+        self.pba
+            .get(v / 64)
+            .is_some_and(|w| w & (1u64 << (v % 64)) != 0)
+    }
+
+    fn set_pba(&mut self, v: usize, set: bool) {
+        if let Some(w) = self.pba.get_mut(v / 64) {
+            let bit = 1u64 << (v % 64);
+            if set {
+                *w |= bit;
+            } else {
+                *w &= !bit;
+            }
+        }
+    }
+
+    /// Write the notifier of unmasked vector `v`, or count a drop.
+    fn send(&mut self, v: usize) -> Result<Delivery> {
+        match self.notifiers.get(v).and_then(Option::as_ref) {
+            Some(n) => {
+                n.notify().map_err(Error::Notify)?;
+                self.stats.triggers = self.stats.triggers.wrapping_add(1);
+                Ok(Delivery::Sent)
+            }
+            None => {
+                self.stats.dropped = self.stats.dropped.wrapping_add(1);
+                Ok(Delivery::NoNotifier)
+            }
+        }
+    }
+
+    /// If vector `v` is unmasked and pending: clear the PBA bit and send once.
+    fn deliver_pending(&mut self, v: usize) -> Result<Option<Delivery>> {
+        if self.masked_at(v) || !self.pba_at(v) {
+            return Ok(None);
+        }
+        self.set_pba(v, false);
+        self.send(v).map(Some)
+    }
+}
+
+fn access_ok(offset: u64, len: usize, size: u64) -> bool {
+    (len == 4 || len == 8)
+        && offset % len as u64 == 0
+        && offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= size)
+}

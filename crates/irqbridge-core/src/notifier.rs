@@ -1,0 +1,85 @@
+//! The seam through which interrupts leave the models.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Something that can be signalled when an interrupt fires.
+///
+/// In production this is an [`EventFd`] received from the VMM (a KVM irqfd, or an eventfd that
+/// the VMM polls); in tests a [`CountingNotifier`].
+pub trait Notifier: Send + Sync + std::fmt::Debug {
+    /// Signal the interrupt once.
+    ///
+    /// # Errors
+    ///
+    /// Returns the I/O error of the underlying write.
+    fn notify(&self) -> std::io::Result<()>;
+}
+
+impl Notifier for EventFd {
+    /// Adds 1 to the eventfd counter.
+    fn notify(&self) -> std::io::Result<()> {
+        self.write(1)
+    }
+}
+
+/// Counts notifications; for tests and harnesses.
+#[derive(Debug, Default)]
+pub struct CountingNotifier {
+    count: AtomicU64,
+}
+
+impl CountingNotifier {
+    /// A notifier that has counted nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Notifications counted since creation or the last [`take`](Self::take).
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Returns the number of notifications counted so far and resets the count to 0.
+    pub fn take(&self) -> u64 {
+        self.count.swap(0, Ordering::SeqCst)
+    }
+}
+
+impl Notifier for CountingNotifier {
+    fn notify(&self) -> std::io::Result<()> {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn counting_notifier_counts_and_takes() {
+        let n = CountingNotifier::new();
+        assert_eq!(n.count(), 0);
+        n.notify().unwrap();
+        n.notify().unwrap();
+        assert_eq!(n.count(), 2);
+        assert_eq!(n.take(), 2);
+        assert_eq!(n.count(), 0);
+        n.notify().unwrap();
+        assert_eq!(n.take(), 1);
+    }
+
+    #[test]
+    fn eventfd_notifier_writes_one() {
+        let fd = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let n: Arc<dyn Notifier> = Arc::new(fd.try_clone().unwrap());
+        n.notify().unwrap();
+        n.notify().unwrap();
+        n.notify().unwrap();
+        assert_eq!(fd.read().unwrap(), 3);
+        assert!(fd.read().is_err(), "counter must be drained");
+    }
+}
