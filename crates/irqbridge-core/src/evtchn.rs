@@ -513,3 +513,446 @@ pub fn guest_collect(words: &[AtomicU64], vector: u16) -> Vec<u32> {
     }
     ports
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::mpsc;
+
+    use super::*;
+
+    fn channels(ports: u32, upcalls: u16) -> EventChannels {
+        EventChannels::new(ports, upcalls, zeroed_page()).unwrap()
+    }
+
+    fn word(ev: &EventChannels, i: usize) -> u64 {
+        ev.memory().words()[i].load(ORD)
+    }
+
+    fn collect(ev: &EventChannels, vector: u16) -> Vec<u32> {
+        guest_collect(ev.memory().words(), vector)
+    }
+
+    fn page_is_zero(ev: &EventChannels) -> bool {
+        ev.snapshot().page.iter().all(|w| *w == 0)
+    }
+
+    #[test]
+    fn config_limits() {
+        assert!(matches!(
+            EventChannels::new(0, 1, zeroed_page()),
+            Err(Error::InvalidConfig(_))
+        ));
+        assert!(matches!(
+            EventChannels::new(4097, 1, zeroed_page()),
+            Err(Error::InvalidConfig(_))
+        ));
+        assert!(matches!(
+            EventChannels::new(16, 0, zeroed_page()),
+            Err(Error::InvalidConfig(_))
+        ));
+        assert!(matches!(
+            EventChannels::new(16, 65, zeroed_page()),
+            Err(Error::InvalidConfig(_))
+        ));
+        let small: Vec<AtomicU64> = (0..511).map(|_| AtomicU64::new(0)).collect();
+        assert!(matches!(
+            EventChannels::new(16, 1, Arc::new(small)),
+            Err(Error::InvalidConfig(_))
+        ));
+        let ev = EventChannels::new(EVTCHN_MAX_PORTS, EVTCHN_MAX_UPCALLS, zeroed_page()).unwrap();
+        assert_eq!(ev.num_ports(), 4096);
+        assert_eq!(ev.num_upcalls(), 64);
+        for p in 0..4096 {
+            assert_eq!(ev.state(p).unwrap(), PortState::Closed);
+        }
+    }
+
+    #[test]
+    fn new_does_not_clear_the_page_reset_does() {
+        let page = zeroed_page();
+        page.words()[3].store(7, ORD);
+        page.words()[511].store(9, ORD);
+        let mut ev = EventChannels::new(16, 1, page.clone()).unwrap();
+        assert_eq!(page.words()[3].load(ORD), 7);
+        ev.bind(1, 0).unwrap();
+        ev.send(1).unwrap();
+        let stats = ev.stats();
+        ev.reset();
+        assert!(page.words().iter().all(|w| w.load(ORD) == 0));
+        assert_eq!(ev.state(1).unwrap(), PortState::Closed);
+        assert_eq!(ev.stats(), stats, "counters survive a reset");
+    }
+
+    #[test]
+    fn port_states() {
+        let mut ev = channels(8, 2);
+        ev.bind(3, 1).unwrap();
+        assert_eq!(ev.state(3).unwrap(), PortState::Bound { vector: 1 });
+        ev.unbind(3).unwrap();
+        assert_eq!(ev.state(3).unwrap(), PortState::Unbound);
+        ev.close(3).unwrap();
+        assert_eq!(ev.state(3).unwrap(), PortState::Closed);
+        assert!(matches!(ev.bind(3, 2), Err(Error::InvalidVector(2))));
+        assert!(matches!(ev.bind(8, 0), Err(Error::InvalidPort(8))));
+        assert!(matches!(ev.unbind(8), Err(Error::InvalidPort(8))));
+        assert!(matches!(ev.close(8), Err(Error::InvalidPort(8))));
+        assert!(matches!(ev.state(8), Err(Error::InvalidPort(8))));
+        assert!(matches!(ev.send(8), Err(Error::InvalidPort(8))));
+        assert!(matches!(ev.unmask(8), Err(Error::InvalidPort(8))));
+        assert!(matches!(ev.retrigger(8), Err(Error::InvalidPort(8))));
+        assert!(matches!(ev.is_pending(8), Err(Error::InvalidPort(8))));
+        assert!(matches!(ev.is_masked(8), Err(Error::InvalidPort(8))));
+        assert!(matches!(ev.set_masked(8, true), Err(Error::InvalidPort(8))));
+        assert_eq!(ev.stats(), EvtchnStats::default());
+        assert!(page_is_zero(&ev));
+    }
+
+    #[test]
+    fn send_raises_upcall_and_coalesces() {
+        let mut ev = channels(1024, 4);
+        ev.bind(70, 2).unwrap();
+        assert_eq!(ev.send(70).unwrap(), SendOutcome::Upcall { vector: 2 });
+        assert!(ev.is_pending(70).unwrap());
+        assert_eq!(word(&ev, PENDING_WORD + 1), 1 << 6);
+        assert_eq!(word(&ev, UPCALL_WORD + 4), 1, "upcall_pending of vector 2");
+        assert_eq!(word(&ev, UPCALL_WORD + 5), 1 << 1, "selector of vector 2");
+        assert_eq!(ev.send(70).unwrap(), SendOutcome::Coalesced);
+        assert_eq!(
+            ev.stats(),
+            EvtchnStats {
+                sends: 2,
+                upcalls: 1,
+                dropped: 0
+            }
+        );
+        assert_eq!(collect(&ev, 2), [70]);
+        assert!(page_is_zero(&ev));
+        assert_eq!(ev.send(70).unwrap(), SendOutcome::Upcall { vector: 2 });
+        assert_eq!(
+            ev.stats(),
+            EvtchnStats {
+                sends: 3,
+                upcalls: 2,
+                dropped: 0
+            }
+        );
+    }
+
+    #[test]
+    fn masked_send_stays_pending_and_unmask_raises_once() {
+        let mut ev = channels(128, 1);
+        ev.bind(5, 0).unwrap();
+        ev.set_masked(5, true).unwrap();
+        assert!(ev.is_masked(5).unwrap());
+        assert_eq!(word(&ev, MASK_WORD), 1 << 5);
+        assert_eq!(ev.send(5).unwrap(), SendOutcome::Masked);
+        assert!(ev.is_pending(5).unwrap());
+        assert_eq!(word(&ev, UPCALL_WORD), 0);
+        assert_eq!(word(&ev, UPCALL_WORD + 1), 0);
+        assert_eq!(ev.send(5).unwrap(), SendOutcome::Coalesced);
+        assert_eq!(ev.unmask(5).unwrap(), Some(0));
+        assert!(!ev.is_masked(5).unwrap());
+        assert_eq!(ev.unmask(5).unwrap(), None, "selector already set");
+        assert_eq!(
+            ev.stats(),
+            EvtchnStats {
+                sends: 2,
+                upcalls: 1,
+                dropped: 0
+            }
+        );
+        assert_eq!(collect(&ev, 0), [5]);
+        // Unmask of a port that is not pending raises nothing.
+        ev.set_masked(5, true).unwrap();
+        assert_eq!(ev.unmask(5).unwrap(), None);
+        assert!(page_is_zero(&ev));
+    }
+
+    #[test]
+    fn unmask_of_pending_port_whose_mask_is_already_clear_raises() {
+        let mut ev = channels(128, 1);
+        ev.bind(9, 0).unwrap();
+        ev.set_masked(9, true).unwrap();
+        ev.send(9).unwrap();
+        ev.set_masked(9, false).unwrap(); // the guest clears the mask itself first
+        assert_eq!(ev.unmask(9).unwrap(), Some(0));
+        assert_eq!(collect(&ev, 0), [9]);
+    }
+
+    #[test]
+    fn selector_already_set_gives_no_second_upcall() {
+        let mut ev = channels(128, 1);
+        ev.bind(1, 0).unwrap();
+        ev.bind(2, 0).unwrap();
+        assert_eq!(ev.send(1).unwrap(), SendOutcome::Upcall { vector: 0 });
+        assert_eq!(ev.send(2).unwrap(), SendOutcome::SelectorSet);
+        // Masked pending port in the same word: unmask finds the selector set.
+        ev.bind(3, 0).unwrap();
+        ev.set_masked(3, true).unwrap();
+        assert_eq!(ev.send(3).unwrap(), SendOutcome::Masked);
+        assert_eq!(ev.unmask(3).unwrap(), None);
+        assert_eq!(ev.stats().upcalls, 1);
+        assert_eq!(collect(&ev, 0), [1, 2, 3]);
+    }
+
+    #[test]
+    fn upcall_pending_already_set_gives_no_second_upcall() {
+        let mut ev = channels(256, 2);
+        ev.bind(1, 0).unwrap();
+        ev.bind(64, 0).unwrap();
+        ev.bind(200, 0).unwrap();
+        ev.bind(65, 1).unwrap();
+        assert_eq!(ev.send(1).unwrap(), SendOutcome::Upcall { vector: 0 });
+        assert_eq!(ev.send(64).unwrap(), SendOutcome::UpcallPending);
+        assert_eq!(ev.send(200).unwrap(), SendOutcome::UpcallPending);
+        assert_eq!(word(&ev, UPCALL_WORD + 1), 0b1011);
+        // Another vector has its own upcall block.
+        assert_eq!(ev.send(65).unwrap(), SendOutcome::Upcall { vector: 1 });
+        assert_eq!(ev.stats().upcalls, 2);
+        // The guest handler scans whole words: port 65 (word 1, vector 1) is collected by
+        // vector 0's handler, which scans word 1 for port 64. Vector 1 then finds nothing.
+        assert_eq!(collect(&ev, 0), [1, 64, 65, 200]);
+        assert_eq!(collect(&ev, 1), Vec::<u32>::new());
+        assert!(page_is_zero(&ev));
+    }
+
+    #[test]
+    fn guest_collect_semantics() {
+        let mut ev = channels(512, 2);
+        for p in [0, 63, 64, 130, 511] {
+            ev.bind(p, 0).unwrap();
+        }
+        ev.set_masked(130, true).unwrap();
+        for p in [511, 130, 64, 0, 63] {
+            ev.send(p).unwrap();
+        }
+        // Only upcall_pending and the selector are consumed; masked ports stay pending.
+        assert_eq!(collect(&ev, 0), [0, 63, 64, 511]);
+        assert_eq!(word(&ev, UPCALL_WORD), 0);
+        assert_eq!(word(&ev, UPCALL_WORD + 1), 0);
+        assert!(ev.is_pending(130).unwrap());
+        for p in [0, 63, 64, 511] {
+            assert!(!ev.is_pending(p).unwrap());
+        }
+        assert_eq!(collect(&ev, 0), Vec::<u32>::new());
+        // Unmasking the masked port raises the upcall again and it is collected.
+        assert_eq!(ev.unmask(130).unwrap(), Some(0));
+        assert_eq!(collect(&ev, 0), [130]);
+        assert!(page_is_zero(&ev));
+        // Out-of-range vector or short page: nothing, nothing touched.
+        ev.send(0).unwrap();
+        assert_eq!(guest_collect(ev.memory().words(), 64), Vec::<u32>::new());
+        assert_eq!(
+            guest_collect(&ev.memory().words()[..511], 0),
+            Vec::<u32>::new()
+        );
+        assert!(ev.is_pending(0).unwrap());
+        // A selector bit for a word with nothing ready is simply consumed.
+        ev.memory().words()[UPCALL_WORD + 3].fetch_or(1 << 5, ORD);
+        assert_eq!(collect(&ev, 1), Vec::<u32>::new());
+        assert_eq!(word(&ev, UPCALL_WORD + 3), 0);
+    }
+
+    #[test]
+    fn closed_and_unbound_ports() {
+        let mut ev = channels(64, 1);
+        assert_eq!(ev.send(4).unwrap(), SendOutcome::NotBound);
+        assert!(page_is_zero(&ev), "a closed port leaves the page alone");
+        assert_eq!(
+            ev.stats(),
+            EvtchnStats {
+                sends: 1,
+                upcalls: 0,
+                dropped: 1
+            }
+        );
+        ev.unbind(4).unwrap();
+        assert_eq!(ev.send(4).unwrap(), SendOutcome::NotBound);
+        assert!(ev.is_pending(4).unwrap());
+        assert_eq!(word(&ev, UPCALL_WORD), 0);
+        assert_eq!(word(&ev, UPCALL_WORD + 1), 0);
+        assert_eq!(ev.unmask(4).unwrap(), None);
+        assert_eq!(ev.retrigger(4).unwrap(), None);
+        assert_eq!(
+            ev.stats(),
+            EvtchnStats {
+                sends: 2,
+                upcalls: 0,
+                dropped: 1
+            }
+        );
+        // Binding it later and retriggering delivers what was pending.
+        ev.bind(4, 0).unwrap();
+        assert_eq!(ev.send(4).unwrap(), SendOutcome::Coalesced);
+        ev.set_masked(4, true).unwrap();
+        assert_eq!(
+            ev.retrigger(4).unwrap(),
+            None,
+            "masked: retrigger does nothing"
+        );
+        ev.set_masked(4, false).unwrap();
+        assert_eq!(ev.retrigger(4).unwrap(), Some(0));
+        assert_eq!(ev.retrigger(4).unwrap(), None);
+        assert_eq!(collect(&ev, 0), [4]);
+        assert_eq!(ev.retrigger(4).unwrap(), None, "not pending");
+        // Closing again drops sends.
+        ev.close(4).unwrap();
+        assert_eq!(ev.send(4).unwrap(), SendOutcome::NotBound);
+        assert!(!ev.is_pending(4).unwrap());
+        assert_eq!(
+            ev.stats(),
+            EvtchnStats {
+                sends: 4,
+                upcalls: 1,
+                dropped: 2
+            }
+        );
+    }
+
+    #[test]
+    fn all_4096_ports_on_one_vector_collected_once() {
+        let mut ev = channels(EVTCHN_MAX_PORTS, 1);
+        for p in 0..EVTCHN_MAX_PORTS {
+            ev.bind(p, 0).unwrap();
+        }
+        let mut outcomes: HashMap<String, u32> = HashMap::new();
+        for p in 0..EVTCHN_MAX_PORTS {
+            *outcomes
+                .entry(format!("{:?}", ev.send(p).unwrap()))
+                .or_default() += 1;
+        }
+        assert_eq!(outcomes["Upcall { vector: 0 }"], 1);
+        assert_eq!(outcomes["UpcallPending"], 63);
+        assert_eq!(outcomes["SelectorSet"], 4032);
+        assert_eq!(outcomes.len(), 3);
+        assert_eq!(word(&ev, UPCALL_WORD + 1), u64::MAX);
+        let got = collect(&ev, 0);
+        assert_eq!(got, (0..EVTCHN_MAX_PORTS).collect::<Vec<_>>());
+        assert!(page_is_zero(&ev));
+        assert_eq!(collect(&ev, 0), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn concurrent_senders_and_guest_lose_nothing() {
+        const THREADS: u32 = 4;
+        const ROUNDS: u32 = 200;
+        const VECTORS: u16 = 3;
+        let mut ev = channels(EVTCHN_DEFAULT_PORTS, VECTORS);
+        for p in 0..EVTCHN_DEFAULT_PORTS {
+            ev.bind(p, (p % u32::from(VECTORS)) as u16).unwrap();
+        }
+        let ev = &ev;
+        let (tx, rx) = mpsc::channel::<u16>();
+        let (sent_edges, collected, upcalls_seen) = std::thread::scope(|s| {
+            let guest = s.spawn(move || {
+                let mut collected = vec![0u64; EVTCHN_DEFAULT_PORTS as usize];
+                let mut upcalls = 0u64;
+                // Ends when every sender is done and every upcall was handled.
+                while let Ok(v) = rx.recv() {
+                    upcalls += 1;
+                    for p in guest_collect(ev.memory().words(), v) {
+                        collected[p as usize] += 1;
+                    }
+                }
+                (collected, upcalls)
+            });
+            let senders: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let tx = tx.clone();
+                    s.spawn(move || {
+                        let mut edges = 0u64;
+                        for r in 0..ROUNDS {
+                            // Each thread owns ports ≡ t mod THREADS; send a varying subset.
+                            for p in (t..EVTCHN_DEFAULT_PORTS).step_by(THREADS as usize) {
+                                if (p + r) % 3 == 0 && r != 0 {
+                                    continue;
+                                }
+                                match ev.send(p).unwrap() {
+                                    SendOutcome::Coalesced => {}
+                                    SendOutcome::Upcall { vector } => {
+                                        edges += 1;
+                                        tx.send(vector).unwrap();
+                                    }
+                                    SendOutcome::Masked | SendOutcome::NotBound => {
+                                        panic!("port {p} is bound and unmasked")
+                                    }
+                                    _ => edges += 1,
+                                }
+                            }
+                        }
+                        edges
+                    })
+                })
+                .collect();
+            drop(tx);
+            let edges: u64 = senders.into_iter().map(|h| h.join().unwrap()).sum();
+            let (collected, upcalls) = guest.join().unwrap();
+            (edges, collected, upcalls)
+        });
+        // Every 0 → 1 pending edge made by a sender is collected exactly once, and every port
+        // was sent in round 0, so each was collected at least once.
+        assert_eq!(collected.iter().sum::<u64>(), sent_edges);
+        assert!(collected.iter().all(|c| *c >= 1 && *c <= u64::from(ROUNDS)));
+        assert_eq!(upcalls_seen, ev.stats().upcalls);
+        let expected_sends: u64 = (0..ROUNDS)
+            .map(|r| {
+                (0..EVTCHN_DEFAULT_PORTS)
+                    .filter(|p| r == 0 || (p + r) % 3 != 0)
+                    .count() as u64
+            })
+            .sum();
+        assert_eq!(ev.stats().sends, expected_sends);
+        assert!(page_is_zero(ev), "nothing left pending or selected");
+    }
+
+    #[test]
+    fn snapshot_json_round_trip() {
+        let mut a = channels(256, 4);
+        for p in 0..40 {
+            a.bind(p, (p % 4) as u16).unwrap();
+        }
+        a.unbind(100).unwrap();
+        a.set_masked(7, true).unwrap();
+        for p in [3, 7, 9, 100, 200, 66] {
+            a.send(p).unwrap();
+        }
+        let snap = a.snapshot();
+        assert_eq!(snap.page.len(), EVTCHN_PAGE_WORDS);
+        let json = serde_json::to_string(&snap).unwrap();
+        let back: EvtchnState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, snap);
+
+        // Mismatching snapshots are refused and change nothing.
+        let mut other = channels(255, 4);
+        assert!(matches!(
+            other.restore(&back),
+            Err(Error::SnapshotMismatch(_))
+        ));
+        let mut few_vectors = channels(256, 3);
+        assert!(matches!(
+            few_vectors.restore(&back),
+            Err(Error::SnapshotMismatch(_))
+        ));
+        assert!(page_is_zero(&few_vectors));
+        let mut short = back.clone();
+        short.page.pop();
+        assert!(matches!(
+            channels(256, 4).restore(&short),
+            Err(Error::SnapshotMismatch(_))
+        ));
+
+        let mut b = channels(256, 4);
+        b.restore(&back).unwrap();
+        assert_eq!(b.snapshot(), snap);
+        for p in [3, 11, 7, 100, 39] {
+            assert_eq!(a.send(p).unwrap(), b.send(p).unwrap(), "send {p}");
+        }
+        assert_eq!(a.unmask(7).unwrap(), b.unmask(7).unwrap());
+        for v in 0..4 {
+            assert_eq!(collect(&a, v), collect(&b, v), "collect {v}");
+        }
+        assert_eq!(a.snapshot(), b.snapshot());
+        assert_eq!(b.stats().sends, 11);
+    }
+}

@@ -278,3 +278,425 @@ impl IntxLine {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::notifier::CountingNotifier;
+    use crate::notifier::test_util::FailingNotifier;
+
+    fn bound() -> (IntxLine, Arc<CountingNotifier>) {
+        let n = Arc::new(CountingNotifier::new());
+        let mut line = IntxLine::new();
+        line.set_trigger(Some(n.clone())).unwrap();
+        (line, n)
+    }
+
+    #[test]
+    fn power_on_state() {
+        let line = IntxLine::new();
+        assert!(!line.level());
+        assert!(!line.masked());
+        assert!(!line.intx_disabled());
+        assert!(!line.suppressed());
+        assert!(!line.is_enabled());
+        assert!(!line.has_trigger());
+        assert_eq!(line.stats(), IntxStats::default());
+        assert_eq!(line.snapshot(), IntxState::default());
+    }
+
+    #[test]
+    fn raise_fires_once_and_auto_masks() {
+        let (mut line, n) = bound();
+        assert!(line.is_enabled());
+        assert!(line.assert(0).unwrap());
+        assert!(line.level());
+        assert!(line.masked());
+        assert_eq!(n.count(), 1);
+        // Raising again while masked signals nothing.
+        assert!(!line.assert(0).unwrap());
+        assert_eq!(n.count(), 1);
+        assert_eq!(
+            line.stats(),
+            IntxStats {
+                triggers: 1,
+                unmasks: 0
+            }
+        );
+    }
+
+    #[test]
+    fn lower_signals_nothing_and_unmask_then_unmasks() {
+        let (mut line, n) = bound();
+        line.assert(0).unwrap();
+        line.deassert(0).unwrap();
+        assert!(!line.level());
+        assert!(line.masked(), "lowering does not unmask");
+        assert_eq!(n.count(), 1);
+        // EOI → resample → unmask: the line is low, so it just unmasks (quiet after deassert).
+        assert!(!line.unmask().unwrap());
+        assert!(!line.masked());
+        assert_eq!(n.count(), 1);
+        assert_eq!(
+            line.stats(),
+            IntxStats {
+                triggers: 1,
+                unmasks: 1
+            }
+        );
+        // The next raise fires again.
+        assert!(line.assert(0).unwrap());
+        assert_eq!(n.count(), 2);
+    }
+
+    #[test]
+    fn unmask_while_high_refires_and_stays_masked() {
+        let (mut line, n) = bound();
+        line.assert(0).unwrap();
+        for i in 2..5 {
+            assert!(line.unmask().unwrap());
+            assert!(line.masked());
+            assert_eq!(n.count(), i);
+        }
+        assert_eq!(
+            line.stats(),
+            IntxStats {
+                triggers: 4,
+                unmasks: 3
+            }
+        );
+    }
+
+    #[test]
+    fn spurious_unmask_is_a_noop() {
+        let (mut line, n) = bound();
+        assert!(!line.unmask().unwrap());
+        assert!(!line.unmask().unwrap());
+        assert!(!line.masked());
+        assert_eq!(n.count(), 0);
+        assert_eq!(line.stats().unmasks, 0);
+        // Also after a full cycle.
+        line.assert(0).unwrap();
+        line.deassert(0).unwrap();
+        line.unmask().unwrap();
+        assert!(!line.unmask().unwrap());
+        assert_eq!(
+            line.stats(),
+            IntxStats {
+                triggers: 1,
+                unmasks: 1
+            }
+        );
+    }
+
+    #[test]
+    fn mask_message_blocks_until_unmask() {
+        let (mut line, n) = bound();
+        line.mask();
+        assert!(line.masked());
+        assert!(!line.assert(0).unwrap());
+        assert_eq!(n.count(), 0);
+        assert!(line.unmask().unwrap(), "unmask while high fires");
+        assert!(line.masked());
+        assert_eq!(n.count(), 1);
+        // MASK on a masked line keeps it masked.
+        line.mask();
+        assert!(line.masked());
+    }
+
+    #[test]
+    fn command_bit10_set_then_cleared_while_high_refires() {
+        let (mut line, n) = bound();
+        assert!(!line.set_intx_disable(true).unwrap());
+        assert!(line.intx_disabled());
+        assert!(line.masked());
+        assert!(!line.assert(0).unwrap());
+        assert_eq!(n.count(), 0);
+        // Unmask (e.g. a resample) while disabled does nothing.
+        assert!(!line.unmask().unwrap());
+        assert!(line.masked());
+        assert_eq!(line.stats().unmasks, 0);
+        // Writing the same value again changes nothing.
+        assert!(!line.set_intx_disable(true).unwrap());
+        // 1 → 0 with the level high: the pending interrupt fires.
+        assert!(line.set_intx_disable(false).unwrap());
+        assert!(!line.intx_disabled());
+        assert!(line.masked());
+        assert_eq!(n.count(), 1);
+        assert_eq!(
+            line.stats(),
+            IntxStats {
+                triggers: 1,
+                unmasks: 1
+            }
+        );
+        assert!(!line.set_intx_disable(false).unwrap());
+        assert_eq!(n.count(), 1);
+    }
+
+    #[test]
+    fn command_bit10_cleared_while_low_unmasks_quietly() {
+        let (mut line, n) = bound();
+        line.assert(0).unwrap();
+        assert_eq!(n.count(), 1);
+        line.set_intx_disable(true).unwrap();
+        line.deassert(0).unwrap();
+        assert!(!line.set_intx_disable(false).unwrap());
+        assert!(!line.masked());
+        assert_eq!(n.count(), 1);
+        assert!(line.assert(0).unwrap());
+        assert_eq!(n.count(), 2);
+    }
+
+    #[test]
+    fn command_bit10_masks_an_unmasked_high_line_without_firing() {
+        let mut line = IntxLine::new();
+        line.assert(0).unwrap(); // no trigger yet: stays unmasked
+        assert!(!line.masked());
+        line.set_intx_disable(true).unwrap();
+        let n = Arc::new(CountingNotifier::new());
+        line.set_trigger(Some(n.clone())).unwrap();
+        assert_eq!(n.count(), 0, "disabled line must not fire on bind");
+        assert!(line.set_intx_disable(false).unwrap());
+        assert_eq!(n.count(), 1);
+    }
+
+    #[test]
+    fn disable_index_drops_trigger_keeps_level() {
+        let (mut line, n) = bound();
+        line.assert(3).unwrap();
+        assert_eq!(n.count(), 1);
+        line.disable_index();
+        assert!(!line.is_enabled());
+        assert!(!line.has_trigger());
+        assert!(!line.masked());
+        assert!(line.level(), "sources are device state");
+        assert!(!line.unmask().unwrap());
+        assert!(!line.assert(3).unwrap());
+        assert_eq!(n.count(), 1);
+        // Re-enabling with the line still high fires at once.
+        let n2 = Arc::new(CountingNotifier::new());
+        line.set_trigger(Some(n2.clone())).unwrap();
+        assert!(line.is_enabled());
+        assert!(line.masked());
+        assert_eq!(n2.count(), 1);
+        assert_eq!(n.count(), 1);
+    }
+
+    #[test]
+    fn disable_index_then_enable_while_disabled_starts_masked() {
+        let (mut line, _n) = bound();
+        line.set_intx_disable(true).unwrap();
+        line.disable_index();
+        assert!(!line.masked());
+        let n2 = Arc::new(CountingNotifier::new());
+        line.set_trigger(Some(n2.clone())).unwrap();
+        assert!(line.masked(), "initial masked = COMMAND.10");
+        line.assert(0).unwrap();
+        assert_eq!(n2.count(), 0);
+    }
+
+    #[test]
+    fn suppression_blocks_and_release_fires() {
+        let (mut line, n) = bound();
+        assert!(!line.set_suppressed(true).unwrap());
+        assert!(line.suppressed());
+        assert!(!line.assert(0).unwrap());
+        assert!(!line.masked());
+        assert_eq!(n.count(), 0);
+        assert!(line.set_suppressed(false).unwrap());
+        assert!(line.masked());
+        assert_eq!(n.count(), 1);
+        // Leaving suppression again (no change) or while masked: nothing.
+        assert!(!line.set_suppressed(false).unwrap());
+        line.set_suppressed(true).unwrap();
+        assert!(!line.set_suppressed(false).unwrap());
+        assert_eq!(n.count(), 1);
+    }
+
+    #[test]
+    fn suppression_release_while_disabled_or_low_is_quiet() {
+        let (mut line, n) = bound();
+        line.set_suppressed(true).unwrap();
+        line.assert(0).unwrap();
+        line.set_intx_disable(true).unwrap();
+        assert!(!line.set_suppressed(false).unwrap());
+        assert_eq!(n.count(), 0);
+        line.set_intx_disable(false).unwrap(); // re-fires now
+        assert_eq!(n.count(), 1);
+
+        let (mut line, n) = bound();
+        line.set_suppressed(true).unwrap();
+        line.assert(0).unwrap();
+        line.deassert(0).unwrap();
+        assert!(!line.set_suppressed(false).unwrap());
+        assert_eq!(n.count(), 0);
+    }
+
+    #[test]
+    fn unmask_while_suppressed_unmasks_without_firing() {
+        let (mut line, n) = bound();
+        line.assert(0).unwrap();
+        line.set_suppressed(true).unwrap();
+        assert!(!line.unmask().unwrap());
+        assert!(!line.masked());
+        assert_eq!(n.count(), 1);
+        assert!(line.set_suppressed(false).unwrap());
+        assert_eq!(n.count(), 2);
+    }
+
+    #[test]
+    fn several_sources_share_the_line() {
+        let (mut line, n) = bound();
+        assert!(line.assert(0).unwrap());
+        assert!(!line.assert(31).unwrap());
+        assert_eq!(line.sources(), 0x8000_0001);
+        line.deassert(0).unwrap();
+        assert!(line.level(), "source 31 still holds the line");
+        assert!(line.unmask().unwrap());
+        assert_eq!(n.count(), 2);
+        line.deassert(31).unwrap();
+        assert!(!line.level());
+        assert!(!line.unmask().unwrap());
+        assert!(!line.masked());
+        // Deasserting a source that is not asserted changes nothing.
+        line.deassert(5).unwrap();
+        assert!(!line.level());
+        assert_eq!(n.count(), 2);
+    }
+
+    #[test]
+    fn bad_source_is_rejected() {
+        let (mut line, n) = bound();
+        assert!(matches!(line.assert(32), Err(Error::InvalidConfig(_))));
+        assert!(matches!(
+            line.deassert(u32::MAX),
+            Err(Error::InvalidConfig(_))
+        ));
+        assert!(!line.level());
+        assert_eq!(n.count(), 0);
+    }
+
+    #[test]
+    fn set_trigger_while_high_fires_now() {
+        let mut line = IntxLine::new();
+        assert!(!line.assert(0).unwrap());
+        assert!(!line.masked());
+        let n = Arc::new(CountingNotifier::new());
+        line.set_trigger(Some(n.clone())).unwrap();
+        assert!(line.masked());
+        assert_eq!(n.count(), 1);
+        assert_eq!(line.stats().triggers, 1);
+    }
+
+    #[test]
+    fn swap_and_unbind_trigger() {
+        let (mut line, n) = bound();
+        line.assert(0).unwrap();
+        let n2 = Arc::new(CountingNotifier::new());
+        line.set_trigger(Some(n2.clone())).unwrap();
+        assert!(line.masked(), "swapping keeps the mask");
+        assert_eq!(n2.count(), 0);
+        assert!(line.unmask().unwrap());
+        assert_eq!((n.count(), n2.count()), (1, 1));
+        // Unbinding keeps the index enabled; events are dropped.
+        line.set_trigger(None).unwrap();
+        assert!(line.is_enabled());
+        assert!(!line.has_trigger());
+        line.deassert(0).unwrap();
+        line.unmask().unwrap();
+        assert!(!line.assert(0).unwrap());
+        assert!(!line.masked());
+        assert_eq!((n.count(), n2.count()), (1, 1));
+    }
+
+    #[test]
+    fn reset_keeps_binding_and_stats() {
+        let (mut line, n) = bound();
+        line.assert(4).unwrap();
+        line.set_intx_disable(true).unwrap();
+        line.set_suppressed(true).unwrap();
+        line.reset();
+        assert_eq!(
+            line.snapshot(),
+            IntxState {
+                sources: 0,
+                masked: false,
+                disabled: false,
+                enabled: true,
+                suppressed: false,
+                stats: IntxStats {
+                    triggers: 1,
+                    unmasks: 0
+                },
+            }
+        );
+        assert!(line.has_trigger());
+        assert!(line.assert(0).unwrap());
+        assert_eq!(n.count(), 2);
+    }
+
+    #[test]
+    fn failed_trigger_write_is_reported() {
+        let mut line = IntxLine::new();
+        line.set_trigger(Some(Arc::new(FailingNotifier))).unwrap();
+        assert!(matches!(line.assert(0), Err(Error::Notify(_))));
+        assert!(line.masked());
+        assert_eq!(line.stats().triggers, 0);
+        assert!(matches!(line.unmask(), Err(Error::Notify(_))));
+    }
+
+    /// Drive two lines with the same operations and compare every result.
+    fn same_behaviour(
+        a: &mut IntxLine,
+        b: &mut IntxLine,
+        na: &CountingNotifier,
+        nb: &CountingNotifier,
+    ) {
+        type Op = fn(&mut IntxLine) -> Result<bool>;
+        let ops: [Op; 10] = [
+            |l| l.unmask(),
+            |l| l.assert(1),
+            |l| l.unmask(),
+            |l| l.deassert(1).map(|()| false),
+            |l| l.unmask(),
+            |l| l.set_intx_disable(true),
+            |l| l.assert(7),
+            |l| l.set_intx_disable(false),
+            |l| l.set_suppressed(false),
+            |l| l.unmask(),
+        ];
+        for (i, op) in ops.iter().enumerate() {
+            let ra = op(a).unwrap();
+            let rb = op(b).unwrap();
+            assert_eq!(ra, rb, "op {i}");
+            assert_eq!(na.count(), nb.count(), "op {i}");
+            assert_eq!(a.snapshot(), b.snapshot(), "op {i}");
+        }
+    }
+
+    #[test]
+    fn snapshot_json_round_trip() {
+        let (mut a, na) = bound();
+        a.assert(0).unwrap();
+        a.assert(2).unwrap();
+        a.deassert(0).unwrap();
+        a.set_suppressed(true).unwrap();
+        let snap = a.snapshot();
+        let json = serde_json::to_string(&snap).unwrap();
+        let back: IntxState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, snap);
+
+        let nb = Arc::new(CountingNotifier::new());
+        let mut b = IntxLine::new();
+        b.set_trigger(Some(nb.clone())).unwrap();
+        b.restore(&back).unwrap();
+        assert!(b.has_trigger(), "restore keeps the binding");
+        assert_eq!(b.snapshot(), snap);
+        assert_eq!(nb.count(), 0, "restore signals nothing");
+        nb.take();
+        na.take();
+        same_behaviour(&mut a, &mut b, &na, &nb);
+        assert!(na.count() > 0);
+    }
+}

@@ -13,6 +13,26 @@
 //!
 //! Every model has a serde snapshot of its whole state (`snapshot` / `restore`); notifier
 //! bindings are not part of a snapshot.
+//!
+//! # Example
+//!
+//! The INTx cycle of a KVM client: the device raises the line, KVM injects it, the guest's EOI
+//! signals the resample fd, which the transport turns into an unmask.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use irqbridge_core::{CountingNotifier, IntxLine};
+//!
+//! let trigger = Arc::new(CountingNotifier::new());
+//! let mut line = IntxLine::new();
+//! line.set_trigger(Some(trigger.clone()))?;
+//! assert!(line.assert(0)?); // fires and auto-masks
+//! assert!(line.unmask()?); // EOI while still high: fires again
+//! line.deassert(0)?;
+//! assert!(!line.unmask()?); // EOI after the device lowered the line: quiet
+//! assert_eq!(trigger.count(), 2);
+//! # Ok::<(), irqbridge_core::Error>(())
+//! ```
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

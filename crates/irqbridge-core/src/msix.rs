@@ -5,7 +5,8 @@
 //! of its vector control word is set, or when the VMM masked it with
 //! `SET_IRQS(MSIX, MASK)` ("host mask"). An event on a masked vector sets its PBA bit and
 //! signals nothing; when a vector with its PBA bit set becomes unmasked, the bit is cleared and
-//! the vector's notifier is written once. Hence an unmasked vector never has its PBA bit set.
+//! the vector's notifier is written once (without a notifier the event is dropped and counted).
+//! Hence an unmasked vector never has its PBA bit set.
 //!
 //! The model does not send MSI messages itself: the VMM bound an eventfd (usually a KVM irqfd
 //! on an MSI route built from the table entry) to each vector it uses.
@@ -245,7 +246,8 @@ impl Msix {
     }
 
     /// `SET_IRQS(MSIX, MASK / UNMASK)` from the VMM for one vector. An unmask that leaves the
-    /// vector unmasked with its PBA bit set clears the bit and signals once.
+    /// vector unmasked with its PBA bit set clears the bit and signals once (or, without a
+    /// notifier, counts the event as dropped).
     ///
     /// # Errors
     ///
@@ -574,4 +576,561 @@ fn access_ok(offset: u64, len: usize, size: u64) -> bool {
         && offset
             .checked_add(len as u64)
             .is_some_and(|end| end <= size)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::notifier::CountingNotifier;
+    use crate::notifier::test_util::{FailingNotifier, RecordingNotifier};
+
+    /// `vectors` vectors, each with its own counter, enabled, every entry unmasked.
+    fn live(vectors: u16) -> (Msix, Vec<Arc<CountingNotifier>>) {
+        let mut m = Msix::new(vectors).unwrap();
+        let ns: Vec<_> = (0..vectors)
+            .map(|v| {
+                let n = Arc::new(CountingNotifier::new());
+                m.set_notifier(v, Some(n.clone())).unwrap();
+                m.set_entry_masked(v, false).unwrap();
+                n
+            })
+            .collect();
+        m.write_control(true, false).unwrap();
+        (m, ns)
+    }
+
+    fn counts(ns: &[Arc<CountingNotifier>]) -> Vec<u64> {
+        ns.iter().map(|n| n.count()).collect()
+    }
+
+    fn read_table(m: &Msix, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0xAA; len];
+        m.table_read(offset, &mut buf);
+        buf
+    }
+
+    fn read_pba(m: &Msix, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0xAA; len];
+        m.pba_read(offset, &mut buf);
+        buf
+    }
+
+    fn u32_at(m: &Msix, offset: u64) -> u32 {
+        let b = read_table(m, offset, 4);
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+
+    #[test]
+    fn sizes_and_limits() {
+        assert!(matches!(Msix::new(0), Err(Error::InvalidConfig(_))));
+        assert!(matches!(Msix::new(2049), Err(Error::InvalidConfig(_))));
+        for (n, table, pba) in [
+            (1u16, 16u64, 8u64),
+            (64, 1024, 8),
+            (65, 1040, 16),
+            (2048, 32768, 256),
+        ] {
+            let m = Msix::new(n).unwrap();
+            assert_eq!(m.num_vectors(), n);
+            assert_eq!(m.table_size_bytes(), table);
+            assert_eq!(m.pba_size_bytes(), pba);
+            assert_eq!(m.message_control(), n - 1);
+        }
+    }
+
+    #[test]
+    fn power_on_state_masks_everything() {
+        let mut m = Msix::new(4).unwrap();
+        let n = Arc::new(CountingNotifier::new());
+        m.set_notifier(2, Some(n.clone())).unwrap();
+        assert!(!m.enabled());
+        assert!(!m.function_masked());
+        for v in 0..4 {
+            assert_eq!(m.entry(v).unwrap(), MsixEntry::RESET);
+            assert!(m.is_masked(v).unwrap());
+            assert!(!m.pending(v).unwrap());
+        }
+        assert_eq!(m.fire(2).unwrap(), Delivery::Pending);
+        assert_eq!(n.count(), 0);
+    }
+
+    #[test]
+    fn unmasked_event_is_sent() {
+        let (mut m, ns) = live(3);
+        assert_eq!(m.fire(1).unwrap(), Delivery::Sent);
+        assert_eq!(m.fire(1).unwrap(), Delivery::Sent);
+        assert_eq!(counts(&ns), [0, 2, 0]);
+        assert!(!m.pending(1).unwrap());
+        assert_eq!(
+            m.stats(),
+            MsixStats {
+                triggers: 2,
+                pending_sets: 0,
+                dropped: 0
+            }
+        );
+    }
+
+    #[test]
+    fn entry_mask_sets_pending_and_unmask_delivers_once() {
+        let (mut m, ns) = live(3);
+        m.set_entry_masked(1, true).unwrap();
+        assert!(m.is_masked(1).unwrap());
+        assert!(!m.is_masked(0).unwrap());
+        assert_eq!(m.fire(1).unwrap(), Delivery::Pending);
+        assert_eq!(m.fire(1).unwrap(), Delivery::Pending);
+        assert!(m.pending(1).unwrap());
+        assert_eq!(counts(&ns), [0, 0, 0]);
+        m.set_entry_masked(1, false).unwrap();
+        assert!(!m.pending(1).unwrap());
+        assert_eq!(counts(&ns), [0, 1, 0]);
+        // Unmasking again, or masking/unmasking with nothing pending: no more signals.
+        m.set_entry_masked(1, false).unwrap();
+        m.set_entry_masked(1, true).unwrap();
+        m.set_entry_masked(1, false).unwrap();
+        assert_eq!(counts(&ns), [0, 1, 0]);
+        assert_eq!(
+            m.stats(),
+            MsixStats {
+                triggers: 1,
+                pending_sets: 2,
+                dropped: 0
+            }
+        );
+    }
+
+    #[test]
+    fn function_mask_delivers_pending_in_vector_order() {
+        let mut m = Msix::new(70).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for v in 0..70 {
+            let n = RecordingNotifier {
+                id: u32::from(v),
+                log: log.clone(),
+            };
+            m.set_notifier(v, Some(Arc::new(n))).unwrap();
+            m.set_entry_masked(v, false).unwrap();
+        }
+        m.write_control(true, true).unwrap();
+        assert_eq!(m.message_control(), 69 | 0xC000);
+        for v in [69, 3, 64, 0, 3] {
+            assert_eq!(m.fire(v).unwrap(), Delivery::Pending);
+        }
+        // Unmasking one vector's entry while Function Mask is set delivers nothing.
+        m.set_entry_masked(3, true).unwrap();
+        m.set_entry_masked(3, false).unwrap();
+        assert!(log.lock().unwrap().is_empty());
+        m.write_control(true, false).unwrap();
+        assert_eq!(*log.lock().unwrap(), [0, 3, 64, 69]);
+        for v in 0..70 {
+            assert!(!m.pending(v).unwrap());
+        }
+        m.write_control(true, false).unwrap();
+        assert_eq!(log.lock().unwrap().len(), 4);
+        assert_eq!(
+            m.stats(),
+            MsixStats {
+                triggers: 4,
+                pending_sets: 5,
+                dropped: 0
+            }
+        );
+    }
+
+    #[test]
+    fn enable_bit_gates_delivery() {
+        let (mut m, ns) = live(2);
+        m.write_control(false, false).unwrap();
+        assert!(m.is_masked(0).unwrap());
+        assert_eq!(m.fire(0).unwrap(), Delivery::Pending);
+        // Enabling with Function Mask set keeps it pending.
+        m.write_control(true, true).unwrap();
+        assert_eq!(counts(&ns), [0, 0]);
+        m.write_control(true, false).unwrap();
+        assert_eq!(counts(&ns), [1, 0]);
+        assert!(!m.pending(0).unwrap());
+    }
+
+    #[test]
+    fn host_mask_sets_pending_and_unmask_delivers_once() {
+        let (mut m, ns) = live(2);
+        m.set_host_mask(0, true).unwrap();
+        assert!(m.is_masked(0).unwrap());
+        assert_eq!(m.fire(0).unwrap(), Delivery::Pending);
+        // Entry mask set too: clearing the host mask alone delivers nothing.
+        m.set_entry_masked(0, true).unwrap();
+        m.set_host_mask(0, false).unwrap();
+        assert_eq!(counts(&ns), [0, 0]);
+        assert!(m.pending(0).unwrap());
+        m.set_entry_masked(0, false).unwrap();
+        assert_eq!(counts(&ns), [1, 0]);
+        m.set_host_mask(0, false).unwrap();
+        assert_eq!(counts(&ns), [1, 0]);
+    }
+
+    #[test]
+    fn no_notifier_drops_without_pending() {
+        let (mut m, ns) = live(2);
+        m.set_notifier(1, None).unwrap();
+        assert!(!m.has_notifier(1));
+        assert!(m.has_notifier(0));
+        assert_eq!(m.fire(1).unwrap(), Delivery::NoNotifier);
+        assert!(!m.pending(1).unwrap());
+        // A pending event delivered on unmask without a notifier is dropped too.
+        m.set_entry_masked(1, true).unwrap();
+        assert_eq!(m.fire(1).unwrap(), Delivery::Pending);
+        m.set_entry_masked(1, false).unwrap();
+        assert!(!m.pending(1).unwrap());
+        assert_eq!(counts(&ns), [0, 0]);
+        assert_eq!(
+            m.stats(),
+            MsixStats {
+                triggers: 0,
+                pending_sets: 1,
+                dropped: 2
+            }
+        );
+        m.clear_notifiers();
+        assert!(!m.has_notifier(0));
+        assert!(!m.has_notifier(99));
+    }
+
+    #[test]
+    fn pba_bit_layout() {
+        let mut m = Msix::new(2048).unwrap();
+        for v in [0, 63, 64, 2047] {
+            assert_eq!(m.fire(v).unwrap(), Delivery::Pending);
+        }
+        assert_eq!(read_pba(&m, 0, 8), (1u64 | 1 << 63).to_le_bytes());
+        assert_eq!(read_pba(&m, 0, 4), 1u32.to_le_bytes());
+        assert_eq!(read_pba(&m, 4, 4), 0x8000_0000u32.to_le_bytes());
+        assert_eq!(read_pba(&m, 8, 8), 1u64.to_le_bytes());
+        assert_eq!(read_pba(&m, 16, 8), [0; 8]);
+        assert_eq!(read_pba(&m, 248, 8), (1u64 << 63).to_le_bytes());
+        assert_eq!(read_pba(&m, 252, 4), 0x8000_0000u32.to_le_bytes());
+        assert_eq!(read_pba(&m, 256, 8), [0; 8], "past the PBA");
+        // Byte n/8, bit n%8.
+        assert_eq!(m.pba_size_bytes(), 256);
+        let all: Vec<u8> = (0..32).flat_map(|q| read_pba(&m, q * 8, 8)).collect();
+        for (i, b) in all.iter().enumerate() {
+            let want = match i {
+                0 => 0x01,
+                7 => 0x80,
+                8 => 0x01,
+                255 => 0x80,
+                _ => 0,
+            };
+            assert_eq!(*b, want, "PBA byte {i}");
+        }
+        for v in [0, 63, 64, 2047] {
+            assert!(m.pending(v).unwrap());
+        }
+        assert!(!m.pending(1).unwrap());
+        assert!(!m.pending(2046).unwrap());
+    }
+
+    #[test]
+    fn pba_bad_reads_return_zeros() {
+        let mut m = Msix::new(64).unwrap();
+        m.fire(0).unwrap();
+        m.fire(63).unwrap();
+        assert_ne!(read_pba(&m, 0, 8), [0; 8]);
+        for (off, len) in [
+            (0, 1),
+            (0, 2),
+            (0, 3),
+            (2, 4),
+            (4, 8),
+            (8, 4),
+            (8, 8),
+            (0, 16),
+            (u64::MAX - 3, 4),
+        ] {
+            assert_eq!(
+                read_pba(&m, off, len),
+                vec![0; len],
+                "offset {off} len {len}"
+            );
+            assert!(!m.pba_access_ok(off, len));
+        }
+    }
+
+    #[test]
+    fn table_dword_accesses() {
+        let mut m = Msix::new(4).unwrap();
+        let base = 3 * 16;
+        m.table_write(base, &0xFEE0_1003u32.to_le_bytes()).unwrap();
+        m.table_write(base + 4, &0x1234_5678u32.to_le_bytes())
+            .unwrap();
+        m.table_write(base + 8, &0x0000_4041u32.to_le_bytes())
+            .unwrap();
+        m.table_write(base + 12, &0xFFFF_FFFFu32.to_le_bytes())
+            .unwrap();
+        assert_eq!(u32_at(&m, base), 0xFEE0_1000, "address bits 1:0 read as 0");
+        assert_eq!(u32_at(&m, base + 4), 0x1234_5678);
+        assert_eq!(u32_at(&m, base + 8), 0x4041);
+        assert_eq!(u32_at(&m, base + 12), 1, "reserved control bits read as 0");
+        assert_eq!(
+            m.entry(3).unwrap(),
+            MsixEntry {
+                addr_lo: 0xFEE0_1000,
+                addr_hi: 0x1234_5678,
+                data: 0x4041,
+                ctrl: 1
+            }
+        );
+        assert_eq!(m.entry(3).unwrap().address(), 0x1234_5678_FEE0_1000);
+        // Writing reserved bits with the mask bit clear unmasks.
+        m.table_write(base + 12, &0xFFFF_FFFEu32.to_le_bytes())
+            .unwrap();
+        assert_eq!(u32_at(&m, base + 12), 0);
+        assert!(!m.entry(3).unwrap().masked());
+        // Other entries untouched.
+        assert_eq!(m.entry(2).unwrap(), MsixEntry::RESET);
+        assert_eq!(u32_at(&m, 2 * 16 + 12), 1);
+    }
+
+    #[test]
+    fn table_qword_accesses() {
+        let mut m = Msix::new(2).unwrap();
+        m.table_write(16, &0x0000_0001_FEE0_0004u64.to_le_bytes())
+            .unwrap();
+        m.table_write(24, &0xFFFF_FFFF_0000_0031u64.to_le_bytes())
+            .unwrap();
+        assert_eq!(
+            m.entry(1).unwrap(),
+            MsixEntry {
+                addr_lo: 0xFEE0_0004,
+                addr_hi: 1,
+                data: 0x31,
+                ctrl: 1
+            }
+        );
+        assert_eq!(
+            read_table(&m, 16, 8),
+            0x0000_0001_FEE0_0004u64.to_le_bytes()
+        );
+        assert_eq!(
+            read_table(&m, 24, 8),
+            0x0000_0001_0000_0031u64.to_le_bytes()
+        );
+        assert_eq!(read_table(&m, 0, 8), 0u64.to_le_bytes());
+        assert_eq!(read_table(&m, 8, 8), (1u64 << 32).to_le_bytes());
+    }
+
+    #[test]
+    fn table_bad_accesses_are_ignored() {
+        let mut m = Msix::new(2).unwrap();
+        let before = m.snapshot();
+        for (off, len) in [
+            (0, 1),
+            (0, 2),
+            (0, 3),
+            (2, 4),
+            (1, 4),
+            (4, 8),
+            (12, 8),
+            (32, 4),
+            (28, 8),
+            (0, 16),
+            (u64::MAX - 3, 4),
+        ] {
+            m.table_write(off, &vec![0x55; len]).unwrap();
+            assert_eq!(m.snapshot(), before, "write offset {off} len {len}");
+            assert_eq!(
+                read_table(&m, off, len),
+                vec![0; len],
+                "read offset {off} len {len}"
+            );
+            assert!(!m.table_access_ok(off, len));
+        }
+        assert!(m.table_access_ok(28, 4));
+        assert!(m.table_access_ok(24, 8));
+    }
+
+    #[test]
+    fn table_ctrl_write_delivers_pending_once() {
+        let mut m = Msix::new(2).unwrap();
+        let n = Arc::new(CountingNotifier::new());
+        m.set_notifier(1, Some(n.clone())).unwrap();
+        m.write_control(true, false).unwrap();
+        assert_eq!(m.fire(1).unwrap(), Delivery::Pending);
+        assert_eq!(read_pba(&m, 0, 8), 2u64.to_le_bytes());
+        // 8-byte write of data + control: data first, then the unmask delivers.
+        m.table_write(24, &0x0000_0000_0000_0042u64.to_le_bytes())
+            .unwrap();
+        assert_eq!(n.count(), 1);
+        assert_eq!(m.entry(1).unwrap().data, 0x42);
+        assert_eq!(read_pba(&m, 0, 8), [0; 8]);
+        m.table_write(28, &0u32.to_le_bytes()).unwrap();
+        assert_eq!(n.count(), 1);
+        m.table_write(28, &1u32.to_le_bytes()).unwrap();
+        assert!(m.is_masked(1).unwrap());
+        assert_eq!(m.fire(1).unwrap(), Delivery::Pending);
+        m.table_write(28, &0u32.to_le_bytes()).unwrap();
+        assert_eq!(n.count(), 2);
+    }
+
+    #[test]
+    fn reset_restores_power_on_state_keeps_notifiers_and_stats() {
+        let (mut m, ns) = live(3);
+        m.table_write(0, &0xFEE0_0000u32.to_le_bytes()).unwrap();
+        m.fire(0).unwrap();
+        m.set_host_mask(2, true).unwrap();
+        m.fire(2).unwrap();
+        let stats = m.stats();
+        m.reset();
+        assert!(!m.enabled());
+        assert!(!m.function_masked());
+        for v in 0..3 {
+            assert_eq!(m.entry(v).unwrap(), MsixEntry::RESET);
+            assert!(!m.pending(v).unwrap());
+            assert!(m.has_notifier(v));
+        }
+        assert_eq!(m.snapshot().host_masked, [false; 3]);
+        assert_eq!(m.stats(), stats);
+        m.write_control(true, false).unwrap();
+        assert_eq!(counts(&ns), [1, 0, 0], "nothing pending survives a reset");
+        assert_eq!(
+            m.fire(2).unwrap(),
+            Delivery::Pending,
+            "entries are masked after reset"
+        );
+        m.set_entry_masked(2, false).unwrap();
+        assert_eq!(counts(&ns), [1, 0, 1]);
+    }
+
+    #[test]
+    fn bad_vectors_are_rejected() {
+        let mut m = Msix::new(8).unwrap();
+        assert!(matches!(m.fire(8), Err(Error::InvalidVector(8))));
+        assert!(matches!(
+            m.set_host_mask(8, true),
+            Err(Error::InvalidVector(8))
+        ));
+        assert!(matches!(
+            m.set_entry_masked(100, false),
+            Err(Error::InvalidVector(100))
+        ));
+        assert!(matches!(m.is_masked(8), Err(Error::InvalidVector(8))));
+        assert!(matches!(m.pending(8), Err(Error::InvalidVector(8))));
+        assert!(matches!(
+            m.entry(u16::MAX),
+            Err(Error::InvalidVector(65535))
+        ));
+        assert!(matches!(
+            m.set_notifier(8, None),
+            Err(Error::InvalidVector(8))
+        ));
+        assert_eq!(m.stats(), MsixStats::default());
+    }
+
+    #[test]
+    fn failed_notifier_write_is_reported() {
+        let (mut m, ns) = live(3);
+        m.set_notifier(1, Some(Arc::new(FailingNotifier))).unwrap();
+        assert!(matches!(m.fire(1), Err(Error::Notify(_))));
+        m.write_control(true, true).unwrap();
+        for v in 0..3 {
+            m.fire(v).unwrap();
+        }
+        // The failing vector 1 is reported, vectors 0 and 2 are still delivered.
+        assert!(matches!(
+            m.write_control(true, false),
+            Err(Error::Notify(_))
+        ));
+        assert_eq!(counts(&ns), [1, 0, 1]);
+        assert_eq!(m.stats().triggers, 2);
+    }
+
+    #[test]
+    fn snapshot_json_round_trip() {
+        let (mut a, na) = live(70);
+        a.table_write(5 * 16, &0xFEE0_0000u32.to_le_bytes())
+            .unwrap();
+        a.table_write(5 * 16 + 8, &0x25u32.to_le_bytes()).unwrap();
+        a.set_entry_masked(5, true).unwrap();
+        a.set_host_mask(66, true).unwrap();
+        a.fire(5).unwrap();
+        a.fire(66).unwrap();
+        a.fire(7).unwrap();
+        let snap = a.snapshot();
+        let json = serde_json::to_string(&snap).unwrap();
+        let back: MsixState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, snap);
+
+        // Restoring into a function of another size fails and changes nothing.
+        let mut small = Msix::new(69).unwrap();
+        let small_before = small.snapshot();
+        assert!(matches!(
+            small.restore(&back),
+            Err(Error::SnapshotMismatch(_))
+        ));
+        assert_eq!(small.snapshot(), small_before);
+        let mut bad = back.clone();
+        bad.pba.push(0);
+        assert!(matches!(
+            Msix::new(70).unwrap().restore(&bad),
+            Err(Error::SnapshotMismatch(_))
+        ));
+
+        let (mut b, nb) = live(70);
+        b.restore(&back).unwrap();
+        assert_eq!(b.snapshot(), snap);
+        assert!(b.has_notifier(5), "notifiers are kept");
+        na.iter().for_each(|n| {
+            n.take();
+        });
+        nb.iter().for_each(|n| {
+            n.take();
+        });
+        type Op = fn(&mut Msix) -> Result<()>;
+        let ops: [Op; 7] = [
+            |m| m.fire(5).map(|_| ()),
+            |m| m.set_entry_masked(5, false),
+            |m| m.set_host_mask(66, false),
+            |m| m.write_control(true, true),
+            |m| m.fire(9).map(|_| ()),
+            |m| m.write_control(true, false),
+            |m| m.fire(66).map(|_| ()),
+        ];
+        for (i, op) in ops.iter().enumerate() {
+            op(&mut a).unwrap();
+            op(&mut b).unwrap();
+            assert_eq!(counts(&na), counts(&nb), "op {i}");
+            assert_eq!(a.snapshot(), b.snapshot(), "op {i}");
+        }
+        assert_eq!(counts(&na)[5], 1);
+        assert_eq!(counts(&na)[66], 2);
+        assert_eq!(counts(&na)[9], 1);
+        let mut table = [0u8; 16];
+        b.table_read(5 * 16, &mut table[..8]);
+        assert_eq!(table[..4], 0xFEE0_0000u32.to_le_bytes());
+    }
+
+    #[test]
+    fn restore_clears_reserved_bits() {
+        let mut m = Msix::new(3).unwrap();
+        let mut s = m.snapshot();
+        s.entries[0] = MsixEntry {
+            addr_lo: 0xFFFF_FFFF,
+            addr_hi: 0,
+            data: 0,
+            ctrl: 0xFFFF_FFFE,
+        };
+        s.pba[0] = u64::MAX;
+        m.restore(&s).unwrap();
+        assert_eq!(m.snapshot().pba, [0b111]);
+        assert_eq!(
+            m.entry(0).unwrap(),
+            MsixEntry {
+                addr_lo: 0xFFFF_FFFC,
+                addr_hi: 0,
+                data: 0,
+                ctrl: 0
+            }
+        );
+    }
 }

@@ -83,3 +83,38 @@ mod tests {
         assert!(fd.read().is_err(), "counter must be drained");
     }
 }
+
+/// Notifiers shared by the unit tests of the models.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::sync::{Arc, Mutex};
+
+    use super::Notifier;
+
+    /// A notifier whose writes always fail.
+    #[derive(Debug, Default)]
+    pub(crate) struct FailingNotifier;
+
+    impl Notifier for FailingNotifier {
+        fn notify(&self) -> std::io::Result<()> {
+            Err(std::io::Error::other("notifier broken"))
+        }
+    }
+
+    /// A notifier that appends its id to a shared log, to check the order of signals.
+    #[derive(Debug)]
+    pub(crate) struct RecordingNotifier {
+        pub(crate) id: u32,
+        pub(crate) log: Arc<Mutex<Vec<u32>>>,
+    }
+
+    impl Notifier for RecordingNotifier {
+        fn notify(&self) -> std::io::Result<()> {
+            self.log
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?
+                .push(self.id);
+            Ok(())
+        }
+    }
+}
