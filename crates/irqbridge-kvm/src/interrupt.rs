@@ -174,15 +174,18 @@ struct MsiState {
 ///
 /// # Pending events
 ///
-/// KVM does not consume the eventfd counter when it injects, not even when an irqfd is
-/// re-registered on an already signalled eventfd (it injects once and leaves the count). So
-/// the group keeps the bookkeeping itself:
+/// KVM reads the eventfd counter when a write wakes a live irqfd, but not when an irqfd is
+/// registered on an eventfd that is already signalled: it injects once and leaves the count,
+/// which would then look like a fresh event at the next mask. So the group keeps the
+/// bookkeeping itself:
 /// - *going live*: drain the counter (events of the masked period) into `pending`, register the
 ///   irqfd, then, if pending, write the eventfd once: exactly one interrupt for any number of
 ///   masked events;
-/// - *going dead*: drain the counter (events KVM already delivered) and then deassign. An event
-///   landing between the two is delivered and also counted as pending: at worst one spurious
-///   interrupt on the next unmask, never a lost one;
+/// - *going dead*: drain the counter, then deassign. A kernel that consumes on wakeup leaves
+///   nothing to drain (an event before the deassign was delivered, one after it stays in the
+///   counter as pending); on a kernel that does not, the counter holds delivered events, and
+///   an event landing between drain and deassign is delivered and also counted: at worst one
+///   spurious interrupt on the next unmask, never a lost one;
 /// - while dead, [`MsiInterruptGroup::is_pending`] drains the counter into `pending` (the PBA
 ///   bit a VMM-emulated MSI-X table reports).
 pub struct MsiInterruptGroup {
@@ -402,7 +405,7 @@ impl MsiInterruptGroup {
         if !v.registered {
             return Ok(());
         }
-        // Drain before deassigning: what is in the counter now was delivered by KVM.
+        // Drain before deassigning: whatever is in the counter now was delivered by KVM.
         drain(&v.fd)?;
         self.vm
             .unregister_irqfd(&v.fd, v.gsi)
