@@ -1,6 +1,9 @@
 //! vfio-user wire format, framing with fd passing, server loop and the irqbridge PCI test device.
 
 pub mod conn;
+pub mod control;
 pub mod device;
 pub mod error;
+pub mod pci;
 pub mod proto;
+pub mod shmem;
