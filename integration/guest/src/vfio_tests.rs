@@ -1,0 +1,264 @@
+//! `vfio`: INTx and MSI-X through the guest's vfio-pci, with eventfds counted exactly.
+
+use crate::pci::{self, PciDev};
+use crate::regs::{self, Regs};
+use crate::report::{Error, Facts, Reporter, Result};
+use crate::sys::EventFd;
+use crate::vfio::{IRQ_INTX, IRQ_MSIX, REGION_CONFIG, REGION_MMAP, VfioDevice};
+use crate::{EVENT_TIMEOUT, Options, QUIET_TIMEOUT, bail};
+
+/// INTx bound to an eventfd; disabled again on drop.
+struct IntxSession<'a> {
+    dev: &'a VfioDevice,
+    ev: EventFd,
+}
+
+impl<'a> IntxSession<'a> {
+    fn enable(dev: &'a VfioDevice) -> Result<Self> {
+        let ev = EventFd::new().map_err(Error::from)?;
+        dev.set_triggers(IRQ_INTX, 0, &[ev.raw()])?;
+        Ok(Self { dev, ev })
+    }
+}
+
+impl Drop for IntxSession<'_> {
+    fn drop(&mut self) {
+        let _ = self.dev.disable_irq(IRQ_INTX);
+    }
+}
+
+/// MSI-X vectors 0..n bound to eventfds; MSI-X disabled again on drop.
+pub struct MsixSession<'a> {
+    dev: &'a VfioDevice,
+    evs: Vec<EventFd>,
+}
+
+impl<'a> MsixSession<'a> {
+    /// Enables MSI-X with `n` vectors, each signalling its own eventfd.
+    pub fn enable(dev: &'a VfioDevice, n: u32) -> Result<Self> {
+        let (_, count) = dev.irq_info(IRQ_MSIX)?;
+        if count < n {
+            bail!("the device offers {count} MSI-X vectors, the test needs {n}");
+        }
+        let evs = (0..n)
+            .map(|_| EventFd::new())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(Error::from)?;
+        let fds: Vec<i32> = evs.iter().map(EventFd::raw).collect();
+        dev.set_triggers(IRQ_MSIX, 0, &fds)?;
+        Ok(Self { dev, evs })
+    }
+
+    fn ev(&self, v: u32) -> Result<&EventFd> {
+        self.evs
+            .get(v as usize)
+            .ok_or_else(|| Error::msg(format!("vector {v} has no eventfd")))
+    }
+
+    /// Waits for vector `v` and returns its eventfd count (0 on timeout).
+    pub fn wait(&self, v: u32) -> Result<u64> {
+        Ok(self.ev(v)?.wait(EVENT_TIMEOUT)?)
+    }
+
+    /// Waits briefly: for checking that nothing (more) arrives on vector `v`.
+    pub fn quiet(&self, v: u32) -> Result<u64> {
+        Ok(self.ev(v)?.wait(QUIET_TIMEOUT)?)
+    }
+
+    /// Reads and resets vector `v`'s count without waiting.
+    pub fn take(&self, v: u32) -> Result<u64> {
+        Ok(self.ev(v)?.take()?)
+    }
+
+    /// Number of vectors.
+    pub fn len(&self) -> u32 {
+        self.evs.len() as u32
+    }
+
+    /// Fires `v` from the device and fails unless exactly one event arrives on it.
+    pub fn fire_and_expect(&self, bar: &impl Regs, v: u32) -> Result<()> {
+        bar.write32(regs::MSIX_FIRE, v)?;
+        let got = self.wait(v)?;
+        if got != 1 {
+            bail!("MSIX_FIRE {v}: eventfd counted {got}, expected 1");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MsixSession<'_> {
+    fn drop(&mut self) {
+        let _ = self.dev.disable_irq(IRQ_MSIX);
+    }
+}
+
+fn intx(dev: &VfioDevice, facts: &mut Facts, rounds: u32) -> Result<()> {
+    let (flags, count) = dev.irq_info(IRQ_INTX)?;
+    facts.set("irq_flags", format_args!("{flags:#x}"));
+    facts.expect_eq("irq_count", count, 1)?;
+    let bar = dev.bar(0);
+    let triggers0 = bar.read32(regs::CNT_INTX_TRIGGERS)?;
+    let unmasks0 = bar.read32(regs::CNT_INTX_UNMASKS)?;
+    let s = IntxSession::enable(dev)?;
+    let mut events = 0u64;
+    for i in 1..=rounds {
+        bar.write32(regs::INTX_ASSERT, 1)?;
+        let got = s.ev.wait(EVENT_TIMEOUT)?;
+        events += got;
+        if got != 1 {
+            facts.set("events", events);
+            bail!("assert {i} of {rounds}: eventfd counted {got}, expected 1");
+        }
+        let st = bar.read32(regs::INTX_STATUS)?;
+        if i == 1 {
+            facts.set("status_in_handler", format_args!("{st:#x}"));
+        }
+        if st & regs::INTX_LEVEL == 0 {
+            bail!("assert {i}: INTX_STATUS {st:#x} has no level bit");
+        }
+        bar.write32(regs::INTX_DEASSERT, 1)?;
+        dev.unmask_intx()?;
+    }
+    facts.set("events", events);
+
+    // Level semantics: unmasking while the line is still high must deliver it again.
+    bar.write32(regs::INTX_ASSERT, 1)?;
+    let first = s.ev.wait(EVENT_TIMEOUT)?;
+    facts.expect_eq("level_first", first, 1)?;
+    dev.unmask_intx()?;
+    let again = s.ev.wait(EVENT_TIMEOUT)?;
+    facts.expect_eq("level_refire", again, 1)?;
+    bar.write32(regs::INTX_DEASSERT, 1)?;
+    dev.unmask_intx()?;
+    let st = bar.read32(regs::INTX_STATUS)?;
+    facts.set("status_after", format_args!("{st:#x}"));
+    if st & (regs::INTX_LEVEL | regs::INTX_MASKED) != 0 {
+        bail!("INTX_STATUS {st:#x} after the last unmask, expected low and unmasked");
+    }
+    let extra = s.ev.wait(QUIET_TIMEOUT)?;
+    facts.expect_eq("extra", extra, 0)?;
+    let triggers = bar.read32(regs::CNT_INTX_TRIGGERS)?.wrapping_sub(triggers0);
+    facts.set("device_triggers", triggers);
+    let unmasks = bar.read32(regs::CNT_INTX_UNMASKS)?.wrapping_sub(unmasks0);
+    facts.set("device_unmasks", unmasks);
+    Ok(())
+}
+
+fn msix_fire(s: &MsixSession<'_>, dev: &VfioDevice, facts: &mut Facts, rounds: u32) -> Result<()> {
+    let bar = dev.bar(0);
+    let n = s.len();
+    facts.set("vectors", n);
+    let triggers0 = bar.read32(regs::CNT_MSIX_TRIGGERS)?;
+    for round in 1..=rounds {
+        for v in 0..n {
+            s.fire_and_expect(&bar, v)
+                .map_err(|e| Error::msg(format!("round {round}: {e}")))?;
+            for other in (0..n).filter(|&o| o != v) {
+                let stray = s.take(other)?;
+                if stray != 0 {
+                    bail!(
+                        "round {round}: firing vector {v} also signalled vector {other} ({stray})"
+                    );
+                }
+            }
+        }
+    }
+    facts.set("per_vector", rounds);
+    let triggers = bar.read32(regs::CNT_MSIX_TRIGGERS)?.wrapping_sub(triggers0);
+    facts.expect_eq("device_triggers", triggers, rounds * n)?;
+    Ok(())
+}
+
+fn pba_bit(dev: &VfioDevice, info: &pci::MsixInfo, v: u32) -> Result<bool> {
+    let off = u64::from(info.pba_offset) + u64::from(v / 32) * 4;
+    let word = dev.read32(u32::from(info.pba_bir), off)?;
+    Ok(word & (1 << (v % 32)) != 0)
+}
+
+fn msix_mask(s: &MsixSession<'_>, dev: &VfioDevice, facts: &mut Facts) -> Result<()> {
+    let bar = dev.bar(0);
+    let n = s.len();
+    if n < 2 {
+        bail!("the mask test needs 2 vectors");
+    }
+    let (m, fence) = (n - 1, 0);
+    facts.set("vector", m);
+    let mut cfg = vec![0u8; 256];
+    for (i, chunk) in cfg.chunks_mut(4).enumerate() {
+        chunk.copy_from_slice(&dev.read32(REGION_CONFIG, i as u64 * 4)?.to_le_bytes());
+    }
+    let info = pci::msix_info(&cfg).ok_or_else(|| Error::msg("no MSI-X capability"))?;
+    facts.set(
+        "pba",
+        format_args!("bar{}+{:#x}", info.pba_bir, info.pba_offset),
+    );
+    let pending0 = bar.read32(regs::CNT_MSIX_PENDING)?;
+
+    bar.write32(regs::MSIX_MASK, m)?;
+    bar.write32(regs::MSIX_FIRE, m)?;
+    bar.write32(regs::MSIX_FIRE, m)?;
+    // Fence: a later event on another vector has arrived, so an event on m would have too.
+    s.fire_and_expect(&bar, fence)?;
+    let masked_events = s.quiet(m)?;
+    facts.expect_eq("masked_events", masked_events, 0)?;
+    let pba_set = pba_bit(dev, &info, m)?;
+    facts.expect_eq("pba_while_masked", pba_set, true)?;
+    let pending = bar.read32(regs::CNT_MSIX_PENDING)?.wrapping_sub(pending0);
+    facts.set("device_pending", pending);
+    if pending == 0 {
+        bail!("CNT_MSIX_PENDING did not move while the vector was masked");
+    }
+
+    bar.write32(regs::MSIX_UNMASK, m)?;
+    let delivered = s.wait(m)?;
+    facts.expect_eq("unmask_events", delivered, 1)?;
+    let extra = s.quiet(m)?;
+    facts.expect_eq("extra", extra, 0)?;
+    let pba_after = pba_bit(dev, &info, m)?;
+    facts.expect_eq("pba_after_unmask", pba_after, false)?;
+    // The vector works normally again.
+    s.fire_and_expect(&bar, m)?;
+    Ok(())
+}
+
+/// Runs the VFIO scenario: results `vfio-open`, `vfio-intx`, `vfio-msix`, `vfio-msix-mask`.
+pub fn run(rep: &mut Reporter, pci: &PciDev, opts: &Options) {
+    let mut facts = Facts::default();
+    let opened = VfioDevice::open(pci, &mut facts).and_then(|dev| {
+        for (i, want) in [(0u32, 4096u64), (4, 4096)] {
+            let r = dev.region(i)?;
+            facts.set(&format!("bar{i}_size"), r.size);
+            if r.size != want {
+                bail!("BAR{i} region has {:#x} bytes, expected {want:#x}", r.size);
+            }
+        }
+        let r2 = dev.region(2)?;
+        facts.set("bar2_size", r2.size);
+        let r4 = dev.region(4)?;
+        facts.set("bar4_mmap", r4.flags & REGION_MMAP != 0);
+        let magic = dev.bar(0).read32(regs::MAGIC)?;
+        facts.expect_hex("magic", u64::from(magic), u64::from(regs::MAGIC_VALUE))?;
+        Ok(dev)
+    });
+    let dev = match opened {
+        Ok(dev) => {
+            rep.record("vfio-open", &facts, &Ok(()));
+            dev
+        }
+        Err(e) => {
+            rep.record("vfio-open", &facts, &Err(e));
+            return;
+        }
+    };
+    rep.run("vfio-intx", |f| intx(&dev, f, opts.count));
+    let session = MsixSession::enable(&dev, opts.vectors);
+    match session {
+        Ok(s) => {
+            rep.run("vfio-msix", |f| msix_fire(&s, &dev, f, opts.rounds));
+            rep.run("vfio-msix-mask", |f| msix_mask(&s, &dev, f));
+        }
+        Err(e) => {
+            rep.record("vfio-msix", &Facts::default(), &Err(e));
+        }
+    }
+}
