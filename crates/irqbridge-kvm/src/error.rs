@@ -41,6 +41,14 @@ pub enum Error {
         /// The command in flight.
         command: &'static str,
     },
+    /// An earlier failure left the stream out of step; reconnect.
+    #[error(
+        "the vfio-user connection is out of step after an earlier failure ({command} not sent)"
+    )]
+    ConnectionBroken {
+        /// The command that was not sent.
+        command: &'static str,
+    },
     /// The server answered with an error reply.
     #[error("the vfio-user server refused {command} with errno {errno}")]
     Remote {
@@ -112,12 +120,12 @@ impl Error {
         }
     }
 
-    /// True if the connection is no longer usable (I/O failure, timeout with a reply possibly
-    /// still in flight, hang-up or a reply that breaks the framing).
+    /// True if the connection is no longer usable (socket failure, hang-up, or a stream out
+    /// of step). A [`Error::Timeout`] is not: the client skips the late reply.
     pub fn is_connection_lost(&self) -> bool {
         matches!(
             self,
-            Error::Io { .. } | Error::Timeout { .. } | Error::Disconnected { .. }
+            Error::Io { .. } | Error::Disconnected { .. } | Error::ConnectionBroken { .. }
         )
     }
 }
@@ -128,7 +136,9 @@ impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match &e {
             Error::Timeout { .. } => io::ErrorKind::TimedOut,
-            Error::Disconnected { .. } => io::ErrorKind::ConnectionReset,
+            Error::Disconnected { .. } | Error::ConnectionBroken { .. } => {
+                io::ErrorKind::ConnectionReset
+            }
             Error::InvalidIndex { .. } | Error::InvalidArgument(_) | Error::InvalidGsi(_) => {
                 io::ErrorKind::InvalidInput
             }
