@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use irqbridge_integration::layout::{DEVICE_MMIO_GPA, FREE_RAM_GPA, STACK_TOP, evtchn};
 use irqbridge_integration::{
-    Action, Error, GsiRoutes, Guest, MmioHandler, MsiMessage, TestVm, VcpuStatus, VmOptions,
-    kvm_unavailable_reason,
+    Action, Error, GsiRoutes, Guest, GuestMemory, MmapRegion, MmioHandler, MsiMessage, TestVm,
+    VcpuStatus, VmOptions, kvm_unavailable_reason,
 };
 use kvm_ioctls::IoEventAddress;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -289,6 +289,58 @@ fn evtchn_collect_consumes_pending_ports() {
     assert_eq!(g.port_count(1).unwrap(), 1);
     assert_eq!(g.port_count(masked_port).unwrap(), 0);
     assert!(g.port_count(4096).is_err());
+}
+
+#[test]
+fn memory_slot_maps_a_host_page_into_the_guest() {
+    let Some(g) = guest() else { return };
+    // A memfd page standing in for an mmap-able device BAR; `shadow` is the host's view.
+    let bar = DEVICE_MMIO_GPA + 0x20_0000;
+    let shadow = GuestMemory::new(bar, 0x1000).unwrap();
+    let slot = g
+        .vm()
+        .add_mapped_region(bar, MmapRegion::map_fd(shadow.fd(), 0, 0x1000).unwrap())
+        .unwrap();
+    let before = g.vm().exit_stats();
+    g.mmio_write32(bar + 0x10, 0x1234_5678).unwrap();
+    assert_eq!(shadow.load_u32(bar + 0x10).unwrap(), 0x1234_5678);
+    shadow.store_u64(bar + 0x18, 0xfeed).unwrap();
+    assert_eq!(g.mmio_read64(bar + 0x18).unwrap(), 0xfeed);
+    assert_eq!(g.vm().exit_stats().mmio_writes, before.mmio_writes);
+    assert_eq!(g.vm().exit_stats().mmio_reads, before.mmio_reads);
+
+    // Event-channel collection on that page works like on RAM.
+    shadow
+        .store_u64(bar + evtchn::PENDING_OFFSET + 8, 1 << 5)
+        .unwrap(); // port 69
+    shadow
+        .store_u64(bar + evtchn::UPCALL_OFFSET + 8, 1 << 1)
+        .unwrap();
+    shadow.store_u64(bar + evtchn::UPCALL_OFFSET, 1).unwrap();
+    g.set_action(0x61, Action::eoi().with_evtchn(bar, 0))
+        .unwrap();
+    g.signal_msi(0x61).unwrap();
+    g.wait_count(0x61, 1, WAIT).unwrap();
+    assert_eq!(g.port_count(69).unwrap(), 1);
+    assert_eq!(
+        shadow.load_u64(bar + evtchn::PENDING_OFFSET + 8).unwrap(),
+        0
+    );
+
+    // Overlaps are refused; after removal the range is MMIO again.
+    assert!(
+        g.vm()
+            .add_mapped_region(bar, MmapRegion::anonymous(0x1000).unwrap())
+            .is_err()
+    );
+    assert!(
+        g.vm()
+            .add_mapped_region(0x1000, MmapRegion::anonymous(0x1000).unwrap())
+            .is_err()
+    );
+    g.vm().remove_memory_slot(slot).unwrap();
+    assert_eq!(g.mmio_read32(bar + 0x10).unwrap(), 0xffff_ffff);
+    assert!(g.vm().remove_memory_slot(slot).is_err());
 }
 
 #[test]
