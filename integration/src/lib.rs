@@ -57,11 +57,20 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why KVM tests cannot run here, or `None` if `/dev/kvm` can be opened.
 pub fn kvm_unavailable_reason() -> Option<String> {
+    /// `KVM_API_VERSION` of every KVM since Linux 2.6.22.
+    const KVM_API_VERSION: i32 = 12;
     match kvm_ioctls::Kvm::new() {
-        Ok(_) => None,
+        Ok(kvm) if kvm.get_api_version() == KVM_API_VERSION => None,
+        Ok(kvm) => Some(format!(
+            "/dev/kvm reports API version {}",
+            kvm.get_api_version()
+        )),
         Err(e) => Some(e.to_string()),
     }
 }
+
+/// Time limit of the `stop` command in [`Guest::stop`] (and drop) before the vCPU is kicked.
+pub const STOP_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// MMIO store done by an [`Action`] from the `n`th interrupt on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,6 +268,10 @@ impl Guest {
     /// [`Error::Command`] if the agent rejects it, [`Error::Timeout`], [`Error::GuestFault`] or
     /// [`Error::VcpuStopped`] if it does not complete.
     pub fn command(&self, cmd: u64, args: [u64; 4]) -> Result<u64> {
+        self.command_within(cmd, args, self.timeout)
+    }
+
+    fn command_within(&self, cmd: u64, args: [u64; 4], timeout: Duration) -> Result<u64> {
         let _serial = self.cmd_lock.lock().unwrap_or_else(PoisonError::into_inner);
         self.check_running()?;
         let mem = self.memory();
@@ -491,14 +504,14 @@ impl Guest {
         })
     }
 
-    /// Stops the agent with the `stop` command and joins the vCPU thread (kicking it if the
-    /// agent does not answer). Returns the final vCPU status ([`VcpuStatus::Exited`] after a
-    /// clean stop).
+    /// Stops the agent with the `stop` command and joins the vCPU thread, kicking it if the
+    /// agent does not answer within [`STOP_COMMAND_TIMEOUT`] (then [`TestVm::stop`] bounds the
+    /// wait). Returns the final vCPU status ([`VcpuStatus::Exited`] after a clean stop).
     pub fn stop(&mut self) -> VcpuStatus {
         if self.vm.is_running() {
-            match self.command(command::STOP, [0; 4]) {
+            match self.command_within(command::STOP, [0; 4], STOP_COMMAND_TIMEOUT) {
                 Ok(_) => {
-                    if let Err(e) = self.vm.wait_for_exit(self.timeout) {
+                    if let Err(e) = self.vm.wait_for_exit(STOP_COMMAND_TIMEOUT) {
                         log::warn!("agent stop: {e}");
                     }
                 }
@@ -590,6 +603,15 @@ fn action_gpa(vector: u8) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handles_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Guest>();
+        send_sync::<TestVm>();
+        send_sync::<GuestMemory>();
+        send_sync::<MmapRegion>();
+    }
 
     #[test]
     fn ioapic_redirection_bits() {
