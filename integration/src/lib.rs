@@ -284,7 +284,7 @@ impl Guest {
         mem.store_u64(MAILBOX_GPA + mailbox::SEQ, seq)?;
         self.vm.signal_msi(MsiMessage::fixed(DOORBELL_VECTOR))?;
         self.poll_until(
-            self.timeout,
+            timeout,
             || format!("agent command {cmd}"),
             || (self.mailbox(mailbox::DONE) == seq).then_some(()),
         )?;
