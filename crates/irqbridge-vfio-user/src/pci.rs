@@ -1008,7 +1008,7 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(src) = cur {
-        s.push_str(": ");
+        s.push_str(if s.ends_with('.') { " " } else { ": " });
         s.push_str(&src.to_string());
         cur = src.source();
     }
