@@ -1321,3 +1321,41 @@ fn rust_vmm_client_interop() {
     drop(ram);
     assert_eq!(open_fds(), before, "descriptor leak");
 }
+
+#[test]
+fn stalled_or_truncated_messages_end_only_that_client() {
+    let _g = serial();
+    let h = Harness::start_with(ServerConfig {
+        io_timeout: Duration::from_millis(50),
+        ..ServerConfig::default()
+    });
+    // Half a header, then silence: the server gives up on this client after io_timeout.
+    let c = h.client();
+    let hdr = raw_header(1, Command::DeviceReset as u16, 16, 0);
+    c.conn.send_raw(&hdr[..10], &[]).unwrap();
+    h.wait_for("the stalled client to be dropped", |l| {
+        l.contains(&Call::Disconnected)
+    });
+    assert!(matches!(
+        c.conn.recv(),
+        Err(irqbridge_vfio_user::error::Error::Disconnected)
+    ));
+    drop(c);
+    // A body cut short by a close.
+    h.clear();
+    let c = h.client();
+    let mut msg = raw_header(2, Command::RegionWrite as u16, 16 + 16 + 4, 0).to_vec();
+    msg.extend_from_slice(&[0; 10]);
+    c.conn.send_raw(&msg, &[]).unwrap();
+    drop(c);
+    h.wait_for("the truncated client to be dropped", |l| {
+        l.contains(&Call::Disconnected)
+    });
+    assert!(
+        !h.calls().iter().any(|c| matches!(c, Call::Write { .. })),
+        "a partial message never reaches the device"
+    );
+    // The server still serves.
+    let mut c = h.client();
+    c.in_step();
+}
