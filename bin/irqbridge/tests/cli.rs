@@ -1,0 +1,231 @@
+//! The `irqbridge` binary as a process: startup, control socket, `irqbridge control`,
+//! `--fd`, and clean shutdown on SIGTERM / SIGINT.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use irqbridge_vfio_user::conn::Connection;
+use irqbridge_vfio_user::control::ControlClient;
+use irqbridge_vfio_user::proto::{Capabilities, Command as VfuCommand, DeviceInfoMsg, Version};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_irqbridge");
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("irqbridge-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills the child if a test fails before it exits.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(path: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("irqbridge exited early: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "irqbridge did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn vfio_user_hello(stream: UnixStream) -> DeviceInfoMsg {
+    let mut conn = Connection::new(stream);
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let v = Version {
+        major: 0,
+        minor: 0,
+        capabilities: Capabilities::default(),
+    };
+    conn.request(VfuCommand::Version, &v.encode(), &[]).unwrap();
+    let r = conn
+        .request(
+            VfuCommand::DeviceGetInfo,
+            &DeviceInfoMsg::request().encode(),
+            &[],
+        )
+        .unwrap();
+    DeviceInfoMsg::parse(&r.body).unwrap()
+}
+
+fn control_cli(sock: &Path, args: &[&str]) -> (bool, Value) {
+    let out = Command::new(BIN)
+        .arg("control")
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    (
+        out.status.success(),
+        serde_json::from_str(text.trim()).unwrap(),
+    )
+}
+
+#[test]
+fn serve_control_and_sigterm() {
+    let dir = TempDir::new("term");
+    let vu = dir.0.join("vu.sock");
+    let ctl = dir.0.join("ctl.sock");
+    let mut child = Proc(
+        Command::new(BIN)
+            .args([
+                "vfio-user",
+                "--msix-vectors",
+                "32",
+                "--no-intx",
+                "--socket-path",
+            ])
+            .arg(&vu)
+            .arg("--control-socket")
+            .arg(&ctl)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&vu, &mut child.0);
+    wait_for(&ctl, &mut child.0);
+
+    let info = vfio_user_hello(UnixStream::connect(&vu).unwrap());
+    assert_eq!((info.flags, info.num_regions, info.num_irqs), (3, 9, 5));
+
+    let mut c = ControlClient::connect(&ctl).unwrap();
+    let snap = c.request(&json!({"cmd":"snapshot"})).unwrap();
+    assert_eq!(
+        snap["snapshot"]["config"],
+        json!({"msix_vectors": 32, "evtchn_ports": 1024, "intx": false})
+    );
+    let r = c.request(&json!({"cmd":"intx_assert"})).unwrap();
+    assert_eq!(r["ok"], false, "no INTx pin: {r}");
+
+    let (ok, reply) = control_cli(&ctl, &["msix-fire", "31"]);
+    assert!(ok);
+    assert_eq!(reply, json!({"ok": true, "delivery": "pending"}));
+    let (ok, reply) = control_cli(&ctl, &["msix_fire", "32"]);
+    assert!(!ok, "an error reply gives a failing exit status");
+    assert_eq!(reply["ok"], false);
+    let (ok, reply) = control_cli(&ctl, &["counters"]);
+    assert!(ok);
+    assert_eq!(reply["counters"]["msix_pending"], 1);
+
+    signal(&child.0, libc::SIGTERM);
+    let status = wait_exit(&mut child.0);
+    assert!(status.success(), "{status}");
+    assert!(!vu.exists(), "vfio-user socket removed");
+    assert!(!ctl.exists(), "control socket removed");
+    let mut log = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(log.contains("shutting down"), "{log}");
+}
+
+#[test]
+fn inherited_fd_and_sigint() {
+    let dir = TempDir::new("fd");
+    let path = dir.0.join("inherited.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    // A copy without close-on-exec for the child.
+    // SAFETY: dup of a descriptor we own; the result is checked.
+    let fd = unsafe { libc::dup(listener.as_raw_fd()) };
+    assert!(fd >= 0);
+    let child = Command::new(BIN)
+        .args(["vfio-user", "--fd"])
+        .arg(fd.to_string())
+        .stderr(Stdio::null())
+        .spawn();
+    // SAFETY: closing our copy; the child has its own.
+    unsafe { libc::close(fd) };
+    let mut child = Proc(child.unwrap());
+    drop(listener);
+
+    let info = vfio_user_hello(UnixStream::connect(&path).unwrap());
+    assert_eq!(info.num_irqs, 5);
+
+    signal(&child.0, libc::SIGINT);
+    let status = wait_exit(&mut child.0);
+    assert!(status.success(), "{status}");
+    assert!(
+        path.exists(),
+        "a socket the server did not create is left alone"
+    );
+}
+
+#[test]
+fn bad_arguments_fail() {
+    for args in [
+        &["vfio-user"][..],
+        &[
+            "vfio-user",
+            "--socket-path",
+            "/tmp/x",
+            "--msix-vectors",
+            "0",
+        ],
+        &["vfio-user", "--fd", "99999"],
+        &[
+            "control",
+            "--socket",
+            "/nonexistent/irqbridge.sock",
+            "counters",
+        ],
+        &["nonsense"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(!out.stderr.is_empty(), "{args:?}: an error message");
+    }
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .starts_with("irqbridge ")
+    );
+}
