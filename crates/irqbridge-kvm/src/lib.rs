@@ -1,6 +1,7 @@
 //! VMM-side plugin: wires the interrupts and doorbells of an irqbridge device into KVM.
 #![deny(missing_docs)]
 
+pub mod attach;
 pub mod client;
 mod error;
 pub mod interrupt;
