@@ -1189,8 +1189,11 @@ impl RegionIoFdsReply {
                 return Err(bad);
             }
             let stride = rest / n;
-            for i in 0..n {
-                let e = &body[Self::FIXED_SIZE + i * stride..];
+            for e in body
+                .get(Self::FIXED_SIZE..)
+                .unwrap_or(&[])
+                .chunks_exact(stride)
+            {
                 entries.push(IoFdEntry {
                     offset: le_u64(e, 0),
                     size: le_u64(e, 8),
@@ -1544,11 +1547,15 @@ impl WriteMultiRequest {
                 value: wr_cnt,
             })?;
         check_exact(CMD, body, 8 + n * WriteMultiEntry::SIZE)?;
-        let entries = (0..n)
-            .map(|i| {
-                let e = &body[8 + i * WriteMultiEntry::SIZE..];
+        let entries = body
+            .get(8..)
+            .unwrap_or(&[])
+            .chunks_exact(WriteMultiEntry::SIZE)
+            .map(|e| {
                 let mut data = [0u8; WRITE_MULTI_DATA_SIZE];
-                data.copy_from_slice(&e[16..24]);
+                if let Some(d) = e.get(16..24) {
+                    data.copy_from_slice(d);
+                }
                 WriteMultiEntry {
                     offset: le_u64(e, 0),
                     region: le_u32(e, 8),
