@@ -700,7 +700,8 @@ impl AttachedDevice {
                     size,
                     info.is_writable(),
                 )?;
-                m.set_gpa(self.bar_gpas[bar as usize].map(|g| g + offset));
+                let gpa = self.bar_gpa(bar).and_then(|g| g.checked_add(offset));
+                m.set_gpa(gpa);
                 self.mappings.push(m);
             }
         }
@@ -814,8 +815,7 @@ impl AttachedDevice {
             self.place_ioevent(i)?;
         }
         for m in self.mappings.iter_mut().filter(|m| m.region() == bar) {
-            let at = gpa.map(|g| g + m.region_offset());
-            m.set_gpa(at);
+            m.set_gpa(gpa.and_then(|g| g.checked_add(m.region_offset())));
         }
         Ok(())
     }
@@ -1056,6 +1056,15 @@ fn ioevent(vm: &VmFd, ev: &IoEvent, addr: u64, assign: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attached_device_is_shareable_between_vcpu_threads() {
+        fn check<T: Send + Sync>() {}
+        check::<AttachedDevice>();
+        check::<MsiInterruptGroup>();
+        check::<LegacyInterruptGroup>();
+        check::<crate::routing::GsiRouter>();
+    }
 
     #[test]
     fn layout_aligns_each_bar_to_its_size() {
