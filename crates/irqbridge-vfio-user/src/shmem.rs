@@ -2,10 +2,12 @@
 //! client as the mmap file of BAR4.
 //!
 //! The server touches the page only through [`AtomicU64`] words
-//! ([`SharedWords`](irqbridge_core::SharedWords)), because the guest writes the same memory
+//! ([`SharedWords`]), because the guest writes the same memory
 //! concurrently through its own mapping. The file is sealed against shrinking and growing, so
 //! a client holding the fd cannot truncate it under the server's mapping (which would turn
 //! the server's next access into SIGBUS).
+
+#![deny(missing_docs)]
 
 use std::ffi::CStr;
 use std::fmt;
