@@ -1,0 +1,1 @@
+//! The irqbridge event-channel device as a vhost-user backend.
