@@ -90,9 +90,12 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> std::result::Result<Opt
 }
 
 /// Runs `f` on BAR0 mapped through sysfs, enabling memory decoding for the duration if needed.
+/// sysfs `enable` refuses (EBUSY) while a driver is bound, so an idle driver (vfio-pci after its
+/// user closed the device) is unbound first.
 fn with_bar0<T>(pci: &PciDev, f: impl FnOnce(&pci::MmioBar) -> Result<T>) -> Result<T> {
     let was_enabled = pci.enabled()?;
     if !was_enabled {
+        pci.unbind()?;
         pci.set_enabled(true)?;
     }
     let result = pci.map_bar(0).and_then(|bar| f(&bar));

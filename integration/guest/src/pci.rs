@@ -15,6 +15,8 @@ pub const VENDOR: u16 = 0x6972;
 /// PCI device ID of the irqbridge test device.
 pub const DEVICE: u16 = 0x7162;
 
+/// COMMAND bit 10: INTx disable.
+pub const CMD_INTX_DISABLE: u16 = 1 << 10;
 /// Config space: capabilities pointer.
 pub const CFG_CAP_PTR: usize = 0x34;
 /// Config space: capability ID of MSI-X.
@@ -146,6 +148,24 @@ impl PciDev {
             .ctx(format_args!("reading {}/config", self.path.display()))
     }
 
+    /// Clears COMMAND bit 10 (INTx disable) with a read-modify-write of the COMMAND word through
+    /// sysfs `config`, as a uio_pci_generic user re-enables the interrupt.
+    pub fn clear_intx_disable(&self) -> Result<u16> {
+        use std::os::unix::fs::FileExt;
+        let path = self.path.join("config");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .ctx(format_args!("opening {}", path.display()))?;
+        let mut w = [0u8; 2];
+        f.read_exact_at(&mut w, 4).ctx("reading COMMAND")?;
+        let cmd = u16::from_le_bytes(w) & !CMD_INTX_DISABLE;
+        f.write_all_at(&cmd.to_le_bytes(), 4)
+            .ctx("writing COMMAND")?;
+        Ok(cmd)
+    }
+
     /// `(start, end, flags)` of each resource line in sysfs `resource` (BARs 0-5, then ROM...).
     pub fn resources(&self) -> Result<Vec<(u64, u64, u64)>> {
         let text = read_trimmed(&self.path.join("resource"))?;
@@ -225,6 +245,14 @@ impl PciDev {
                 _ => std::thread::sleep(Duration::from_millis(10)),
             }
         }
+    }
+
+    /// Unbinds whatever driver is bound and clears driver_override.
+    pub fn unbind(&self) -> Result<()> {
+        if self.driver().is_some() {
+            write_sysfs(&self.path.join("driver/unbind"), &self.bdf)?;
+        }
+        write_sysfs(&self.path.join("driver_override"), "\n")
     }
 
     /// Whether memory decoding etc. is enabled (sysfs `enable`).

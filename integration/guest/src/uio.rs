@@ -1,11 +1,12 @@
 //! `uio-intx`: level-triggered INTx through the guest's uio_pci_generic.
 //!
-//! uio_pci_generic's handler masks the line with COMMAND bit 10 when STATUS bit 3 is set; a
-//! `write(1)` to /dev/uioN clears bit 10 again. Each round: INTX_ASSERT, wait for the uio event,
+//! uio_pci_generic's handler masks the line with COMMAND bit 10 when STATUS bit 3 is set; the
+//! driver has no irqcontrol (a `write` to /dev/uioN fails with ENOSYS), so userspace clears bit 10
+//! again through the config space in sysfs. Each round: INTX_ASSERT, wait for the uio event,
 //! INTX_DEASSERT, re-enable. The kernel must see exactly N interrupts and never shut the line off.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsFd;
 
 use crate::kmsg::{self, Kmsg};
@@ -98,8 +99,7 @@ pub fn run(pci: &PciDev, facts: &mut Facts, rounds: u32) -> Result<()> {
             );
         }
         bar.write32(regs::INTX_DEASSERT, 1)?;
-        uio.write_all(&1u32.to_ne_bytes())
-            .ctx("re-enabling through /dev/uio")?;
+        pci.clear_intx_disable()?;
     }
     facts.set("events", seen);
 

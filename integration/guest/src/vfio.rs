@@ -46,6 +46,11 @@ pub const ACTION_UNMASK: u32 = 1 << 4;
 /// SET_IRQS action: trigger.
 pub const ACTION_TRIGGER: u32 = 1 << 5;
 
+/// COMMAND bit 1: memory space decoding.
+pub const CMD_MEMORY: u16 = 1 << 1;
+/// COMMAND bit 2: bus master (the device may write memory, MSI messages included).
+pub const CMD_BUS_MASTER: u16 = 1 << 2;
+
 /// Region index of PCI config space.
 pub const REGION_CONFIG: u32 = 7;
 
@@ -142,7 +147,9 @@ impl VfioDevice {
             bail!("VFIO device flags {flags:#x} lack VFIO_DEVICE_FLAGS_PCI");
         }
         let mut regions = Vec::new();
-        for index in 0..num_regions.min(9) {
+        // BARs 0-5, ROM 6 and config 7; the kernel answers EINVAL for the VGA region (8) of a
+        // device that is not VGA.
+        for index in 0..num_regions.min(REGION_CONFIG + 1) {
             let mut ri = [0u8; 32];
             put32(&mut ri, 0, 32);
             put32(&mut ri, 8, index);
@@ -243,6 +250,20 @@ impl VfioDevice {
         self.dev
             .write_all_at(&val.to_le_bytes(), pos)
             .ctx(format_args!("writing region {index} at {off:#x}"))
+    }
+
+    /// Sets COMMAND bits (e.g. Bus Master, which MSI/MSI-X messages need) through the config
+    /// region with a 16-bit read-modify-write; returns the new COMMAND value.
+    pub fn set_command_bits(&self, bits: u16) -> Result<u16> {
+        let r = self.region(REGION_CONFIG)?;
+        let pos = self.check_range(&r, 4, 2)?;
+        let mut b = [0u8; 2];
+        self.dev.read_exact_at(&mut b, pos).ctx("reading COMMAND")?;
+        let cmd = u16::from_le_bytes(b) | bits;
+        self.dev
+            .write_all_at(&cmd.to_le_bytes(), pos)
+            .ctx("writing COMMAND")?;
+        Ok(cmd)
     }
 
     /// Maps `len` bytes of region `index` (which must be mmap-able).

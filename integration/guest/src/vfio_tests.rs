@@ -4,7 +4,9 @@ use crate::pci::{self, PciDev};
 use crate::regs::{self, Regs};
 use crate::report::{Error, Facts, Reporter, Result};
 use crate::sys::EventFd;
-use crate::vfio::{IRQ_INTX, IRQ_MSIX, REGION_CONFIG, REGION_MMAP, VfioDevice};
+use crate::vfio::{
+    CMD_BUS_MASTER, CMD_MEMORY, IRQ_INTX, IRQ_MSIX, REGION_CONFIG, REGION_MMAP, VfioDevice,
+};
 use crate::{EVENT_TIMEOUT, Options, QUIET_TIMEOUT, bail};
 
 /// INTx bound to an eventfd; disabled again on drop.
@@ -34,8 +36,11 @@ pub struct MsixSession<'a> {
 }
 
 impl<'a> MsixSession<'a> {
-    /// Enables MSI-X with `n` vectors, each signalling its own eventfd.
+    /// Enables MSI-X with `n` vectors, each signalling its own eventfd. Turns on Bus Master
+    /// first: an MSI-X message is a memory write by the device, which a function that is not
+    /// bus master does not make (vfio-pci leaves that bit to its user).
     pub fn enable(dev: &'a VfioDevice, n: u32) -> Result<Self> {
+        dev.set_command_bits(CMD_MEMORY | CMD_BUS_MASTER)?;
         let (_, count) = dev.irq_info(IRQ_MSIX)?;
         if count < n {
             bail!("the device offers {count} MSI-X vectors, the test needs {n}");
@@ -221,6 +226,36 @@ fn msix_mask(s: &MsixSession<'_>, dev: &VfioDevice, facts: &mut Facts) -> Result
     Ok(())
 }
 
+/// Adds what the device and the guest kernel saw to a failed MSI-X result.
+fn msix_diag(dev: &VfioDevice, facts: &mut Facts) {
+    let bar = dev.bar(0);
+    if let Ok(v) = bar.read32(regs::CNT_MSIX_TRIGGERS) {
+        facts.set("diag_device_triggers_total", v);
+    }
+    if let Ok(v) = bar.read32(regs::CNT_MSIX_PENDING) {
+        facts.set("diag_device_pending_total", v);
+    }
+    if let Ok(cfg) = dev.read32(REGION_CONFIG, 0x40) {
+        facts.set("diag_msix_cap_dword0", format_args!("{cfg:#x}"));
+    }
+    if let Ok(pba) = dev.read32(2, 0x1000) {
+        facts.set("diag_pba0", format_args!("{pba:#x}"));
+    }
+    if let Ok(text) = std::fs::read_to_string("/proc/interrupts") {
+        let counts: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains("vfio-msix"))
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                let irq = it.next()?;
+                let n = it.next()?;
+                Some(format!("{irq}{n}"))
+            })
+            .collect();
+        facts.set("diag_guest_irqs", counts.join(","));
+    }
+}
+
 /// Runs the VFIO scenario: results `vfio-open`, `vfio-intx`, `vfio-msix`, `vfio-msix-mask`.
 pub fn run(rep: &mut Reporter, pci: &PciDev, opts: &Options) {
     let mut facts = Facts::default();
@@ -254,8 +289,12 @@ pub fn run(rep: &mut Reporter, pci: &PciDev, opts: &Options) {
     let session = MsixSession::enable(&dev, opts.vectors);
     match session {
         Ok(s) => {
-            rep.run("vfio-msix", |f| msix_fire(&s, &dev, f, opts.rounds));
-            rep.run("vfio-msix-mask", |f| msix_mask(&s, &dev, f));
+            rep.run("vfio-msix", |f| {
+                msix_fire(&s, &dev, f, opts.rounds).inspect_err(|_| msix_diag(&dev, f))
+            });
+            rep.run("vfio-msix-mask", |f| {
+                msix_mask(&s, &dev, f).inspect_err(|_| msix_diag(&dev, f))
+            });
         }
         Err(e) => {
             rep.record("vfio-msix", &Facts::default(), &Err(e));
