@@ -87,6 +87,22 @@ impl Facts {
     }
 }
 
+/// The `IRQBRIDGE-RESULT` line for one result.
+pub fn result_line(name: &str, facts: &Facts, outcome: &Result<()>) -> String {
+    let mut line = format!("IRQBRIDGE-RESULT name={name} status=");
+    line.push_str(if outcome.is_ok() { "PASS" } else { "FAIL" });
+    for (k, v) in &facts.0 {
+        line.push_str(&format!(" {k}={v}"));
+    }
+    if let Err(e) = outcome {
+        line.push_str(&format!(
+            " error=\"{}\"",
+            e.0.replace('"', "'").replace('\n', " ")
+        ));
+    }
+    line
+}
+
 /// Counts results and prints their lines.
 #[derive(Debug, Default)]
 pub struct Reporter {
@@ -97,21 +113,12 @@ pub struct Reporter {
 impl Reporter {
     /// Prints the result line for `name` and counts it.
     pub fn record(&mut self, name: &str, facts: &Facts, outcome: &Result<()>) {
-        let mut line = format!("IRQBRIDGE-RESULT name={name} status=");
-        line.push_str(if outcome.is_ok() { "PASS" } else { "FAIL" });
-        for (k, v) in &facts.0 {
-            line.push_str(&format!(" {k}={v}"));
-        }
-        if let Err(e) = outcome {
-            line.push_str(&format!(
-                " error=\"{}\"",
-                e.0.replace('"', "'").replace('\n', " ")
-            ));
-            self.fail += 1;
-        } else {
+        if outcome.is_ok() {
             self.pass += 1;
+        } else {
+            self.fail += 1;
         }
-        println!("{line}");
+        println!("{}", result_line(name, facts, outcome));
     }
 
     /// Runs `f` with fresh facts and records its outcome under `name`; returns whether it passed.
@@ -130,5 +137,39 @@ impl Reporter {
     /// Prints the closing `IRQBRIDGE-DONE` line.
     pub fn done(&self) {
         println!("IRQBRIDGE-DONE pass={} fail={}", self.pass, self.fail);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_single_tokens_per_fact_and_quote_the_error() {
+        let mut f = Facts::default();
+        f.set("kernel", "6.1 cloud");
+        f.set("n", 1);
+        f.set("n", 2);
+        assert_eq!(
+            result_line("boot", &f, &Ok(())),
+            "IRQBRIDGE-RESULT name=boot status=PASS kernel=6.1_cloud n=2"
+        );
+        let err = f.expect_eq("count", 3u32, 4u32);
+        let line = result_line("x", &f, &err);
+        assert_eq!(
+            line,
+            "IRQBRIDGE-RESULT name=x status=FAIL kernel=6.1_cloud n=2 count=3 error=\"count is 3, expected 4\""
+        );
+        let quoted = result_line("y", &Facts::default(), &Err(Error::msg("a \"b\"\nc")));
+        assert!(quoted.ends_with("error=\"a 'b' c\""), "{quoted}");
+    }
+
+    #[test]
+    fn reporter_counts_pass_and_fail() {
+        let mut r = Reporter::default();
+        assert!(r.run("a", |_| Ok(())));
+        assert!(!r.run("b", |f| f.expect_hex("v", 1, 2)));
+        assert_eq!(r.failed(), 1);
+        assert_eq!(r.pass, 1);
     }
 }
