@@ -33,23 +33,38 @@ resolve() {
     LC_ALL=C apt-cache depends "$META" 2>/dev/null |
         awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }'
 }
-PKG=$(resolve || true)
-if [ -z "$PKG" ]; then
-    apt_update_once
+# resolve_version: sets PKG and VERSION from the apt lists (updating them once if needed).
+resolve_version() {
     PKG=$(resolve || true)
-fi
-[ -n "$PKG" ] || die "apt-cache could not resolve $META to a versioned linux-image package"
-VERSION=$(LC_ALL=C apt-cache policy "$PKG" | awk '$1 == "Candidate:" { print $2 }')
-log "guest kernel package: $PKG $VERSION"
+    if [ -z "$PKG" ]; then
+        apt_update_once
+        PKG=$(resolve || true)
+    fi
+    [ -n "$PKG" ] || die "apt-cache could not resolve $META to a versioned linux-image package"
+    VERSION=$(LC_ALL=C apt-cache policy "$PKG" | awk '$1 == "Candidate:" { print $2 }')
+    DIR=$KBASE/$PKG-$VERSION
+}
 
-DIR=$KBASE/$PKG-$VERSION
-if [ ! -f "$DIR/kernel.env" ]; then
+download() { # into $DIR.partial/deb
     rm -rf "$DIR" "$DIR.partial"
     mkdir -p "$DIR.partial/deb"
-    (cd "$DIR.partial/deb" && "${APT_GET[@]}" download "$PKG=$VERSION" >>"$IRQBRIDGE_CACHE/logs/apt.log" 2>&1) || {
+    (cd "$DIR.partial/deb" && "${APT_GET[@]}" download "$PKG=$VERSION") >>"$IRQBRIDGE_CACHE/logs/apt.log" 2>&1
+}
+
+resolve_version
+log "guest kernel package: $PKG $VERSION"
+if [ ! -f "$DIR/kernel.env" ]; then
+    if ! download; then
+        # Stale lists name a version the mirror no longer has: update, resolve again, retry.
+        rm -rf "$DIR.partial"
         apt_update_once
-        (cd "$DIR.partial/deb" && quietly "$IRQBRIDGE_CACHE/logs/apt.log" "${APT_GET[@]}" download "$PKG=$VERSION")
-    }
+        resolve_version
+        log "guest kernel package after apt-get update: $PKG $VERSION"
+        download || {
+            tail -n 20 "$IRQBRIDGE_CACHE/logs/apt.log" >&2
+            die "apt-get download $PKG=$VERSION failed"
+        }
+    fi
     dpkg -x "$DIR.partial"/deb/*.deb "$DIR.partial/root"
     KVER=$(basename "$(find "$DIR.partial/root/lib/modules" "$DIR.partial/root/usr/lib/modules" \
         -mindepth 1 -maxdepth 1 -type d 2>/dev/null | head -n1)")
@@ -104,5 +119,7 @@ EOF
 fi
 ln -sfn "$(basename "$DIR")" "$CURRENT.tmp"
 mv -T "$CURRENT.tmp" "$CURRENT"
+# Older kernels in the cache are superseded.
+find "$KBASE" -mindepth 1 -maxdepth 1 -type d ! -name "$(basename "$DIR")" -exec rm -rf {} +
 log "guest kernel ready in $(elapsed "$start") s: $DIR"
 echo "$CURRENT/kernel.env"
