@@ -92,6 +92,30 @@ pub enum Error {
         /// The time limit.
         timeout: Duration,
     },
+    /// A file, socket or eventfd operation failed.
+    #[error("I/O operation failed")]
+    Io(#[source] io::Error),
+    /// The irqbridge device could not be created.
+    #[error("cannot create the irqbridge device")]
+    Device(#[source] irqbridge_vfio_user::pci::DeviceError),
+    /// The vfio-user server failed.
+    #[error("the vfio-user device server failed")]
+    Server(#[source] irqbridge_vfio_user::error::Error),
+    /// The VMM plugin (vfio-user client, KVM wiring) failed.
+    #[error("the irqbridge VMM plugin failed: {op}")]
+    Plugin {
+        /// What the plugin was doing.
+        op: &'static str,
+        /// The plugin's error.
+        #[source]
+        source: irqbridge_kvm::Error,
+    },
+    /// An end-to-end check saw something other than what it expected.
+    #[error("check failed: {0}")]
+    Check(String),
+    /// `/dev/kvm` cannot be used here.
+    #[error("/dev/kvm is not available: {0}")]
+    KvmUnavailable(String),
     /// The agent rejected a command.
     #[error("the guest agent rejected command {cmd} with status {status}")]
     Command {
@@ -106,6 +130,10 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    pub(crate) fn plugin(op: &'static str) -> impl FnOnce(irqbridge_kvm::Error) -> Error {
+        move |source| Error::Plugin { op, source }
+    }
+
     pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
         move |source| Error::Kvm { op, source }
     }

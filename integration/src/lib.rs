@@ -30,10 +30,17 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+pub mod bench;
+pub mod demo;
 mod error;
 pub mod layout;
 mod memory;
+pub mod platform;
+pub mod rig;
 pub mod routing;
+pub mod scenarios;
+pub mod server;
+pub mod stats;
 mod vm;
 
 use std::sync::{Mutex, PoisonError};

@@ -1,0 +1,692 @@
+//! Benchmarks of the interrupt paths, each a p50 ratio against a baseline measured in the same
+//! run ([`run`]).
+//!
+//! | row | measured | baseline (same run) | goal |
+//! |---|---|---|---|
+//! | [`Row::MsixFire`] | the server fires an MSI-X vector (device model + its eventfd write) → guest handler done | the VMM writes the same irqfd itself | ≤ 1.10× |
+//! | [`Row::IntxLoop`] | INTx assert → guest handler → EOI → resample → server unmask → line ready | the same loop with the VMM acting as the device (own irqfd + resamplefd on another pin) | ≤ 1.25× |
+//! | [`Row::Doorbell`] | guest doorbell → server notified, through the ioeventfd | the same doorbell trapped and forwarded as a REGION_WRITE (posted, like QEMU) | ≥ 3× faster |
+//! | [`Row::RegionRead`] | vfio-user REGION_READ of 4 bytes, round trip | a raw AF_UNIX ping-pong of the same sizes | ≤ 1.15× |
+//!
+//! How each is timed:
+//!
+//! - **MSI-X**: both paths start on a timestamp taken by the thread that writes the eventfd,
+//!   just before it acts: the server thread (a [`HookRequest::MsixFire`] runs the device model,
+//!   which writes the vector's irqfd) or the benchmark thread (which writes the duplicate of the
+//!   same irqfd the plugin gave the device). Both end when the benchmark thread sees the
+//!   guest's handler count move (the agent increments it after its EOI). The wake-up of the
+//!   server thread is not part of the path and is not measured.
+//! - **INTx**: both loops start just before the trigger write and end when the "device" has
+//!   read the resample eventfd and found the line ready, on the device's own thread: the server
+//!   thread running the real INTx model ([`HookRequest::IntxPulse`]: assert, de-assert, then
+//!   wait for the resample-driven unmask in the server's poll loop), or a plain thread that
+//!   writes its trigger eventfd and blocks in `poll` on its resample eventfd.
+//! - **Doorbell**: one agent command makes `burst` back-to-back 32-bit writes to DOORBELL; the
+//!   time from issuing it until the server thread has counted all of them, divided by
+//!   `burst`. The command's dispatch (a fixed cost, the same on both paths) is included, which
+//!   only makes the ratio smaller. The trapped path is a second rig without the ioeventfd.
+//! - **REGION_READ**: a dedicated server thread serving a plain `IrqbridgeDevice` and the
+//!   plugin's vfio-user client, both pinned to one CPU; the baseline is two threads on a socket
+//!   pair pinned to the same CPU exchanging a 32-byte request and a 36-byte reply (the sizes
+//!   of REGION_READ of 4 bytes).
+//!
+//! Samples of the two paths of a row are taken alternately, after a warm-up, so that drift and
+//! background load hit both alike. Goals are judged on p50.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use irqbridge_kvm::client::{Client, ClientConfig};
+use irqbridge_vfio_user::pci::regs::{REG_MAGIC, REGION_BAR0};
+use irqbridge_vfio_user::pci::{DeviceConfig, IrqbridgeDevice};
+use irqbridge_vfio_user::proto::{HEADER_SIZE, RegionAccess};
+use irqbridge_vfio_user::server::Server;
+use serde::Serialize;
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
+
+use crate::error::{Error, Result};
+use crate::rig::{Rig, RigOptions};
+use crate::scenarios::{INTX_VECTOR, doorbell_burst};
+use crate::server::{HookEventKind, HookRequest};
+use crate::stats::LatencyStats;
+use crate::{Action, Guest};
+
+/// Settings of [`run`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BenchOptions {
+    /// Samples per path and row.
+    pub iterations: usize,
+    /// Unrecorded rounds per path before sampling.
+    pub warmup: usize,
+    /// Guest writes per doorbell sample.
+    pub doorbell_burst: u64,
+    /// CPU for the pinned REGION_READ row; `None` picks the last CPU this process may use.
+    pub pin_cpu: Option<usize>,
+    /// Time limit of each wait.
+    pub timeout: Duration,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            iterations: 1000,
+            warmup: 100,
+            doorbell_burst: 64,
+            pin_cpu: None,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A benchmark row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Row {
+    /// Server fires an MSI-X vector → guest handler.
+    MsixFire,
+    /// INTx assert → handler → EOI → resample → server unmask → ready.
+    IntxLoop,
+    /// Guest doorbell → server notified.
+    Doorbell,
+    /// vfio-user REGION_READ of 4 bytes.
+    RegionRead,
+}
+
+/// The goal of a row, on p50.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Goal {
+    /// measured / baseline ≤ this.
+    AtMost(f64),
+    /// baseline / measured ≥ this (the measured path is this many times faster).
+    FasterBy(f64),
+}
+
+impl fmt::Display for Goal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Goal::AtMost(x) => write!(f, "<= {x:.2}x"),
+            Goal::FasterBy(x) => write!(f, ">= {x:.1}x faster"),
+        }
+    }
+}
+
+/// One measured row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchRow {
+    /// Which row.
+    pub row: Row,
+    /// What the measured path is.
+    pub path: String,
+    /// What the baseline is.
+    pub baseline: String,
+    /// The measured path.
+    pub measured_stats: LatencyStats,
+    /// The baseline.
+    pub baseline_stats: LatencyStats,
+    /// The goal.
+    pub goal: Goal,
+    /// measured p50 / baseline p50 for [`Goal::AtMost`], baseline p50 / measured p50 for
+    /// [`Goal::FasterBy`].
+    pub ratio: f64,
+    /// Whether the goal is met.
+    pub met: bool,
+}
+
+impl BenchRow {
+    fn new(
+        row: Row,
+        path: &str,
+        baseline: &str,
+        goal: Goal,
+        measured: &[Duration],
+        base: &[Duration],
+    ) -> Result<BenchRow> {
+        let (Some(m), Some(b)) = (
+            LatencyStats::from_durations(measured),
+            LatencyStats::from_durations(base),
+        ) else {
+            return Err(Error::InvalidArgument("a benchmark needs samples".into()));
+        };
+        let (ratio, met) = match goal {
+            Goal::AtMost(x) => {
+                let r = m.p50_us / b.p50_us;
+                (r, r <= x)
+            }
+            Goal::FasterBy(x) => {
+                let r = b.p50_us / m.p50_us;
+                (r, r >= x)
+            }
+        };
+        Ok(BenchRow {
+            row,
+            path: path.into(),
+            baseline: baseline.into(),
+            measured_stats: m,
+            baseline_stats: b,
+            goal,
+            ratio,
+            met,
+        })
+    }
+}
+
+/// The result of [`run`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchReport {
+    /// Options used.
+    pub iterations: usize,
+    /// Warm-up rounds per path.
+    pub warmup: usize,
+    /// Writes per doorbell sample.
+    pub doorbell_burst: u64,
+    /// CPU of the pinned row.
+    pub pinned_cpu: usize,
+    /// The rows.
+    pub rows: Vec<BenchRow>,
+}
+
+impl BenchReport {
+    /// Whether every row meets its goal.
+    pub fn all_met(&self) -> bool {
+        self.rows.iter().all(|r| r.met)
+    }
+
+    /// Prints [`BenchReport`]'s table (its `Display`) to stdout.
+    pub fn print_table(&self) {
+        print!("{self}");
+    }
+
+    /// The report as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+    }
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "irqbridge bench: {} samples per path after {} warm-up rounds (p50 / p99 in µs)",
+            self.iterations, self.warmup
+        )?;
+        writeln!(
+            f,
+            "{:<44} {:>9} {:>9} | {:<44} {:>9} {:>9} | {:>6} {:<16} met",
+            "path", "p50", "p99", "baseline", "p50", "p99", "ratio", "goal"
+        )?;
+        for r in &self.rows {
+            writeln!(
+                f,
+                "{:<44} {:>9.1} {:>9.1} | {:<44} {:>9.1} {:>9.1} | {:>5.2}x {:<16} {}",
+                r.path,
+                r.measured_stats.p50_us,
+                r.measured_stats.p99_us,
+                r.baseline,
+                r.baseline_stats.p50_us,
+                r.baseline_stats.p99_us,
+                r.ratio,
+                r.goal.to_string(),
+                if r.met { "yes" } else { "NO" }
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the four benchmarks; see the [module documentation](self).
+///
+/// # Errors
+///
+/// [`Error::KvmUnavailable`] without `/dev/kvm`; any failure of the rigs or the paths.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
+    if let Some(reason) = crate::kvm_unavailable_reason() {
+        return Err(Error::KvmUnavailable(reason));
+    }
+    let opts = BenchOptions {
+        iterations: opts.iterations.max(1),
+        ..*opts
+    };
+    let cpu = match opts.pin_cpu {
+        Some(c) => c,
+        None => last_allowed_cpu()?,
+    };
+    let mut rows = Vec::new();
+    {
+        let rig = Rig::new(RigOptions::default())?;
+        rows.push(msix_fire(&rig, &opts)?);
+        rows.push(intx_loop(&rig, &opts)?);
+    }
+    rows.push(doorbell(&opts)?);
+    rows.push(region_read(&opts, cpu)?);
+    Ok(BenchReport {
+        iterations: opts.iterations,
+        warmup: opts.warmup,
+        doorbell_burst: opts.doorbell_burst,
+        pinned_cpu: cpu,
+        rows,
+    })
+}
+
+/// Pins the calling thread to `cpu`.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] for a CPU number out of range, [`Error::Io`] if the kernel
+/// refuses.
+pub fn pin_current_thread(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+        return Err(Error::InvalidArgument(format!("CPU {cpu}")));
+    }
+    // SAFETY: `cpu` is within the set (checked above).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        return Err(Error::Io(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The highest CPU number the calling thread may run on.
+///
+/// # Errors
+///
+/// [`Error::Io`] if the affinity cannot be read.
+pub fn last_allowed_cpu() -> Result<usize> {
+    // SAFETY: as in `pin_current_thread`.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a writable cpu_set_t of the size passed.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return Err(Error::Io(std::io::Error::last_os_error()));
+    }
+    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: every index is below the set's size.
+    (0..max)
+        .rev()
+        .find(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .ok_or_else(|| Error::InvalidArgument("the affinity mask is empty".into()))
+}
+
+/// Spins (yielding) until `count(vector)` exceeds `from`; returns when it saw it.
+fn wait_past(g: &Guest, vector: u8, from: u64, timeout: Duration) -> Result<Instant> {
+    let start = Instant::now();
+    loop {
+        if g.count(vector) > from {
+            return Ok(Instant::now());
+        }
+        if start.elapsed() > timeout {
+            return Err(Error::Timeout {
+                what: format!("count[{vector:#x}] > {from}"),
+                timeout,
+            });
+        }
+        thread::yield_now();
+    }
+}
+
+/// Runs `a` and `b` alternately, `warmup` unrecorded rounds then `iterations` recorded ones.
+fn alternate(
+    opts: &BenchOptions,
+    mut a: impl FnMut() -> Result<Duration>,
+    mut b: impl FnMut() -> Result<Duration>,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    for _ in 0..opts.warmup {
+        a()?;
+        b()?;
+    }
+    let mut sa = Vec::with_capacity(opts.iterations);
+    let mut sb = Vec::with_capacity(opts.iterations);
+    for _ in 0..opts.iterations {
+        sa.push(a()?);
+        sb.push(b()?);
+    }
+    Ok((sa, sb))
+}
+
+/// Row 1: the server fires an MSI-X vector vs. the VMM writing the same irqfd.
+fn msix_fire(rig: &Rig, opts: &BenchOptions) -> Result<BenchRow> {
+    const INDEX: u16 = 0;
+    const VECTOR: u8 = 0x60;
+    let g = rig.guest();
+    rig.msix_program(INDEX, VECTOR, false)?;
+    rig.msix_set_control(true, false)?;
+    g.set_action(VECTOR, Action::eoi())?;
+    let group = rig
+        .device()
+        .msix()
+        .ok_or_else(|| Error::Check("the plugin did not wire MSI-X".into()))?;
+    let irqfd = group
+        .notifiers()
+        .map_err(Error::plugin("MSI-X notifiers"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Check("no MSI-X vector 0".into()))?;
+    let server = rig.server();
+    server.drain_events();
+    let via_server = || -> Result<Duration> {
+        let c = g.count(VECTOR);
+        server.hook(HookRequest::MsixFire { vector: INDEX })?;
+        let done = wait_past(g, VECTOR, c, opts.timeout)?;
+        let ev = server.next_event(opts.timeout)?;
+        match ev.kind {
+            HookEventKind::MsixFired { sent: true, .. } => {
+                Ok(done.saturating_duration_since(ev.started))
+            }
+            other => Err(Error::Check(format!("MSI-X hook reported {other:?}"))),
+        }
+    };
+    let via_vmm = || -> Result<Duration> {
+        let c = g.count(VECTOR);
+        let t0 = Instant::now();
+        irqfd.write(1).map_err(Error::Io)?;
+        let done = wait_past(g, VECTOR, c, opts.timeout)?;
+        Ok(done.saturating_duration_since(t0))
+    };
+    let before = g.count(VECTOR);
+    let (m, b) = alternate(opts, via_server, via_vmm)?;
+    let rounds = 2 * (opts.warmup + opts.iterations) as u64;
+    thread::sleep(Duration::from_millis(20));
+    crate::scenarios::expect_eq(
+        "MSI-X handler runs in the benchmark",
+        g.count(VECTOR) - before,
+        rounds,
+    )?;
+    BenchRow::new(
+        Row::MsixFire,
+        "server fires MSI-X vector -> guest handler",
+        "VMM writes the same irqfd",
+        Goal::AtMost(1.10),
+        &m,
+        &b,
+    )
+}
+
+/// The VMM acting as an INTx device: a thread with its own level irqfd and resamplefd.
+struct VmmIntx {
+    cmd: EventFd,
+    results: mpsc::Receiver<Result<Duration>>,
+    thread: Option<thread::JoinHandle<()>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl VmmIntx {
+    fn start(rig: &Rig, gsi: u32, timeout: Duration) -> Result<VmmIntx> {
+        let trigger = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::Io)?;
+        let resample = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::Io)?;
+        rig.guest()
+            .vm()
+            .vm_fd()
+            .register_irqfd_with_resample(&trigger, &resample, gsi)
+            .map_err(Error::kvm("KVM_IRQFD(RESAMPLE)"))?;
+        let cmd = EventFd::new(EFD_CLOEXEC).map_err(Error::Io)?;
+        let cmd2 = cmd.try_clone().map_err(Error::Io)?;
+        let (tx, rx) = mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = std::sync::Arc::clone(&stop);
+        let thread = thread::Builder::new()
+            .name("vmm-intx".into())
+            .spawn(move || {
+                let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+                loop {
+                    // Blocking read: wait for the next round.
+                    if cmd2.read().is_err() || stop2.load(std::sync::atomic::Ordering::Acquire) {
+                        return;
+                    }
+                    let t0 = Instant::now();
+                    let r = trigger
+                        .write(1)
+                        .map_err(Error::Io)
+                        .and_then(|()| poll_in(&resample, ms))
+                        .and_then(|()| resample.read().map(drop).map_err(Error::Io))
+                        .map(|()| t0.elapsed());
+                    if tx.send(r).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(Error::Io)?;
+        Ok(VmmIntx {
+            cmd,
+            results: rx,
+            thread: Some(thread),
+            stop,
+        })
+    }
+
+    fn round(&self, timeout: Duration) -> Result<Duration> {
+        self.cmd.write(1).map_err(Error::Io)?;
+        match self.results.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                what: "the VMM INTx loop".into(),
+                timeout,
+            }),
+        }
+    }
+}
+
+impl Drop for VmmIntx {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.cmd.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits until `fd` is readable, for at most `ms` milliseconds.
+fn poll_in(fd: &EventFd, ms: i32) -> Result<()> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        match r {
+            1 => return Ok(()),
+            0 => {
+                return Err(Error::Timeout {
+                    what: "the resample eventfd".into(),
+                    timeout: Duration::from_millis(ms as u64),
+                });
+            }
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(Error::Io(e));
+                }
+            }
+        }
+    }
+}
+
+/// Row 2: the INTx loop through the server vs. the VMM acting as the device.
+fn intx_loop(rig: &Rig, opts: &BenchOptions) -> Result<BenchRow> {
+    const VMM_PIN: u8 = 12;
+    const VMM_VECTOR: u8 = 0x51;
+    let g = rig.guest();
+    let pin = rig
+        .options()
+        .intx_pin
+        .ok_or_else(|| Error::Check("the rig has no INTx pin".into()))?;
+    // The benchmark's MSI-X row enabled MSI-X, which suppresses INTx: turn it off.
+    rig.msix_set_control(false, false)?;
+    g.ioapic_route(pin, INTX_VECTOR, true)?;
+    g.ioapic_route(VMM_PIN, VMM_VECTOR, true)?;
+    g.set_action(INTX_VECTOR, Action::eoi())?;
+    g.set_action(VMM_VECTOR, Action::eoi())?;
+    let vmm = VmmIntx::start(rig, u32::from(VMM_PIN), opts.timeout)?;
+    let server = rig.server();
+    server.drain_events();
+    let via_server = || -> Result<Duration> {
+        server.hook(HookRequest::IntxPulse)?;
+        let ev = server.next_event(opts.timeout)?;
+        match ev.kind {
+            HookEventKind::IntxReady => Ok(ev.finished.saturating_duration_since(ev.started)),
+            other => Err(Error::Check(format!("INTx hook reported {other:?}"))),
+        }
+    };
+    let via_vmm = || vmm.round(opts.timeout);
+    let (c0, v0) = (g.count(INTX_VECTOR), g.count(VMM_VECTOR));
+    let (m, b) = alternate(opts, via_server, via_vmm)?;
+    let rounds = (opts.warmup + opts.iterations) as u64;
+    thread::sleep(Duration::from_millis(20));
+    crate::scenarios::expect_eq(
+        "INTx handler runs (server, VMM) in the benchmark",
+        (g.count(INTX_VECTOR) - c0, g.count(VMM_VECTOR) - v0),
+        (rounds, rounds),
+    )?;
+    BenchRow::new(
+        Row::IntxLoop,
+        "INTx assert->handler->EOI->resample->unmask",
+        "same loop, VMM acting as the device",
+        Goal::AtMost(1.25),
+        &m,
+        &b,
+    )
+}
+
+/// Row 3: doorbells through the ioeventfd vs. trapped REGION_WRITEs.
+fn doorbell(opts: &BenchOptions) -> Result<BenchRow> {
+    let burst = opts.doorbell_burst.max(1);
+    let fast = Rig::new(RigOptions::default())?;
+    let trapped = Rig::new(RigOptions {
+        ioeventfds: false,
+        posted_writes: true,
+        ..RigOptions::default()
+    })?;
+    let per = |rig: &Rig| -> Result<Duration> {
+        doorbell_burst(rig, burst, opts.timeout).map(|d| d / burst as u32)
+    };
+    let trapped_before = trapped.metrics().doorbell_writes;
+    let fast_before = fast.metrics().doorbell_writes;
+    let (m, b) = alternate(opts, || per(&fast), || per(&trapped))?;
+    let rounds = (opts.warmup + opts.iterations) as u64 * burst;
+    crate::scenarios::expect_eq(
+        "REGION_WRITEs to DOORBELL (ioeventfd rig, trapped rig)",
+        (
+            fast.metrics().doorbell_writes - fast_before,
+            trapped.metrics().doorbell_writes - trapped_before,
+        ),
+        (0, rounds),
+    )?;
+    BenchRow::new(
+        Row::Doorbell,
+        &format!("guest doorbell -> server, ioeventfd (/{burst})"),
+        "trapped, posted REGION_WRITE",
+        Goal::FasterBy(3.0),
+        &m,
+        &b,
+    )
+}
+
+/// Row 4: REGION_READ round trip vs. a raw socket ping-pong, pinned to one CPU.
+fn region_read(opts: &BenchOptions, cpu: usize) -> Result<BenchRow> {
+    let request = HEADER_SIZE + RegionAccess::SIZE;
+    let reply = HEADER_SIZE + RegionAccess::SIZE + 4;
+
+    // The vfio-user side: a plain server and device (no metering), on a pinned thread.
+    let dir = std::env::temp_dir().join(format!("irqbridge-bench-{}-{}", std::process::id(), cpu));
+    std::fs::create_dir_all(&dir).map_err(Error::Io)?;
+    let path = dir.join("rr.sock");
+    let mut server = Server::bind(&path).map_err(Error::Server)?;
+    let stop = server.stop_handle();
+    let mut device = IrqbridgeDevice::new(DeviceConfig::default()).map_err(Error::Device)?;
+    let server_thread = thread::Builder::new()
+        .name("bench-server".into())
+        .spawn(move || -> Result<()> {
+            pin_current_thread(cpu)?;
+            server.run(&mut device).map_err(Error::Server)
+        })
+        .map_err(Error::Io)?;
+
+    // The raw side: an echo thread on a socket pair.
+    let (mut near, mut far) = UnixStream::pair().map_err(Error::Io)?;
+    let echo = thread::Builder::new()
+        .name("bench-echo".into())
+        .spawn(move || -> Result<()> {
+            pin_current_thread(cpu)?;
+            let mut req = vec![0u8; request];
+            let rep = vec![0u8; reply];
+            loop {
+                match far.read_exact(&mut req) {
+                    Ok(()) => far.write_all(&rep).map_err(Error::Io)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(Error::Io(e)),
+                }
+            }
+        })
+        .map_err(Error::Io)?;
+
+    let opts2 = *opts;
+    let path2 = path.clone();
+    let client_thread = thread::Builder::new()
+        .name("bench-client".into())
+        .spawn(move || -> Result<(Vec<Duration>, Vec<Duration>)> {
+            pin_current_thread(cpu)?;
+            let mut client = Client::connect(&path2, &ClientConfig::default())
+                .map_err(Error::plugin("connect"))?;
+            let req = vec![0u8; request];
+            let mut rep = vec![0u8; reply];
+            let vfio = || -> Result<Duration> {
+                let mut data = [0u8; 4];
+                let t0 = Instant::now();
+                client
+                    .region_read(REGION_BAR0, REG_MAGIC, &mut data)
+                    .map_err(Error::plugin("REGION_READ"))?;
+                let d = t0.elapsed();
+                crate::scenarios::expect_eq(
+                    "MAGIC",
+                    u32::from_le_bytes(data),
+                    irqbridge_vfio_user::pci::regs::MAGIC,
+                )?;
+                Ok(d)
+            };
+            let raw = || -> Result<Duration> {
+                let t0 = Instant::now();
+                near.write_all(&req).map_err(Error::Io)?;
+                near.read_exact(&mut rep).map_err(Error::Io)?;
+                Ok(t0.elapsed())
+            };
+            // Two closures borrow different captures; run them through `alternate`.
+            let mut vfio = vfio;
+            let mut raw = raw;
+            alternate(&opts2, &mut vfio, &mut raw)
+        })
+        .map_err(Error::Io)?;
+    let samples = client_thread.join();
+    let _ = stop.stop();
+    let server_result = server_thread.join();
+    let echo_result = echo.join();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (m, b) = match samples {
+        Ok(r) => r?,
+        Err(_) => return Err(Error::InvalidArgument("the client thread panicked".into())),
+    };
+    match server_result {
+        Ok(r) => r?,
+        Err(_) => return Err(Error::InvalidArgument("the server thread panicked".into())),
+    }
+    match echo_result {
+        Ok(r) => r?,
+        Err(_) => return Err(Error::InvalidArgument("the echo thread panicked".into())),
+    }
+    BenchRow::new(
+        Row::RegionRead,
+        &format!("vfio-user REGION_READ 4 B (CPU {cpu})"),
+        &format!("raw AF_UNIX {request}/{reply} B ping-pong"),
+        Goal::AtMost(1.15),
+        &m,
+        &b,
+    )
+}

@@ -1,0 +1,765 @@
+//! End-to-end scenarios on a [`Rig`]: the device server, the irqbridge-kvm plugin and the guest
+//! agent on `/dev/kvm`. Every check counts exactly: a lost or an extra interrupt fails.
+//!
+//! | scenario | what is checked |
+//! |---|---|
+//! | [`Scenario::Intx`] | guest `INTX_ASSERT` → handler → EOI without de-assert → the line fires again; from the Nth run the handler writes `INTX_DEASSERT` before its EOI → exactly N runs and N trigger writes, then silence |
+//! | [`Scenario::IntxDisable`] | COMMAND bit 10 (plugin config write) holds an asserted line back; clearing it delivers it exactly once |
+//! | [`Scenario::Msix`] | table programmed by the guest through the plugin (routes mirrored), MSI-X enabled in config; each vector fires once; a masked vector sets its PBA bit and is delivered once on unmask; same with the function mask |
+//! | [`Scenario::EventChannels`] | a port masked by the guest in the shared page (no exit) stays pending; `EVTCHN_UNMASK` delivers it; every port of the device on one vector, each sent once and collected exactly once |
+//! | [`Scenario::Doorbells`] | N guest doorbell writes cause no MMIO exit and no REGION_WRITE, and the server counts exactly N |
+//!
+//! "Silence" is checked by waiting [`ScenarioOptions::quiet`] and looking again.
+
+use std::fmt::Debug;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use irqbridge_vfio_user::pci::DeviceConfig;
+use irqbridge_vfio_user::pci::regs::{
+    EVTCHN_STATUS_BOUND, INTX_STATUS_DISABLED, INTX_STATUS_LEVEL, INTX_STATUS_MASKED, REG_DOORBELL,
+    REG_DOORBELL_COUNT, REG_EVTCHN_BIND, REG_EVTCHN_PORTS, REG_EVTCHN_QUERY, REG_EVTCHN_SEND,
+    REG_EVTCHN_STATUS, REG_EVTCHN_UNMASK, REG_INTX_ASSERT, REG_INTX_DEASSERT, REG_INTX_STATUS,
+    REG_MAGIC, REG_MSIX_FIRE, REGION_BAR0,
+};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::layout::{PORT_COUNTS_GPA, evtchn};
+use crate::platform::level_ack_at_injection;
+use crate::rig::{BAR0_GPA, BAR4_GPA, Rig, RigOptions};
+use crate::stats::LatencyStats;
+use crate::{Action, Guest};
+
+/// Guest vector of the device's INTx line.
+pub const INTX_VECTOR: u8 = 0x50;
+/// Guest vector of MSI-X table entry `i` in [`Scenario::Msix`] is `MSIX_VECTOR_BASE + i`.
+pub const MSIX_VECTOR_BASE: u8 = 0x60;
+/// MSI-X vector (table entry) that event-channel ports are bound to.
+pub const EVTCHN_MSIX_INDEX: u16 = 3;
+/// Guest vector of that table entry.
+pub const EVTCHN_VECTOR: u8 = 0x70;
+
+/// Settings of the scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScenarioOptions {
+    /// How long "no further interrupt" is watched.
+    pub quiet: Duration,
+    /// Time limit of each wait for an expected event.
+    pub timeout: Duration,
+    /// INTx: the handler run from which on the handler de-asserts (N).
+    pub intx_rounds: u64,
+    /// MSI-X: table entries programmed and fired (at least 3).
+    pub msix_vectors: u16,
+    /// Event channels: ports of the device (all of them are bound and sent once).
+    pub evtchn_ports: u32,
+    /// Doorbells: guest writes.
+    pub doorbells: u64,
+    /// Latency samples per scenario (0: none).
+    pub latency_samples: usize,
+}
+
+impl Default for ScenarioOptions {
+    fn default() -> Self {
+        ScenarioOptions {
+            quiet: Duration::from_millis(50),
+            timeout: Duration::from_secs(10),
+            intx_rounds: 5,
+            msix_vectors: 4,
+            evtchn_ports: evtchn::MAX_PORTS,
+            doorbells: 1000,
+            latency_samples: 0,
+        }
+    }
+}
+
+/// One scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Scenario {
+    /// INTx level re-fire and de-assert.
+    Intx,
+    /// INTx held back by COMMAND bit 10.
+    IntxDisable,
+    /// MSI-X vectors, per-vector mask, function mask, PBA.
+    Msix,
+    /// Event channels over the shared page.
+    EventChannels,
+    /// Doorbells through the ioeventfd.
+    Doorbells,
+}
+
+impl Scenario {
+    /// Every scenario, in demo order.
+    pub const ALL: [Scenario; 5] = [
+        Scenario::Intx,
+        Scenario::IntxDisable,
+        Scenario::Msix,
+        Scenario::EventChannels,
+        Scenario::Doorbells,
+    ];
+
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Intx => "INTx level re-fire",
+            Scenario::IntxDisable => "INTx COMMAND.10",
+            Scenario::Msix => "MSI-X",
+            Scenario::EventChannels => "event channels",
+            Scenario::Doorbells => "doorbells",
+        }
+    }
+
+    /// The rig this scenario needs.
+    pub fn rig_options(self, opts: &ScenarioOptions) -> RigOptions {
+        let mut device = DeviceConfig::default();
+        if self == Scenario::EventChannels {
+            device.evtchn_ports = opts.evtchn_ports;
+        }
+        RigOptions {
+            device,
+            ..RigOptions::default()
+        }
+    }
+
+    /// Builds a fresh rig and runs the scenario on it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Check`] when a count or state differs from the expected one, else the errors
+    /// of [`Rig::new`] and of the guest commands.
+    pub fn run(self, opts: &ScenarioOptions) -> Result<ScenarioOutcome> {
+        let rig = Rig::new(self.rig_options(opts))?;
+        self.run_on(&rig, opts)
+    }
+
+    /// Runs the scenario on `rig` (built with [`Scenario::rig_options`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Scenario::run`].
+    pub fn run_on(self, rig: &Rig, opts: &ScenarioOptions) -> Result<ScenarioOutcome> {
+        let (detail, latency) = match self {
+            Scenario::Intx => intx(rig, opts)?,
+            Scenario::IntxDisable => intx_disable(rig, opts)?,
+            Scenario::Msix => msix(rig, opts)?,
+            Scenario::EventChannels => event_channels(rig, opts)?,
+            Scenario::Doorbells => doorbells(rig, opts)?,
+        };
+        expect_eq("plugin forwarding errors", rig.forward_errors(), 0)?;
+        expect_eq("device bad accesses", rig.metrics().device.bad_accesses, 0)?;
+        Ok(ScenarioOutcome {
+            scenario: self,
+            detail,
+            latency,
+        })
+    }
+}
+
+/// What a passing scenario reports.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScenarioOutcome {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// What was checked, with the counts seen.
+    pub detail: String,
+    /// Latency of the scenario's basic operation, if sampled (see each scenario).
+    pub latency: Option<(String, LatencyStats)>,
+}
+
+type Checked = (String, Option<(String, LatencyStats)>);
+
+/// [`Error::Check`] unless `got == want`.
+///
+/// # Errors
+///
+/// [`Error::Check`] naming `what`.
+pub fn expect_eq<T: PartialEq + Debug>(what: &str, got: T, want: T) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(Error::Check(format!(
+            "{what}: got {got:?}, expected {want:?}"
+        )))
+    }
+}
+
+/// Waits [`ScenarioOptions::quiet`] and checks that `count(vector)` is still `want`.
+fn expect_quiet(
+    g: &Guest,
+    vector: u8,
+    want: u64,
+    opts: &ScenarioOptions,
+    what: &str,
+) -> Result<()> {
+    expect_eq(what, g.count(vector), want)?;
+    thread::sleep(opts.quiet);
+    expect_eq(
+        &format!("{what} after {:?}", opts.quiet),
+        g.count(vector),
+        want,
+    )
+}
+
+/// Waits until `count(vector)` reaches `want`, then checks it stays there.
+fn expect_exactly(
+    g: &Guest,
+    vector: u8,
+    want: u64,
+    opts: &ScenarioOptions,
+    what: &str,
+) -> Result<()> {
+    g.wait_count(vector, want, opts.timeout)?;
+    expect_quiet(g, vector, want, opts, what)
+}
+
+fn sample(
+    what: &str,
+    n: usize,
+    mut one: impl FnMut() -> Result<Duration>,
+) -> Result<Option<(String, LatencyStats)>> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        samples.push(one()?);
+    }
+    Ok(LatencyStats::from_durations(&samples).map(|s| (what.to_string(), s)))
+}
+
+/// What the detail says about a KVM that acks level interrupts at injection.
+fn ack_note(extra: u64) -> &'static str {
+    if extra > 0 {
+        "; this KVM acks at injection, so the resample of the de-asserting run re-fires once"
+    } else {
+        ""
+    }
+}
+
+fn intx_pin(rig: &Rig) -> Result<u8> {
+    rig.options()
+        .intx_pin
+        .ok_or_else(|| Error::Check("the rig has no INTx pin".into()))
+}
+
+/// INTx: level re-fire until the handler de-asserts.
+fn intx(rig: &Rig, opts: &ScenarioOptions) -> Result<Checked> {
+    let g = rig.guest();
+    let n = opts.intx_rounds.max(1);
+    expect_eq(
+        "BAR0 MAGIC",
+        rig.read_reg(REG_MAGIC)?,
+        irqbridge_vfio_user::pci::regs::MAGIC,
+    )?;
+    g.ioapic_route(intx_pin(rig)?, INTX_VECTOR, true)?;
+    let deassert = BAR0_GPA + REG_INTX_DEASSERT;
+    g.set_action(
+        INTX_VECTOR,
+        Action::eoi().with_mmio_write_after(n, deassert, 1),
+    )?;
+    // One more run where KVM acks at injection (see `platform`).
+    let extra = u64::from(level_ack_at_injection()?);
+    let runs = n + extra;
+    let before = rig.metrics().device;
+    rig.write_reg(REG_INTX_ASSERT, 1)?;
+    expect_exactly(g, INTX_VECTOR, runs, opts, "INTx handler runs")?;
+    expect_eq("INTx action hits", g.action_hits(INTX_VECTOR), runs)?;
+    let after = rig.metrics().device;
+    expect_eq(
+        "INTx trigger eventfd writes",
+        after.intx_triggers - before.intx_triggers,
+        runs,
+    )?;
+    expect_eq(
+        "INTx unmasks that reached a masked line",
+        after.intx_unmasks - before.intx_unmasks,
+        runs,
+    )?;
+    let status = rig.read_reg(REG_INTX_STATUS)?;
+    expect_eq("INTX_STATUS after the de-assert", status, 0)?;
+
+    // Latency: guest INTX_ASSERT command → handler (which de-asserts, then EOIs) done.
+    g.set_action(
+        INTX_VECTOR,
+        Action::eoi().with_mmio_write_after(1, deassert, 1),
+    )?;
+    let latency = sample(
+        "guest INTX_ASSERT → handler done",
+        opts.latency_samples,
+        || {
+            let c = g.count(INTX_VECTOR);
+            let t0 = Instant::now();
+            rig.write_reg(REG_INTX_ASSERT, 1)?;
+            g.wait_count(INTX_VECTOR, c + 1, opts.timeout)?;
+            let t = t0.elapsed();
+            g.wait_count(INTX_VECTOR, c + 1 + extra, opts.timeout)?;
+            Ok(t)
+        },
+    )?;
+    let total = runs + opts.latency_samples as u64 * (1 + extra);
+    expect_quiet(
+        g,
+        INTX_VECTOR,
+        total,
+        opts,
+        "INTx handler runs after the latency rounds",
+    )?;
+    expect_eq(
+        "INTx trigger writes after the latency rounds",
+        rig.metrics().device.intx_triggers - before.intx_triggers,
+        total,
+    )?;
+    Ok((
+        format!(
+            "{runs} handler runs and {runs} trigger writes for one assert (EOI without \
+             de-assert re-fires; de-assert from run {n}{}), then silent",
+            ack_note(extra)
+        ),
+        latency,
+    ))
+}
+
+/// INTx held back by COMMAND bit 10.
+fn intx_disable(rig: &Rig, opts: &ScenarioOptions) -> Result<Checked> {
+    let g = rig.guest();
+    g.ioapic_route(intx_pin(rig)?, INTX_VECTOR, true)?;
+    let deassert = BAR0_GPA + REG_INTX_DEASSERT;
+    g.set_action(
+        INTX_VECTOR,
+        Action::eoi().with_mmio_write_after(1, deassert, 1),
+    )?;
+    rig.set_intx_disable(true)?;
+    let before = rig.metrics().device;
+    rig.write_reg(REG_INTX_ASSERT, 1)?;
+    expect_quiet(g, INTX_VECTOR, 0, opts, "INTx runs while COMMAND.10 is set")?;
+    let status = rig.read_reg(REG_INTX_STATUS)?;
+    expect_eq(
+        "INTX_STATUS level and COMMAND.10 bits while disabled",
+        status & (INTX_STATUS_LEVEL | INTX_STATUS_DISABLED),
+        INTX_STATUS_LEVEL | INTX_STATUS_DISABLED,
+    )?;
+    expect_eq(
+        "INTx trigger writes while disabled",
+        rig.metrics().device.intx_triggers - before.intx_triggers,
+        0,
+    )?;
+    let extra = u64::from(level_ack_at_injection()?);
+    let runs = 1 + extra;
+    rig.set_intx_disable(false)?;
+    expect_exactly(
+        g,
+        INTX_VECTOR,
+        runs,
+        opts,
+        "INTx runs after clearing COMMAND.10",
+    )?;
+    expect_eq(
+        "INTx trigger writes after clearing COMMAND.10",
+        rig.metrics().device.intx_triggers - before.intx_triggers,
+        runs,
+    )?;
+    let status = rig.read_reg(REG_INTX_STATUS)?;
+    expect_eq(
+        "INTX_STATUS after delivery",
+        status & (INTX_STATUS_LEVEL | INTX_STATUS_MASKED | INTX_STATUS_DISABLED),
+        0,
+    )?;
+
+    // Latency: COMMAND.10 cleared by the plugin's config write → pending INTx handler done.
+    let latency = sample(
+        "COMMAND.10 cleared → held INTx handler done",
+        opts.latency_samples,
+        || {
+            rig.set_intx_disable(true)?;
+            rig.write_reg(REG_INTX_ASSERT, 1)?;
+            let c = g.count(INTX_VECTOR);
+            let t0 = Instant::now();
+            rig.set_intx_disable(false)?;
+            g.wait_count(INTX_VECTOR, c + 1, opts.timeout)?;
+            let t = t0.elapsed();
+            g.wait_count(INTX_VECTOR, c + runs, opts.timeout)?;
+            Ok(t)
+        },
+    )?;
+    let total = runs * (1 + opts.latency_samples as u64);
+    expect_quiet(
+        g,
+        INTX_VECTOR,
+        total,
+        opts,
+        "INTx runs after the latency rounds",
+    )?;
+    expect_eq(
+        "INTx trigger writes after the latency rounds",
+        rig.metrics().device.intx_triggers - before.intx_triggers,
+        total,
+    )?;
+    Ok((
+        format!(
+            "asserted line held back while COMMAND.10 is set (STATUS level 1, no trigger); \
+             delivered when cleared: {runs} run(s), {runs} trigger(s){}",
+            ack_note(extra)
+        ),
+        latency,
+    ))
+}
+
+fn msix_vector(i: u16) -> u8 {
+    MSIX_VECTOR_BASE.wrapping_add(i as u8)
+}
+
+/// MSI-X: fire, per-vector mask, function mask.
+fn msix(rig: &Rig, opts: &ScenarioOptions) -> Result<Checked> {
+    let g = rig.guest();
+    let k = opts
+        .msix_vectors
+        .max(3)
+        .min(rig.options().device.msix_vectors);
+    if k < 3 {
+        return Err(Error::Check("the MSI-X scenario needs 3 vectors".into()));
+    }
+    for i in 0..k {
+        rig.msix_program(i, msix_vector(i), false)?;
+    }
+    rig.msix_set_control(true, false)?;
+    let group = rig
+        .device()
+        .msix()
+        .ok_or_else(|| Error::Check("the plugin did not wire MSI-X".into()))?;
+    for i in 0..k {
+        let route = group.route(u32::from(i));
+        expect_eq(
+            &format!("MSI route of vector {i} mirrored by the plugin"),
+            route.map(|r| (r.address(), r.data)),
+            Some((crate::layout::LAPIC_GPA, u32::from(msix_vector(i)))),
+        )?;
+    }
+    let before = rig.metrics().device;
+    for i in 0..k {
+        rig.write_reg(REG_MSIX_FIRE, u32::from(i))?;
+        g.wait_count(msix_vector(i), 1, opts.timeout)?;
+    }
+    thread::sleep(opts.quiet);
+    for i in 0..k {
+        expect_eq(&format!("runs of vector {i}"), g.count(msix_vector(i)), 1)?;
+    }
+    expect_eq(
+        "MSI-X eventfd writes",
+        rig.metrics().device.msix_triggers - before.msix_triggers,
+        u64::from(k),
+    )?;
+
+    // Per-vector mask in the table.
+    let v1 = msix_vector(1);
+    rig.msix_set_masked(1, true)?;
+    rig.write_reg(REG_MSIX_FIRE, 1)?;
+    expect_quiet(g, v1, 1, opts, "runs of masked vector 1")?;
+    expect_eq("PBA bit of masked vector 1", rig.msix_pba_bit(1)?, true)?;
+    rig.msix_set_masked(1, false)?;
+    expect_exactly(g, v1, 2, opts, "runs of vector 1 after unmask")?;
+    expect_eq(
+        "PBA bit of vector 1 after unmask",
+        rig.msix_pba_bit(1)?,
+        false,
+    )?;
+
+    // Function mask.
+    let v2 = msix_vector(2);
+    rig.msix_set_control(true, true)?;
+    rig.write_reg(REG_MSIX_FIRE, 2)?;
+    expect_quiet(g, v2, 1, opts, "runs of vector 2 under the function mask")?;
+    expect_eq(
+        "PBA bit of vector 2 under the function mask",
+        rig.msix_pba_bit(2)?,
+        true,
+    )?;
+    rig.msix_set_control(true, false)?;
+    expect_exactly(g, v2, 2, opts, "runs of vector 2 after the function unmask")?;
+    expect_eq(
+        "PBA bit of vector 2 after the function unmask",
+        rig.msix_pba_bit(2)?,
+        false,
+    )?;
+    for i in (0..k).filter(|i| *i != 1 && *i != 2) {
+        expect_eq(
+            &format!("runs of vector {i} at the end"),
+            g.count(msix_vector(i)),
+            1,
+        )?;
+    }
+    let after = rig.metrics().device;
+    expect_eq("PBA sets", after.msix_pending - before.msix_pending, 2)?;
+    expect_eq(
+        "MSI-X eventfd writes at the end",
+        after.msix_triggers - before.msix_triggers,
+        u64::from(k) + 2,
+    )?;
+
+    // Latency: guest MSIX_FIRE command → handler done.
+    let v0 = msix_vector(0);
+    let latency = sample(
+        "guest MSIX_FIRE → handler done",
+        opts.latency_samples,
+        || {
+            let c = g.count(v0);
+            let t0 = Instant::now();
+            rig.write_reg(REG_MSIX_FIRE, 0)?;
+            g.wait_count(v0, c + 1, opts.timeout)?;
+            Ok(t0.elapsed())
+        },
+    )?;
+    expect_quiet(
+        g,
+        v0,
+        1 + opts.latency_samples as u64,
+        opts,
+        "runs of vector 0 after the latency rounds",
+    )?;
+    Ok((
+        format!(
+            "{k} vectors programmed through BAR2 (routes mirrored), each fired once and run once; \
+             masked vector: PBA set, no run, one run on unmask; same with the function mask"
+        ),
+        latency,
+    ))
+}
+
+/// The host's view of a u64 of the event-channel page, read through the guest (a memory slot:
+/// no exit).
+fn page_word(g: &Guest, offset: u64) -> Result<u64> {
+    g.mmio_read64(BAR4_GPA + offset)
+}
+
+/// Event channels: guest mask, unmask, and every port once.
+fn event_channels(rig: &Rig, opts: &ScenarioOptions) -> Result<Checked> {
+    let g = rig.guest();
+    let ports = rig.read_reg(REG_EVTCHN_PORTS)?;
+    expect_eq("EVTCHN_PORTS", ports, rig.options().device.evtchn_ports)?;
+    rig.msix_program(EVTCHN_MSIX_INDEX, EVTCHN_VECTOR, false)?;
+    rig.msix_set_control(true, false)?;
+    let upcall = EVTCHN_MSIX_INDEX as u8;
+    g.set_action(EVTCHN_VECTOR, Action::eoi().with_evtchn(BAR4_GPA, upcall))?;
+    let bind = |p: u32| rig.write_reg(REG_EVTCHN_BIND, p | u32::from(EVTCHN_MSIX_INDEX) << 16);
+
+    // Masking in the shared page: no exit; the send stays pending; EVTCHN_UNMASK delivers.
+    let port = 5u32.min(ports - 1);
+    let (word, bit) = (u64::from(port / 64) * 8, 1u64 << (port % 64));
+    bind(port)?;
+    rig.write_reg(REG_EVTCHN_QUERY, port)?;
+    expect_eq(
+        "EVTCHN_STATUS of the bound port",
+        rig.read_reg(REG_EVTCHN_STATUS)?,
+        EVTCHN_STATUS_BOUND | u32::from(EVTCHN_MSIX_INDEX) << 16,
+    )?;
+    let exits = rig.exit_stats();
+    g.mmio_write64(BAR4_GPA + evtchn::MASK_OFFSET + word, bit)?;
+    let mask = page_word(g, evtchn::MASK_OFFSET + word)?;
+    let exits2 = rig.exit_stats();
+    expect_eq(
+        "MMIO exits of the guest's mask write and read-back",
+        (exits2.mmio_reads + exits2.mmio_writes) - (exits.mmio_reads + exits.mmio_writes),
+        0,
+    )?;
+    expect_eq("mask word read back", mask, bit)?;
+    rig.write_reg(REG_EVTCHN_SEND, port)?;
+    expect_quiet(g, EVTCHN_VECTOR, 0, opts, "upcalls for a masked port")?;
+    expect_eq(
+        "pending bit of the masked port",
+        page_word(g, evtchn::PENDING_OFFSET + word)? & bit,
+        bit,
+    )?;
+    expect_eq(
+        "events collected on the masked port",
+        g.port_count(port)?,
+        0,
+    )?;
+    rig.write_reg(REG_EVTCHN_UNMASK, port)?;
+    expect_exactly(g, EVTCHN_VECTOR, 1, opts, "upcalls after EVTCHN_UNMASK")?;
+    expect_eq(
+        "events collected after EVTCHN_UNMASK",
+        g.port_count(port)?,
+        1,
+    )?;
+    expect_eq(
+        "mask and pending bits after collection",
+        (
+            page_word(g, evtchn::MASK_OFFSET + word)? & bit,
+            page_word(g, evtchn::PENDING_OFFSET + word)? & bit,
+        ),
+        (0, 0),
+    )?;
+
+    // Every port on one vector, each sent once.
+    rig.guest()
+        .memory()
+        .zero(PORT_COUNTS_GPA, u64::from(evtchn::MAX_PORTS) * 4)?;
+    for p in 0..ports {
+        bind(p)?;
+    }
+    let before = rig.metrics().device;
+    let upcalls_before = g.count(EVTCHN_VECTOR);
+    for p in 0..ports {
+        rig.write_reg(REG_EVTCHN_SEND, p)?;
+    }
+    let deadline = Instant::now() + opts.timeout;
+    loop {
+        let mut seen = 0u64;
+        for p in 0..ports {
+            seen += u64::from(g.port_count(p)?.min(1));
+        }
+        if seen == u64::from(ports) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Check(format!(
+                "{seen} of {ports} ports collected after {:?}",
+                opts.timeout
+            )));
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    thread::sleep(opts.quiet);
+    for p in 0..ports {
+        expect_eq(
+            &format!("events collected on port {p}"),
+            g.port_count(p)?,
+            1,
+        )?;
+    }
+    let after = rig.metrics().device;
+    expect_eq(
+        "event-channel sends",
+        after.evtchn_sends - before.evtchn_sends,
+        u64::from(ports),
+    )?;
+    let upcalls = g.count(EVTCHN_VECTOR) - upcalls_before;
+    expect_eq(
+        "upcall handler runs vs. upcalls the device fired",
+        upcalls,
+        after.evtchn_upcalls - before.evtchn_upcalls,
+    )?;
+    expect_eq(
+        "handler runs vs. MSI-X eventfd writes (all time)",
+        g.count(EVTCHN_VECTOR),
+        after.msix_triggers,
+    )?;
+
+    // Latency: guest EVTCHN_SEND command → port collected by the upcall handler.
+    let lport = port;
+    let latency = sample(
+        "guest EVTCHN_SEND → port collected",
+        opts.latency_samples,
+        || {
+            let c = g.port_count(lport)?;
+            let t0 = Instant::now();
+            rig.write_reg(REG_EVTCHN_SEND, lport)?;
+            loop {
+                if g.port_count(lport)? > c {
+                    return Ok(t0.elapsed());
+                }
+                if t0.elapsed() > opts.timeout {
+                    return Err(Error::Check(format!("port {lport} not collected")));
+                }
+                std::hint::spin_loop();
+            }
+        },
+    )?;
+    Ok((
+        format!(
+            "masked port: pending, no upcall, no exit for the mask write; EVTCHN_UNMASK → 1 upcall; \
+             {ports} ports on one vector each collected exactly once in {upcalls} upcalls"
+        ),
+        latency,
+    ))
+}
+
+/// Doorbells: no exit, no message, exact count.
+fn doorbells(rig: &Rig, opts: &ScenarioOptions) -> Result<Checked> {
+    let g = rig.guest();
+    let n = opts.doorbells;
+    let ioevents = rig.device().ioevents();
+    let wanted = Some(BAR0_GPA + REG_DOORBELL);
+    if !ioevents
+        .iter()
+        .any(|e| e.bar == REGION_BAR0 && e.address == wanted)
+    {
+        return Err(Error::Check(format!(
+            "no doorbell ioeventfd registered at {:#x}: {ioevents:?}",
+            BAR0_GPA + REG_DOORBELL
+        )));
+    }
+    let exits = rig.exit_stats();
+    let before = rig.metrics();
+    g.mmio_write32_repeat(BAR0_GPA + REG_DOORBELL, 1, n)?;
+    let exits2 = rig.exit_stats();
+    expect_eq(
+        "MMIO exits for the doorbell writes",
+        exits2.mmio_writes - exits.mmio_writes,
+        0,
+    )?;
+    let target = before.device.doorbells + n;
+    rig.wait_metrics("the server to count the doorbells", opts.timeout, |m| {
+        m.device.doorbells >= target
+    })?;
+    thread::sleep(opts.quiet);
+    let after = rig.metrics();
+    expect_eq(
+        "doorbells counted by the server",
+        after.device.doorbells,
+        target,
+    )?;
+    expect_eq(
+        "REGION_WRITE messages to DOORBELL",
+        after.doorbell_writes - before.doorbell_writes,
+        0,
+    )?;
+    expect_eq(
+        "REGION_WRITE messages to BAR0",
+        after.region_writes[0] - before.region_writes[0],
+        0,
+    )?;
+    expect_eq(
+        "DOORBELL_COUNT read by the guest",
+        u64::from(rig.read_reg(REG_DOORBELL_COUNT)?),
+        target & 0xffff_ffff,
+    )?;
+
+    // Latency: per doorbell, in bursts (command start → server counted the whole burst).
+    const BURST: u64 = 16;
+    let latency = sample(
+        "per doorbell, bursts of 16 (guest write → server counted)",
+        opts.latency_samples,
+        || doorbell_burst(rig, BURST, opts.timeout).map(|d| d / BURST as u32),
+    )?;
+    Ok((
+        format!(
+            "{n} guest writes: 0 MMIO exits, 0 REGION_WRITE messages, server and DOORBELL_COUNT \
+             read {n}"
+        ),
+        latency,
+    ))
+}
+
+/// One burst of `burst` guest doorbell writes (one agent command): the time from issuing the
+/// command until the server thread had counted all of them (server clock).
+///
+/// # Errors
+///
+/// As [`Guest::command`]; [`Error::Timeout`] if the server does not count them in time.
+pub fn doorbell_burst(rig: &Rig, burst: u64, timeout: Duration) -> Result<Duration> {
+    let metrics = rig.server().metrics();
+    let target = metrics.doorbells() + burst;
+    let t0 = Instant::now();
+    rig.guest()
+        .mmio_write32_repeat(BAR0_GPA + REG_DOORBELL, 1, burst)?;
+    loop {
+        if metrics.doorbells() >= target {
+            let at = metrics.doorbell_changed_at().unwrap_or_else(Instant::now);
+            return Ok(at.saturating_duration_since(t0));
+        }
+        if t0.elapsed() > timeout {
+            return Err(Error::Timeout {
+                what: format!("the server to count {burst} doorbells"),
+                timeout,
+            });
+        }
+        thread::yield_now();
+    }
+}

@@ -1,0 +1,619 @@
+//! The irqbridge device server run in a thread of the test process: [`DeviceServer`].
+//!
+//! The thread runs `irqbridge_vfio_user::server::Server` on a socket in a private temporary
+//! directory, serving a [`MeteredDevice`]: the real [`IrqbridgeDevice`] behind a thin wrapper
+//! that
+//!
+//! - counts the vfio-user messages the device receives ([`ServerMetrics`]), so a scenario can
+//!   prove that doorbells came through the ioeventfd and not as REGION_WRITE messages;
+//! - publishes the device's counters after every message and event;
+//! - runs [`HookRequest`]s on the server thread (fire an MSI-X vector, pulse INTx) and reports
+//!   when they started and, for INTx, when the line was ready again ([`HookEvent`]). The
+//!   benchmarks use these to take timestamps on the thread that does the work.
+//!
+//! Nothing here changes what the device does: every trait call is forwarded unchanged.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use irqbridge_vfio_user::device::{
+    DeviceInfo, Errno, IoFd, IrqInfo, RegionInfo, SetIrqs, VfioUserDevice,
+};
+use irqbridge_vfio_user::pci::regs::{
+    INTX_SOURCE_CONTROL, INTX_STATUS_MASKED, NUM_REGIONS, REG_DOORBELL, REG_INTX_STATUS,
+    REGION_BAR0,
+};
+use irqbridge_vfio_user::pci::{Counters, DeviceConfig, IrqbridgeDevice};
+use irqbridge_vfio_user::server::{Server, StopHandle};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
+
+use crate::error::{Error, Result};
+
+/// Poll token of the hook eventfd. The wrapper handles it before the device sees any event;
+/// the device's own tokens are small numbers and `1 << 32` upward (control socket).
+const TOKEN_HOOK: u64 = 0xffff_0000;
+
+/// Number of region indexes the metrics keep apart (a PCI device has 9).
+const METERED_REGIONS: usize = NUM_REGIONS as usize;
+
+/// Something the server thread does on request, between two messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookRequest {
+    /// An event on MSI-X vector `vector` (as the device's `MSIX_FIRE`); reported as
+    /// [`HookEventKind::MsixFired`] with the time just before the device model ran.
+    MsixFire {
+        /// The vector.
+        vector: u16,
+    },
+    /// Raises then lowers INTx source 1 (the control source): the device triggers once and
+    /// the line is low again before the guest's EOI, so the resample-driven unmask finds it
+    /// low and the line becomes ready. Reported as [`HookEventKind::IntxReady`] once the
+    /// device is unmasked again.
+    IntxPulse,
+}
+
+/// What a [`HookEvent`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookEventKind {
+    /// [`HookRequest::MsixFire`] ran; `outcome` is the device's delivery (`Ok(true)` sent,
+    /// `Ok(false)` pending or no eventfd, `Err` the model refused).
+    MsixFired {
+        /// Vector fired.
+        vector: u16,
+        /// Whether the device wrote the vector's eventfd.
+        sent: bool,
+    },
+    /// [`HookRequest::IntxPulse`] completed: the trigger was written at `started` and the
+    /// device saw the unmask that made the line ready at `finished`.
+    IntxReady,
+    /// A hook request failed in the device model.
+    Failed,
+}
+
+/// A hook request's report, with timestamps taken on the server thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HookEvent {
+    /// What happened.
+    pub kind: HookEventKind,
+    /// Just before the device model acted.
+    pub started: Instant,
+    /// When the request was complete (equal to `started` for one-shot requests).
+    pub finished: Instant,
+}
+
+/// Message counters of the server's device, shared with the test.
+#[derive(Debug)]
+pub struct ServerMetrics {
+    base: Instant,
+    region_reads: [AtomicU64; METERED_REGIONS],
+    region_writes: [AtomicU64; METERED_REGIONS],
+    doorbell_writes: AtomicU64,
+    set_irqs: AtomicU64,
+    fd_events: AtomicU64,
+    resets: AtomicU64,
+    dma_maps: AtomicU64,
+    disconnects: AtomicU64,
+    doorbells: AtomicU64,
+    doorbell_ns: AtomicU64,
+    counters: Mutex<Counters>,
+}
+
+/// A copy of [`ServerMetrics`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// REGION_READ messages per region index (0-8).
+    pub region_reads: [u64; METERED_REGIONS],
+    /// REGION_WRITE messages (and WRITE_MULTI entries) per region index.
+    pub region_writes: [u64; METERED_REGIONS],
+    /// REGION_WRITEs that hit BAR0's DOORBELL register.
+    pub doorbell_writes: u64,
+    /// DEVICE_SET_IRQS messages.
+    pub set_irqs: u64,
+    /// Events on the device's polled fds (doorbell ioeventfd, INTx unmask eventfd, ...).
+    pub fd_events: u64,
+    /// DEVICE_RESET messages.
+    pub resets: u64,
+    /// DMA_MAP messages accepted.
+    pub dma_maps: u64,
+    /// Client disconnects.
+    pub disconnects: u64,
+    /// The device's counters after the last message or event.
+    pub device: Counters,
+}
+
+impl MetricsSnapshot {
+    /// REGION_READ + REGION_WRITE messages over every region.
+    pub fn region_messages(&self) -> u64 {
+        self.region_reads.iter().chain(&self.region_writes).sum()
+    }
+}
+
+impl ServerMetrics {
+    fn new() -> ServerMetrics {
+        ServerMetrics {
+            base: Instant::now(),
+            region_reads: Default::default(),
+            region_writes: Default::default(),
+            doorbell_writes: AtomicU64::new(0),
+            set_irqs: AtomicU64::new(0),
+            fd_events: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
+            dma_maps: AtomicU64::new(0),
+            disconnects: AtomicU64::new(0),
+            doorbells: AtomicU64::new(0),
+            doorbell_ns: AtomicU64::new(0),
+            counters: Mutex::new(Counters::default()),
+        }
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let load = |a: &[AtomicU64; METERED_REGIONS]| {
+            std::array::from_fn(|i| a[i].load(Ordering::Acquire))
+        };
+        MetricsSnapshot {
+            region_reads: load(&self.region_reads),
+            region_writes: load(&self.region_writes),
+            doorbell_writes: self.doorbell_writes.load(Ordering::Acquire),
+            set_irqs: self.set_irqs.load(Ordering::Acquire),
+            fd_events: self.fd_events.load(Ordering::Acquire),
+            resets: self.resets.load(Ordering::Acquire),
+            dma_maps: self.dma_maps.load(Ordering::Acquire),
+            disconnects: self.disconnects.load(Ordering::Acquire),
+            device: self.device_counters(),
+        }
+    }
+
+    /// The device's counters after the last message or event.
+    pub fn device_counters(&self) -> Counters {
+        *self.counters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Doorbells the device has counted (ioeventfd and trapped), updated on the server thread
+    /// as soon as it handled them.
+    pub fn doorbells(&self) -> u64 {
+        self.doorbells.load(Ordering::Acquire)
+    }
+
+    /// When the doorbell count last changed (server thread clock), if it ever did.
+    pub fn doorbell_changed_at(&self) -> Option<Instant> {
+        match self.doorbell_ns.load(Ordering::Acquire) {
+            0 => None,
+            ns => Some(self.base + Duration::from_nanos(ns)),
+        }
+    }
+
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn publish(&self, c: Counters) {
+        if self.doorbells.load(Ordering::Relaxed) != c.doorbells {
+            let ns = u64::try_from(self.base.elapsed().as_nanos())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            // Time first: a reader that sees the new count also sees its time.
+            self.doorbell_ns.store(ns, Ordering::Release);
+            self.doorbells.store(c.doorbells, Ordering::Release);
+        }
+        *self.counters.lock().unwrap_or_else(PoisonError::into_inner) = c;
+    }
+}
+
+/// Shared between the test and the server thread: the hook queue and its wake-up eventfd.
+#[derive(Debug)]
+struct Hooks {
+    queue: Mutex<VecDeque<HookRequest>>,
+    wake: EventFd,
+    events: Mutex<Sender<HookEvent>>,
+}
+
+/// [`IrqbridgeDevice`] with message metering and server-thread hooks; see the
+/// [module documentation](self).
+pub struct MeteredDevice {
+    inner: IrqbridgeDevice,
+    metrics: Arc<ServerMetrics>,
+    hooks: Arc<Hooks>,
+    /// Start time of an INTx pulse waiting for its unmask.
+    pulse: Option<Instant>,
+}
+
+impl fmt::Debug for MeteredDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeteredDevice")
+            .field("inner", &self.inner)
+            .field("pulse", &self.pulse)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MeteredDevice {
+    fn publish(&self) {
+        self.metrics.publish(self.inner.counters());
+    }
+
+    fn send_event(&self, kind: HookEventKind, started: Instant, finished: Instant) {
+        let tx = self
+            .hooks
+            .events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // The receiver may be gone at shutdown; nothing to report to then.
+        let _ = tx.send(HookEvent {
+            kind,
+            started,
+            finished,
+        });
+    }
+
+    fn run_hooks(&mut self) {
+        // Consume the wake-up first so that a request queued meanwhile wakes the loop again.
+        let _ = self.hooks.wake.read();
+        loop {
+            let next = self
+                .hooks
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_front();
+            let Some(req) = next else { break };
+            match req {
+                HookRequest::MsixFire { vector } => {
+                    let started = Instant::now();
+                    let kind = match self.inner.msix_fire(vector) {
+                        Ok(d) => HookEventKind::MsixFired {
+                            vector,
+                            sent: d == irqbridge_core::Delivery::Sent,
+                        },
+                        Err(e) => {
+                            log::warn!("hook: MSI-X fire of vector {vector} failed: {e}");
+                            HookEventKind::Failed
+                        }
+                    };
+                    self.send_event(kind, started, started);
+                }
+                HookRequest::IntxPulse => {
+                    let started = Instant::now();
+                    let r = self
+                        .inner
+                        .intx_set_level(INTX_SOURCE_CONTROL, true)
+                        .and_then(|_| self.inner.intx_set_level(INTX_SOURCE_CONTROL, false));
+                    match r {
+                        Ok(_) => self.pulse = Some(started),
+                        Err(e) => {
+                            log::warn!("hook: INTx pulse failed: {e}");
+                            self.send_event(HookEventKind::Failed, started, started);
+                        }
+                    }
+                }
+            }
+        }
+        self.check_pulse();
+    }
+
+    /// Reports a pending INTx pulse once the line is unmasked again.
+    fn check_pulse(&mut self) {
+        let Some(started) = self.pulse else { return };
+        let mut status = [0u8; 4];
+        if self
+            .inner
+            .region_read(REGION_BAR0, REG_INTX_STATUS, &mut status)
+            .is_ok()
+            && u32::from_le_bytes(status) & INTX_STATUS_MASKED == 0
+        {
+            self.pulse = None;
+            self.send_event(HookEventKind::IntxReady, started, Instant::now());
+        }
+    }
+}
+
+impl VfioUserDevice for MeteredDevice {
+    fn device_info(&self) -> DeviceInfo {
+        self.inner.device_info()
+    }
+
+    fn region_info(&self, index: u32) -> RegionInfo<'_> {
+        self.inner.region_info(index)
+    }
+
+    fn region_io_fds(&self, index: u32) -> Vec<IoFd<'_>> {
+        self.inner.region_io_fds(index)
+    }
+
+    fn irq_info(&self, index: u32) -> IrqInfo {
+        self.inner.irq_info(index)
+    }
+
+    fn set_irqs(&mut self, req: SetIrqs) -> std::result::Result<(), Errno> {
+        ServerMetrics::bump(&self.metrics.set_irqs);
+        let r = self.inner.set_irqs(req);
+        self.publish();
+        r
+    }
+
+    fn region_read(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> std::result::Result<(), Errno> {
+        if let Some(c) = self.metrics.region_reads.get(index as usize) {
+            ServerMetrics::bump(c);
+        }
+        let r = self.inner.region_read(index, offset, data);
+        self.publish();
+        r
+    }
+
+    fn region_write(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> std::result::Result<(), Errno> {
+        if let Some(c) = self.metrics.region_writes.get(index as usize) {
+            ServerMetrics::bump(c);
+        }
+        if index == REGION_BAR0 && offset == REG_DOORBELL {
+            ServerMetrics::bump(&self.metrics.doorbell_writes);
+        }
+        let r = self.inner.region_write(index, offset, data);
+        self.publish();
+        self.check_pulse();
+        r
+    }
+
+    fn reset(&mut self) -> std::result::Result<(), Errno> {
+        ServerMetrics::bump(&self.metrics.resets);
+        let r = self.inner.reset();
+        self.publish();
+        r
+    }
+
+    fn client_disconnected(&mut self) {
+        ServerMetrics::bump(&self.metrics.disconnects);
+        self.inner.client_disconnected();
+        self.pulse = None;
+        self.publish();
+    }
+
+    fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, u64)> {
+        let mut fds = self.inner.poll_fds();
+        // SAFETY: the eventfd is owned by `self.hooks`, which `self` keeps alive for at least
+        // the lifetime of the returned borrow (tied to `&self`).
+        let hook = unsafe { BorrowedFd::borrow_raw(self.hooks.wake.as_raw_fd()) };
+        fds.push((hook, TOKEN_HOOK));
+        fds
+    }
+
+    fn handle_fd_event(&mut self, token: u64) {
+        if token == TOKEN_HOOK {
+            self.run_hooks();
+            return;
+        }
+        ServerMetrics::bump(&self.metrics.fd_events);
+        self.inner.handle_fd_event(token);
+        self.publish();
+        self.check_pulse();
+    }
+
+    fn dma_map(&mut self, iova: u64, size: u64, fd: Option<&OwnedFd>) {
+        ServerMetrics::bump(&self.metrics.dma_maps);
+        self.inner.dma_map(iova, size, fd);
+    }
+
+    fn dma_unmap(&mut self, iova: u64, size: u64) {
+        self.inner.dma_unmap(iova, size);
+    }
+}
+
+/// A private temporary directory, removed (with its contents) on drop.
+#[derive(Debug)]
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Result<TempDir> {
+        use std::sync::atomic::AtomicU32;
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        for _ in 0..16 {
+            let n = SEQ.fetch_add(1, Ordering::Relaxed);
+            let dir = base.join(format!("irqbridge-{tag}-{}-{n}", std::process::id()));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => return Ok(TempDir(dir)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::Io(e)),
+            }
+        }
+        Err(Error::InvalidArgument(format!(
+            "no free temporary directory name under {}",
+            base.display()
+        )))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            log::debug!("removing {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// The device server thread; see the [module documentation](self). Dropping it stops the
+/// thread and removes the socket.
+pub struct DeviceServer {
+    thread: Option<JoinHandle<Result<()>>>,
+    stop: StopHandle,
+    path: PathBuf,
+    metrics: Arc<ServerMetrics>,
+    hooks: Arc<Hooks>,
+    events: Mutex<Receiver<HookEvent>>,
+    config: DeviceConfig,
+    _dir: TempDir,
+}
+
+impl fmt::Debug for DeviceServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceServer")
+            .field("path", &self.path)
+            .field("config", &self.config)
+            .field("running", &self.is_running())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceServer {
+    /// Creates the device and starts serving it on a fresh socket.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Device`] for a bad configuration, [`Error::Server`] if the socket cannot be
+    /// bound, [`Error::Io`] for the temporary directory, the hook eventfd or the thread.
+    pub fn start(config: DeviceConfig) -> Result<DeviceServer> {
+        Self::start_with(config, None)
+    }
+
+    /// As [`DeviceServer::start`], with the server thread pinned to `cpu` (if given).
+    ///
+    /// # Errors
+    ///
+    /// As [`DeviceServer::start`].
+    pub fn start_with(config: DeviceConfig, cpu: Option<usize>) -> Result<DeviceServer> {
+        let dir = TempDir::new("srv")?;
+        let path = dir.0.join("vfio-user.sock");
+        let device = IrqbridgeDevice::new(config).map_err(Error::Device)?;
+        let mut server = Server::bind(&path).map_err(Error::Server)?;
+        let stop = server.stop_handle();
+        let metrics = Arc::new(ServerMetrics::new());
+        let (tx, rx) = mpsc::channel();
+        let hooks = Arc::new(Hooks {
+            queue: Mutex::new(VecDeque::new()),
+            wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::Io)?,
+            events: Mutex::new(tx),
+        });
+        let mut dev = MeteredDevice {
+            inner: device,
+            metrics: Arc::clone(&metrics),
+            hooks: Arc::clone(&hooks),
+            pulse: None,
+        };
+        dev.publish();
+        let thread = thread::Builder::new()
+            .name("irqbridge-server".into())
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    crate::bench::pin_current_thread(cpu)?;
+                }
+                server.run(&mut dev).map_err(Error::Server)
+            })
+            .map_err(Error::Io)?;
+        Ok(DeviceServer {
+            thread: Some(thread),
+            stop,
+            path,
+            metrics,
+            hooks,
+            events: Mutex::new(rx),
+            config,
+            _dir: dir,
+        })
+    }
+
+    /// The socket the server listens on.
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The device configuration.
+    pub fn device_config(&self) -> &DeviceConfig {
+        &self.config
+    }
+
+    /// The live message counters.
+    pub fn metrics(&self) -> &Arc<ServerMetrics> {
+        &self.metrics
+    }
+
+    /// Whether the server thread is still running.
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Queues `req` for the server thread and wakes it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the wake-up eventfd cannot be written.
+    pub fn hook(&self, req: HookRequest) -> Result<()> {
+        self.hooks
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(req);
+        self.hooks.wake.write(1).map_err(Error::Io)
+    }
+
+    /// The next hook report, waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] if none arrives in time.
+    pub fn next_event(&self, timeout: Duration) -> Result<HookEvent> {
+        let rx = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        match rx.recv_timeout(timeout) {
+            Ok(ev) => Ok(ev),
+            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout {
+                what: "a report from the device server thread".into(),
+                timeout,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(Error::VcpuStopped(
+                "the device server thread has ended".into(),
+            )),
+        }
+    }
+
+    /// Drops reports nobody waited for.
+    pub fn drain_events(&self) {
+        let rx = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        while rx.try_recv().is_ok() {}
+    }
+
+    /// Stops the server thread and returns how its loop ended.
+    ///
+    /// # Errors
+    ///
+    /// The loop's error, or [`Error::InvalidArgument`] if the thread panicked.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        if let Err(e) = self.stop.stop() {
+            log::warn!("stopping the device server: {e}");
+        }
+        match thread.join() {
+            Ok(r) => r,
+            Err(_) => Err(Error::InvalidArgument(
+                "the device server thread panicked".into(),
+            )),
+        }
+    }
+}
+
+impl Drop for DeviceServer {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            log::warn!("device server: {e}");
+        }
+    }
+}
