@@ -380,7 +380,10 @@ mod tests {
             (&["intx-assert"], ControlRequest::IntxAssert),
             (&["intx_deassert"], ControlRequest::IntxDeassert),
             (&["msix-fire", "3"], ControlRequest::MsixFire { vector: 3 }),
-            (&["evtchn-send", "7"], ControlRequest::EvtchnSend { port: 7 }),
+            (
+                &["evtchn-send", "7"],
+                ControlRequest::EvtchnSend { port: 7 },
+            ),
             (
                 &["evtchn-bind", "7", "1"],
                 ControlRequest::EvtchnBind { port: 7, vector: 1 },
