@@ -66,6 +66,8 @@ pub struct RigOptions {
     pub posted_writes: bool,
     /// Pin the server thread to this CPU.
     pub server_cpu: Option<usize>,
+    /// Pin the vCPU thread to this CPU.
+    pub vcpu_cpu: Option<usize>,
 }
 
 impl Default for RigOptions {
@@ -77,6 +79,7 @@ impl Default for RigOptions {
             ioeventfds: true,
             posted_writes: false,
             server_cpu: None,
+            vcpu_cpu: None,
         }
     }
 }
@@ -263,6 +266,9 @@ impl Rig {
             unsafe { vm.add_memory_slot(r.gpa, r.host_addr as *mut u8, r.size) }?;
         }
         let guest = Guest::boot(vm)?;
+        if let Some(cpu) = options.vcpu_cpu {
+            guest.vm().pin_vcpu(cpu)?;
+        }
         Ok(Rig {
             guest: Some(guest),
             device: Some(device),

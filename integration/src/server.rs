@@ -102,6 +102,10 @@ pub struct ServerMetrics {
     disconnects: AtomicU64,
     doorbells: AtomicU64,
     doorbell_ns: AtomicU64,
+    /// First doorbell change since [`ServerMetrics::arm_doorbell_mark`]: its time (0 = none
+    /// yet) and the count it reached.
+    mark_ns: AtomicU64,
+    mark_count: AtomicU64,
     counters: Mutex<Counters>,
 }
 
@@ -149,6 +153,8 @@ impl ServerMetrics {
             disconnects: AtomicU64::new(0),
             doorbells: AtomicU64::new(0),
             doorbell_ns: AtomicU64::new(0),
+            mark_ns: AtomicU64::new(u64::MAX),
+            mark_count: AtomicU64::new(0),
             counters: Mutex::new(Counters::default()),
         }
     }
@@ -190,6 +196,24 @@ impl ServerMetrics {
         }
     }
 
+    /// Starts watching for the next change of the doorbell count: the server thread records
+    /// its time and the count it reached ([`ServerMetrics::doorbell_mark`]).
+    pub fn arm_doorbell_mark(&self) {
+        self.mark_ns.store(0, Ordering::Release);
+    }
+
+    /// The first doorbell change since [`ServerMetrics::arm_doorbell_mark`]: when (server
+    /// thread clock) and the count reached then.
+    pub fn doorbell_mark(&self) -> Option<(Instant, u64)> {
+        match self.mark_ns.load(Ordering::Acquire) {
+            0 | u64::MAX => None,
+            ns => Some((
+                self.base + Duration::from_nanos(ns),
+                self.mark_count.load(Ordering::Acquire),
+            )),
+        }
+    }
+
     fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::AcqRel);
     }
@@ -199,6 +223,10 @@ impl ServerMetrics {
             let ns = u64::try_from(self.base.elapsed().as_nanos())
                 .unwrap_or(u64::MAX)
                 .max(1);
+            if self.mark_ns.load(Ordering::Acquire) == 0 {
+                self.mark_count.store(c.doorbells, Ordering::Release);
+                self.mark_ns.store(ns, Ordering::Release);
+            }
             // Time first: a reader that sees the new count also sees its time.
             self.doorbell_ns.store(ns, Ordering::Release);
             self.doorbells.store(c.doorbells, Ordering::Release);

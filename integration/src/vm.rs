@@ -509,6 +509,42 @@ impl TestVm {
         Ok(())
     }
 
+    /// Pins the (running) vCPU thread to host CPU `cpu`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::VcpuState`] if the vCPU thread is not running or the kernel refuses,
+    /// [`Error::InvalidArgument`] for a CPU number out of range.
+    pub fn pin_vcpu(&self, cpu: usize) -> Result<()> {
+        use std::os::unix::thread::JoinHandleExt;
+        let Some(handle) = &self.thread else {
+            return Err(Error::VcpuState("the vCPU thread is not running".into()));
+        };
+        if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+            return Err(Error::InvalidArgument(format!("CPU {cpu}")));
+        }
+        // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `cpu` is within the set (checked above).
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+        // SAFETY: the pthread_t belongs to a thread this TestVm has not joined or detached
+        // yet (`self.thread` is Some), and `set` is a valid cpu_set_t of the size passed.
+        let r = unsafe {
+            libc::pthread_setaffinity_np(
+                handle.as_pthread_t(),
+                std::mem::size_of::<libc::cpu_set_t>(),
+                &set,
+            )
+        };
+        if r != 0 {
+            return Err(Error::VcpuState(format!(
+                "pinning the vCPU to CPU {cpu} failed: {}",
+                std::io::Error::from_raw_os_error(r)
+            )));
+        }
+        Ok(())
+    }
+
     /// The vCPU thread's state.
     pub fn status(&self) -> VcpuStatus {
         self.shared
