@@ -73,8 +73,12 @@ pub struct BenchOptions {
     pub pin_cpu: Option<usize>,
     /// Time limit of each wait.
     pub timeout: Duration,
-    /// Doorbell row: pin the vCPU and the server thread to these CPUs (vCPU, server).
-    pub doorbell_cpus: Option<(usize, usize)>,
+    /// Rows on a VM (MSI-X, INTx, doorbell): pin the vCPU thread and the device server thread
+    /// to these CPUs (vCPU, server). `None` picks the first and the last CPU this process may
+    /// use when they differ, and pins nothing on a single CPU.
+    pub rig_cpus: Option<(usize, usize)>,
+    /// Whether to pin the VM rows at all.
+    pub pin_rigs: bool,
     /// Run only this row.
     pub only: Option<Row>,
 }
@@ -87,7 +91,8 @@ impl Default for BenchOptions {
             doorbell_burst: 64,
             pin_cpu: None,
             timeout: Duration::from_secs(10),
-            doorbell_cpus: None,
+            rig_cpus: None,
+            pin_rigs: true,
             only: None,
         }
     }
@@ -214,8 +219,10 @@ pub struct BenchReport {
     pub warmup: usize,
     /// Writes per doorbell sample.
     pub doorbell_burst: u64,
-    /// CPU of the pinned row.
+    /// CPU of the pinned REGION_READ row.
     pub pinned_cpu: usize,
+    /// CPUs of the vCPU and the server thread in the VM rows, if pinned.
+    pub rig_cpus: Option<(usize, usize)>,
     /// The rows.
     pub rows: Vec<BenchRow>,
 }
@@ -285,10 +292,19 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         Some(c) => c,
         None => last_allowed_cpu()?,
     };
+    let rig_cpus = match (opts.pin_rigs, opts.rig_cpus) {
+        (false, _) => None,
+        (true, Some(c)) => Some(c),
+        (true, None) => {
+            let (first, last) = (first_allowed_cpu()?, cpu);
+            (first != last).then_some((first, last))
+        }
+    };
+    let opts = BenchOptions { rig_cpus, ..opts };
     let want = |r: Row| opts.only.is_none_or(|o| o == r);
     let mut rows = Vec::new();
     if want(Row::MsixFire) || want(Row::IntxLoop) {
-        let rig = Rig::new(RigOptions::default())?;
+        let rig = Rig::new(rig_options(&opts))?;
         if want(Row::MsixFire) {
             rows.push(msix_fire(&rig, &opts)?);
         }
@@ -303,12 +319,22 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         rows.push(region_read(&opts, cpu)?);
     }
     Ok(BenchReport {
+        rig_cpus,
         iterations: opts.iterations,
         warmup: opts.warmup,
         doorbell_burst: opts.doorbell_burst,
         pinned_cpu: cpu,
         rows,
     })
+}
+
+/// The rig of the VM rows.
+fn rig_options(opts: &BenchOptions) -> RigOptions {
+    RigOptions {
+        vcpu_cpu: opts.rig_cpus.map(|c| c.0),
+        server_cpu: opts.rig_cpus.map(|c| c.1),
+        ..RigOptions::default()
+    }
 }
 
 /// Pins the calling thread to `cpu`.
@@ -339,6 +365,30 @@ pub fn pin_current_thread(cpu: usize) -> Result<()> {
 ///
 /// [`Error::Io`] if the affinity cannot be read.
 pub fn last_allowed_cpu() -> Result<usize> {
+    allowed_cpus()?
+        .last()
+        .copied()
+        .ok_or_else(|| Error::InvalidArgument("the affinity mask is empty".into()))
+}
+
+/// The lowest CPU number the calling thread may run on.
+///
+/// # Errors
+///
+/// [`Error::Io`] if the affinity cannot be read.
+pub fn first_allowed_cpu() -> Result<usize> {
+    allowed_cpus()?
+        .first()
+        .copied()
+        .ok_or_else(|| Error::InvalidArgument("the affinity mask is empty".into()))
+}
+
+/// The CPUs the calling thread may run on, in increasing order.
+///
+/// # Errors
+///
+/// [`Error::Io`] if the affinity cannot be read.
+pub fn allowed_cpus() -> Result<Vec<usize>> {
     // SAFETY: as in `pin_current_thread`.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a writable cpu_set_t of the size passed.
@@ -348,10 +398,9 @@ pub fn last_allowed_cpu() -> Result<usize> {
     }
     let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
     // SAFETY: every index is below the set's size.
-    (0..max)
-        .rev()
-        .find(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .ok_or_else(|| Error::InvalidArgument("the affinity mask is empty".into()))
+    Ok((0..max)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
 }
 
 /// Spins (yielding) until `count(vector)` exceeds `from`; returns when it saw it.
@@ -599,11 +648,7 @@ fn intx_loop(rig: &Rig, opts: &BenchOptions) -> Result<BenchRow> {
 /// Row 3: doorbells through the ioeventfd vs. trapped REGION_WRITEs.
 fn doorbell(opts: &BenchOptions) -> Result<BenchRow> {
     let burst = opts.doorbell_burst.max(1);
-    let pinned = RigOptions {
-        vcpu_cpu: opts.doorbell_cpus.map(|c| c.0),
-        server_cpu: opts.doorbell_cpus.map(|c| c.1),
-        ..RigOptions::default()
-    };
+    let pinned = rig_options(opts);
     let fast = Rig::new(pinned)?;
     let trapped = Rig::new(RigOptions {
         ioeventfds: false,

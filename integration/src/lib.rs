@@ -8,6 +8,10 @@
 //!   handlers count every vector in guest memory and run a per-vector [`Action`] (EOI, an MMIO
 //!   store from the Nth interrupt on, Xen-style event-channel collection).
 //! - [`routing`] builds KVM GSI routing tables that keep the legacy IRQCHIP routes.
+//! - [`rig::Rig`] wires the irqbridge device server ([`server::DeviceServer`], in a thread)
+//!   into a [`TestVm`] through the irqbridge-kvm plugin; [`scenarios`] are the exact-count
+//!   end-to-end checks on it, [`demo::run`] runs them all as a table and [`bench::run`] measures
+//!   the interrupt paths against same-run baselines.
 //!
 //! `integration/README.md` documents the guest memory map and the mailbox ABI ([`layout`]).
 //!

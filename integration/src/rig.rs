@@ -3,7 +3,7 @@
 //!
 //! [`Rig::new`]:
 //! 1. starts a [`DeviceServer`] (the real vfio-user server and PCI device, in a thread);
-//! 2. creates a [`TestVm`] and a [`GsiRouter`](irqbridge_kvm::routing::GsiRouter) over its VM
+//! 2. creates a [`TestVm`] and a [`GsiRouter`] over its VM
 //!    fd (full in-kernel irqchip);
 //! 3. attaches the device with [`AttachedDevice::attach`]: guest RAM DMA-mapped, INTx on IOAPIC
 //!    pin [`RigOptions::intx_pin`] (level, resample irqfd), MSI-X vectors as irqfds on MSI

@@ -10,6 +10,11 @@
 //! | [`Scenario::Doorbells`] | N guest doorbell writes cause no MMIO exit and no REGION_WRITE, and the server counts exactly N |
 //!
 //! "Silence" is checked by waiting [`ScenarioOptions::quiet`] and looking again.
+//!
+//! On a KVM that acks level interrupts when it injects them (the nested kvm-pvm of the
+//! development machines, see [`crate::platform`]) the INTx scenarios expect one more handler run
+//! and trigger write: the resample of the interrupt whose handler de-asserts reaches the device
+//! before the de-assert does, so the device re-fires once while the line is still high.
 
 use std::fmt::Debug;
 use std::thread;
