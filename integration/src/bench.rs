@@ -134,6 +134,7 @@ impl Row {
 
 /// The goal of a row, on p50.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "kind", content = "factor", rename_all = "snake_case")]
 pub enum Goal {
     /// measured / baseline ≤ this.
     AtMost(f64),
