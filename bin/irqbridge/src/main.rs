@@ -5,6 +5,8 @@
 //! irqbridge vfio-user --socket-path PATH [--fd N] [--msix-vectors N] [--evtchn-ports N]
 //!                     [--no-intx] [--control-socket PATH]
 //! irqbridge control --socket PATH <command> [args]
+//! irqbridge demo [--json]
+//! irqbridge bench [--samples N] [--row ROW] [--json FILE]
 //! ```
 //!
 //! The server runs in the foreground, logs to stderr (`RUST_LOG`, default `info`) and shuts down
@@ -39,6 +41,37 @@ enum Command {
     VfioUser(VfioUserArgs),
     /// Send one request to a running device's control socket and print the JSON reply.
     Control(ControlArgs),
+    /// Run every interrupt scenario end to end: device server + test VMM + bare-metal guest on
+    /// /dev/kvm. Prints a table; exits non-zero if a scenario fails or /dev/kvm is missing.
+    Demo(DemoArgs),
+    /// Benchmark the interrupt paths against baselines measured in the same run.
+    Bench(BenchArgs),
+}
+
+/// Arguments of `irqbridge demo`.
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `irqbridge bench`.
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Samples per measured path.
+    #[arg(long, value_name = "N")]
+    samples: Option<usize>,
+    /// Run one row only: msix, intx, doorbell or region-read.
+    #[arg(long, value_name = "ROW")]
+    row: Option<String>,
+    /// Also write the report as JSON to this file.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "target/irqbridge-bench.json"
+    )]
+    json: PathBuf,
 }
 
 /// Arguments of `irqbridge vfio-user`.
@@ -102,6 +135,15 @@ enum CliError {
     /// Signal handling could not be set up.
     #[error("Failed to set up signal handling.")]
     Signals(#[source] std::io::Error),
+    /// The demo or the benchmark could not run (no /dev/kvm, setup failure).
+    #[error("Cannot run on this machine.")]
+    Integration(#[source] irqbridge_integration::Error),
+    /// An unknown benchmark row.
+    #[error("Unknown benchmark row {0:?} (expected msix, intx, doorbell or region-read).")]
+    BenchRow(String),
+    /// Writing the benchmark JSON failed.
+    #[error("Cannot write {0}.")]
+    WriteJson(PathBuf, #[source] std::io::Error),
 }
 
 impl TryFrom<VfioUserArgs> for VfioUserConfig {
@@ -282,6 +324,37 @@ fn run_control(args: ControlArgs) -> Result<bool, CliError> {
     Ok(reply.get("ok").and_then(|v| v.as_bool()) == Some(true))
 }
 
+fn run_demo(args: DemoArgs) -> Result<bool, CliError> {
+    use irqbridge_integration::demo::{self, DemoOptions};
+    let report = demo::run(&DemoOptions::default()).map_err(CliError::Integration)?;
+    if args.json {
+        println!("{:#}", report.to_json());
+    } else {
+        report.print_table();
+    }
+    Ok(report.passed())
+}
+
+fn run_bench(args: BenchArgs) -> Result<bool, CliError> {
+    use irqbridge_integration::bench::{self, BenchOptions, Row};
+    let mut opts = BenchOptions::default();
+    if let Some(n) = args.samples {
+        opts.iterations = n;
+    }
+    if let Some(name) = args.row {
+        opts.only = Some(Row::from_name(&name).ok_or(CliError::BenchRow(name))?);
+    }
+    let report = bench::run(&opts).map_err(CliError::Integration)?;
+    report.print_table();
+    if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| CliError::WriteJson(args.json.clone(), e))?;
+    }
+    std::fs::write(&args.json, format!("{:#}\n", report.to_json()))
+        .map_err(|e| CliError::WriteJson(args.json.clone(), e))?;
+    println!("JSON report: {}", args.json.display());
+    Ok(report.all_met())
+}
+
 fn print_error(e: &dyn std::error::Error) {
     eprintln!("irqbridge: {e}");
     let mut cur = e.source();
@@ -293,7 +366,13 @@ fn print_error(e: &dyn std::error::Error) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    // The demo and the benchmark print their own report; the servers they start in-process
+    // only log what goes wrong unless RUST_LOG says otherwise.
+    let default_filter = match cli.command {
+        Command::Demo(_) | Command::Bench(_) => "warn",
+        _ => "info",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
         .target(env_logger::Target::Stderr)
         .init();
     let result = match cli.command {
@@ -301,6 +380,8 @@ fn main() -> ExitCode {
             .and_then(run_vfio_user)
             .map(|()| true),
         Command::Control(args) => run_control(args),
+        Command::Demo(args) => run_demo(args),
+        Command::Bench(args) => run_bench(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
