@@ -468,13 +468,15 @@ impl Client {
         let deadline = Instant::now() + self.timeout;
         loop {
             let now = Instant::now();
-            let readable = now < deadline
-                && wait_readable(self.conn.as_fd(), deadline - now).map_err(|source| {
-                    Error::Io {
-                        command: name,
-                        source,
-                    }
-                })?;
+            // A message already read from the socket (with an earlier one) is not seen by poll.
+            let readable = self.conn.has_buffered_message()
+                || now < deadline
+                    && wait_readable(self.conn.as_fd(), deadline - now).map_err(|source| {
+                        Error::Io {
+                            command: name,
+                            source,
+                        }
+                    })?;
             if !readable {
                 self.abandon(id);
                 return Err(Error::Timeout {

@@ -1,15 +1,39 @@
 //! Message framing over an AF_UNIX stream socket, with file descriptors in `SCM_RIGHTS`.
 //!
 //! A [`Connection`] sends and receives whole vfio-user messages. Receiving:
-//! - reads the 16-byte header, checks `msg_size` against the connection's limit (16 +
-//!   max(`max_data_xfer_size`, 64 KiB) + 64 bytes of slack) *before* allocating the body, then
-//!   reads exactly `msg_size - 16` bytes, so the stream stays in step;
+//! - reads through a small buffer of the connection ([`RECV_WINDOW`] bytes): one `recvmsg`
+//!   at a message boundary takes whatever has arrived, usually the whole message (header and
+//!   body) and, when the peer pipelines, the next messages too, which later calls return
+//!   without a system call. Once a message has started, only the rest of that message is
+//!   read; a message too big for the buffer is finished straight into its body;
+//! - checks `msg_size` against the connection's limit (16 + max(`max_data_xfer_size`,
+//!   64 KiB) + 64 bytes of slack) *before* reading or allocating the body, so the stream
+//!   stays in step;
 //! - retries on `EINTR`, treats a peer close between messages as [`Error::Disconnected`] and in
-//!   the middle of one as [`Error::Truncated`];
+//!   the middle of one as [`Error::Truncated`]; a read timeout (`SO_RCVTIMEO`) keeps what was
+//!   read, and the next call continues the same message;
 //! - receives descriptors with `MSG_CMSG_CLOEXEC` and wraps each in an [`OwnedFd`] at once. At
 //!   most [`MAX_MSG_FDS`] are accepted per message; more (or a truncated control message,
 //!   `MSG_CTRUNC`) reads the rest of the message, closes every descriptor and returns
 //!   [`Error::TooManyFds`], after which the stream is still in step.
+//!
+//! # Which message descriptors belong to
+//!
+//! The kernel attaches the descriptors of a `sendmsg` to the first socket buffer of that
+//! call, hands them out with the first byte read from it, and ends a stream `recvmsg` right
+//! after a buffer that carried descriptors; the same call may first have read buffers
+//! without descriptors. Descriptors are therefore given to the message that contains the
+//! first byte of the `sendmsg` that carried them (as a reader of exact header and body
+//! sizes would). A read that starts in the middle of a message reads no further than that
+//! message, so its descriptors are that message's. A read at a message boundary may cover
+//! several messages; its descriptors came with the last buffer it touched, and they are
+//! given to the last message that begins in the read. That is right whenever the
+//! `sendmsg` that carries a message's descriptors starts inside that message and carries
+//! no bytes of a later one: [`Connection::send`] sends each message with one `sendmsg`
+//! (continuations of a short write carry no descriptors), and so do QEMU, libvfio-user and
+//! Cloud Hypervisor. A peer that packs several messages into one `sendmsg` with
+//! descriptors can only have them given to another of its own messages (and then be
+//! refused by the command checks); descriptors are never leaked and never cross peers.
 //!
 //! Errors for which [`Error::is_fatal`] is true leave the stream out of step: drop the
 //! connection.
@@ -19,6 +43,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -32,6 +57,11 @@ const MSG_SIZE_SLACK: usize = 64;
 const MIN_BODY_LIMIT: usize = 64 * 1024;
 /// Linux `SCM_MAX_FD`: the most descriptors one `sendmsg` can carry.
 const SCM_MAX_FD: usize = 253;
+/// Size of the receive buffer: the most one `recvmsg` at a message boundary takes. Larger
+/// messages are finished in a buffer of their own.
+pub const RECV_WINDOW: usize = 4096;
+/// Control buffer of one `recvmsg`: room for [`MAX_MSG_FDS`] descriptors.
+const CONTROL_LEN: usize = cmsg_space(MAX_MSG_FDS * std::mem::size_of::<RawFd>());
 
 /// One received message.
 #[derive(Debug)]
@@ -50,22 +80,25 @@ pub struct Connection {
     stream: UnixStream,
     max_msg_size: usize,
     next_msg_id: u16,
+    /// Received bytes and descriptors not yet returned. A mutex so that `recv` can take
+    /// `&self` and the connection stays `Sync`; it is never contended in practice.
+    rx: Mutex<RecvBuf>,
 }
 
-fn cmsg_align(len: usize) -> usize {
+const fn cmsg_align(len: usize) -> usize {
     let a = std::mem::size_of::<usize>();
     len.saturating_add(a - 1) & !(a - 1)
 }
 
-fn cmsg_hdr_len() -> usize {
+const fn cmsg_hdr_len() -> usize {
     cmsg_align(std::mem::size_of::<libc::cmsghdr>())
 }
 
-fn cmsg_space(data_len: usize) -> usize {
+const fn cmsg_space(data_len: usize) -> usize {
     cmsg_hdr_len().saturating_add(cmsg_align(data_len))
 }
 
-fn cmsg_len(data_len: usize) -> usize {
+const fn cmsg_len(data_len: usize) -> usize {
     cmsg_hdr_len().saturating_add(data_len)
 }
 
@@ -128,10 +161,185 @@ fn adopt_fds(control: &[u8]) -> Vec<OwnedFd> {
     fds
 }
 
-/// Progress of one message being received.
-struct RecvState {
+/// A message too big for the receive buffer, being read straight into its body.
+struct LargeMsg {
+    header: Header,
+    body: Vec<u8>,
+    /// Bytes of `body` received.
+    got: usize,
     fds: Vec<OwnedFd>,
     overflow: bool,
+}
+
+/// Receive state kept between calls: `buf[start..end]` has been received and not returned.
+///
+/// Invariants: descriptors in `fds` (or `overflow`) belong to the message that begins at
+/// `fds_at`, which is at or after `start`; when the message at `start` is incomplete it is the
+/// last one in the buffer, so pending descriptors are its own. While `large` is set the buffer
+/// is empty.
+#[derive(Default)]
+struct RecvBuf {
+    /// [`RECV_WINDOW`] bytes once the first read has happened.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    fds: Vec<OwnedFd>,
+    fds_at: usize,
+    overflow: bool,
+    large: Option<LargeMsg>,
+}
+
+impl std::fmt::Debug for RecvBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBuf")
+            .field("buffered", &(self.end - self.start))
+            .field("fds", &self.fds.len())
+            .field("fds_at", &self.fds_at)
+            .field("overflow", &self.overflow)
+            .field(
+                "large",
+                &self.large.as_ref().map(|l| (l.header, l.got, l.body.len())),
+            )
+            .finish()
+    }
+}
+
+/// Adds received descriptors to a message's, keeping at most [`MAX_MSG_FDS`]; extra ones are
+/// closed and recorded as an overflow.
+fn keep_fds(into: &mut Vec<OwnedFd>, overflow: &mut bool, fds: Vec<OwnedFd>, ctrunc: bool) {
+    for fd in fds {
+        if into.len() < MAX_MSG_FDS {
+            into.push(fd);
+        } else {
+            *overflow = true;
+        }
+    }
+    if ctrunc {
+        *overflow = true;
+    }
+}
+
+impl RecvBuf {
+    fn has_fds(&self) -> bool {
+        !self.fds.is_empty() || self.overflow
+    }
+
+    /// Gives received descriptors to the message that begins at buffer offset `at`.
+    fn add_fds(&mut self, at: usize, fds: Vec<OwnedFd>, ctrunc: bool) {
+        if fds.is_empty() && !ctrunc {
+            return;
+        }
+        if self.has_fds() && self.fds_at != at {
+            // Cannot happen (see the invariants); keep the stream usable and leak nothing.
+            self.fds.clear();
+            self.overflow = true;
+        }
+        self.fds_at = at;
+        keep_fds(&mut self.fds, &mut self.overflow, fds, ctrunc);
+    }
+
+    /// The descriptors of the message at `start` (and whether there were too many).
+    fn take_fds(&mut self) -> (Vec<OwnedFd>, bool) {
+        if self.has_fds() && self.fds_at == self.start {
+            (
+                std::mem::take(&mut self.fds),
+                std::mem::replace(&mut self.overflow, false),
+            )
+        } else {
+            (Vec::new(), false)
+        }
+    }
+
+    /// Drops `n` bytes at `start` (with the descriptors of the message there).
+    fn consume(&mut self, n: usize) {
+        drop(self.take_fds());
+        self.start = self.start.saturating_add(n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            // Descriptors only ever belong to a message in the buffer.
+            self.fds.clear();
+            self.overflow = false;
+        }
+    }
+
+    /// Makes room for `total` bytes from `start` by moving the buffered bytes to offset 0.
+    fn compact_for(&mut self, total: usize) {
+        if self.start > 0 && self.start.saturating_add(total) > self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            if self.has_fds() {
+                self.fds_at = self.fds_at.saturating_sub(self.start);
+            }
+            self.end -= self.start;
+            self.start = 0;
+        }
+    }
+
+    /// Forgets everything (closing held descriptors): the stream is broken.
+    fn reset(&mut self) {
+        self.start = 0;
+        self.end = 0;
+        self.fds.clear();
+        self.overflow = false;
+        self.large = None;
+    }
+
+    /// What `recv` returns without reading, if anything: whether the buffer starts with a whole
+    /// message or a header `recv` refuses.
+    fn has_message(&self, max_msg_size: usize) -> bool {
+        let Some(header) = self
+            .buf
+            .get(self.start..self.end)
+            .and_then(|b| b.get(..HEADER_SIZE))
+            .and_then(|b| <&[u8; HEADER_SIZE]>::try_from(b).ok())
+            .map(Header::parse)
+        else {
+            return self.large.as_ref().is_some_and(|l| l.got == l.body.len());
+        };
+        match header.body_len() {
+            None => true,
+            Some(len) if len > max_msg_size - HEADER_SIZE => true,
+            Some(len) => self.end - self.start >= HEADER_SIZE + len,
+        }
+    }
+}
+
+/// The offset of the last message that begins in `read`, a read that started at a message
+/// boundary: the message its descriptors belong to (see the module documentation). Headers
+/// are walked as `recv` will take them (a `msg_size` under 16 takes the header only; an
+/// oversized one ends the walk, as `recv` will fail there).
+fn last_message_start(read: &[u8], max_msg_size: usize) -> usize {
+    let mut at = 0usize;
+    loop {
+        let Some(h) = read
+            .get(at..)
+            .and_then(|b| b.get(..HEADER_SIZE))
+            .and_then(|b| <&[u8; HEADER_SIZE]>::try_from(b).ok())
+        else {
+            return at;
+        };
+        let size = match Header::parse(h).body_len() {
+            None => HEADER_SIZE,
+            Some(len) if len > max_msg_size - HEADER_SIZE => return at,
+            Some(len) => HEADER_SIZE + len,
+        };
+        let next = at.saturating_add(size);
+        if next >= read.len() {
+            return at;
+        }
+        at = next;
+    }
+}
+
+/// A received message, or [`Error::TooManyFds`] (its descriptors closed) if it overflowed.
+fn finish(header: Header, body: Vec<u8>, fds: Vec<OwnedFd>, overflow: bool) -> Result<Message> {
+    if overflow {
+        return Err(Error::TooManyFds {
+            header,
+            max: MAX_MSG_FDS,
+        });
+    }
+    Ok(Message { header, body, fds })
 }
 
 impl Connection {
@@ -141,6 +349,7 @@ impl Connection {
             stream,
             max_msg_size: Self::max_msg_size_for(DEFAULT_MAX_DATA_XFER_SIZE),
             next_msg_id: 0,
+            rx: Mutex::new(RecvBuf::default()),
         }
     }
 
@@ -180,14 +389,40 @@ impl Connection {
         self.stream.set_write_timeout(timeout).map_err(Error::Io)
     }
 
-    /// The underlying stream.
+    /// The underlying stream. Reading from it directly bypasses the receive buffer: only do
+    /// so while [`Connection::buffered_len`] is 0, and never in the middle of a message.
     pub fn stream(&self) -> &UnixStream {
         &self.stream
     }
 
-    /// Gives the stream back.
+    /// Gives the stream back. Bytes and descriptors received but not yet returned by
+    /// [`Connection::recv`] ([`Connection::buffered_len`]) are dropped.
     pub fn into_stream(self) -> UnixStream {
         self.stream
+    }
+
+    fn rx(&self) -> MutexGuard<'_, RecvBuf> {
+        // A panic while holding the lock cannot leave the state torn in a way that matters
+        // more than the panic itself; keep going with it.
+        self.rx.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Bytes received from the socket and not yet returned by [`Connection::recv`] (the rest
+    /// of a read that took more than one message, or the start of a message whose read
+    /// timed out). Polling the socket does not see them.
+    pub fn buffered_len(&self) -> usize {
+        let rx = self.rx();
+        let large = rx
+            .large
+            .as_ref()
+            .map_or(0, |l| HEADER_SIZE.saturating_add(l.got));
+        (rx.end - rx.start).saturating_add(large)
+    }
+
+    /// True if [`Connection::recv`] would return at once from what is buffered, without
+    /// reading the socket: a poll loop must call it before waiting for the socket again.
+    pub fn has_buffered_message(&self) -> bool {
+        self.rx().has_message(self.max_msg_size)
     }
 
     /// Sends one message. `msg_size` is set to `16 + body.len()` whatever `header` says; the
@@ -283,14 +518,14 @@ impl Connection {
         Ok(())
     }
 
-    fn recv_exact(&self, buf: &mut [u8], state: &mut RecvState, at_start: bool) -> Result<()> {
-        let mut got = 0usize;
-        let mut control = vec![0u8; cmsg_space(MAX_MSG_FDS * std::mem::size_of::<RawFd>())];
-        while got < buf.len() {
-            let rest = &mut buf[got..];
+    /// One `recvmsg` into `buf` (retried on `EINTR`): the byte count, the descriptors that
+    /// came with it and whether the control data was cut short (`MSG_CTRUNC`).
+    fn read_some(&self, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>, bool)> {
+        let mut control = [0u8; CONTROL_LEN];
+        loop {
             let mut iov = libc::iovec {
-                iov_base: rest.as_mut_ptr() as *mut libc::c_void,
-                iov_len: rest.len(),
+                iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+                iov_len: buf.len(),
             };
             // SAFETY: msghdr is plain data; all-zero is a valid empty header.
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -298,9 +533,8 @@ impl Connection {
             msg.msg_iovlen = 1;
             msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
             msg.msg_controllen = control.len() as _;
-            // SAFETY: the iovec covers the unfilled tail of `buf` and the control buffer is
-            // `control`, both live and writable for the whole call; the kernel writes at most
-            // their lengths.
+            // SAFETY: the iovec covers `buf` and the control buffer is `control`, both live and
+            // writable for the whole call; the kernel writes at most their lengths.
             let n =
                 unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
             if n < 0 {
@@ -313,72 +547,159 @@ impl Connection {
             // msg_controllen is size_t on glibc, socklen_t elsewhere.
             #[allow(clippy::unnecessary_cast)]
             let used = (msg.msg_controllen as usize).min(control.len());
-            for fd in adopt_fds(&control[..used]) {
-                if state.fds.len() < MAX_MSG_FDS {
-                    state.fds.push(fd);
-                } else {
-                    state.overflow = true;
-                }
-            }
-            if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-                state.overflow = true;
-            }
-            if n == 0 {
-                return Err(if got == 0 && at_start {
-                    Error::Disconnected
-                } else {
-                    Error::Truncated {
-                        got,
-                        expected: buf.len(),
-                    }
-                });
-            }
-            got = got.saturating_add(usize::try_from(n).unwrap_or(0));
+            let fds = if used == 0 {
+                Vec::new()
+            } else {
+                adopt_fds(&control[..used])
+            };
+            let ctrunc = msg.msg_flags & libc::MSG_CTRUNC != 0;
+            return Ok((usize::try_from(n).unwrap_or(0), fds, ctrunc));
         }
-        Ok(())
     }
 
     /// Receives one whole message (blocking, subject to the read timeout).
     ///
     /// # Errors
     /// Fatal: [`Error::Disconnected`], [`Error::Truncated`], [`Error::Io`],
-    /// [`Error::MessageTooLarge`]. Recoverable (the stream is in step, the header is in the
-    /// error so a reply can be sent): [`Error::MessageTooSmall`] (only the header was
-    /// consumed), [`Error::TooManyFds`] (the body was consumed).
+    /// [`Error::MessageTooLarge`] (its header is consumed, the body is not). Recoverable (the
+    /// stream is in step, the header is in the error so a reply can be sent):
+    /// [`Error::MessageTooSmall`] (only the header was consumed), [`Error::TooManyFds`] (the
+    /// body was consumed). An [`Error::Io`] of kind `WouldBlock` or `TimedOut` (the read
+    /// timeout) consumed nothing if [`Connection::buffered_len`] was 0 before the call and is
+    /// 0 after it; otherwise what arrived is kept and the next call continues the message.
     pub fn recv(&self) -> Result<Message> {
-        let mut state = RecvState {
-            fds: Vec::new(),
-            overflow: false,
-        };
-        let mut hdr = [0u8; HEADER_SIZE];
-        self.recv_exact(&mut hdr, &mut state, true)?;
-        let header = Header::parse(&hdr);
-        let Some(body_len) = header.body_len() else {
-            return Err(Error::MessageTooSmall {
-                header,
-                msg_size: header.msg_size,
-            });
-        };
-        if body_len > self.max_msg_size - HEADER_SIZE {
-            return Err(Error::MessageTooLarge {
-                header,
-                msg_size: header.msg_size,
-                max: self.max_msg_size,
-            });
+        let mut rx = self.rx();
+        let r = self.recv_buffered(&mut rx);
+        if let Err(e) = &r {
+            let broken = match e {
+                Error::Io(io) => !matches!(
+                    io.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ),
+                Error::Disconnected | Error::Truncated { .. } => true,
+                _ => false,
+            };
+            if broken {
+                // Close what was received of a message that will never be returned.
+                rx.reset();
+            }
         }
-        let mut body = vec![0u8; body_len];
-        self.recv_exact(&mut body, &mut state, false)?;
-        if state.overflow {
-            return Err(Error::TooManyFds {
-                header,
-                max: MAX_MSG_FDS,
-            });
+        r
+    }
+
+    fn recv_buffered(&self, rx: &mut RecvBuf) -> Result<Message> {
+        let body_limit = self.max_msg_size - HEADER_SIZE;
+        loop {
+            if let Some(large) = rx.large.as_mut() {
+                let (got, len) = (large.got, large.body.len());
+                if got >= len {
+                    if let Some(l) = rx.large.take() {
+                        return finish(l.header, l.body, l.fds, l.overflow);
+                    }
+                    continue;
+                }
+                let (n, fds, ctrunc) = self.read_some(&mut large.body[got..])?;
+                keep_fds(&mut large.fds, &mut large.overflow, fds, ctrunc);
+                if n == 0 {
+                    return Err(Error::Truncated { got, expected: len });
+                }
+                large.got = got.saturating_add(n);
+                continue;
+            }
+            if rx.buf.len() < RECV_WINDOW {
+                rx.buf.resize(RECV_WINDOW, 0);
+            }
+            let (start, end) = (rx.start, rx.end);
+            let avail = end - start;
+            if avail == 0 {
+                // A message boundary: take whatever has arrived, up to the window.
+                rx.start = 0;
+                let (n, fds, ctrunc) = self.read_some(&mut rx.buf[..RECV_WINDOW])?;
+                if n == 0 {
+                    return Err(Error::Disconnected);
+                }
+                let n = n.min(RECV_WINDOW);
+                rx.end = n;
+                if !fds.is_empty() || ctrunc {
+                    let at = last_message_start(&rx.buf[..n], self.max_msg_size);
+                    rx.add_fds(at, fds, ctrunc);
+                }
+                continue;
+            }
+            let Some(header) = rx
+                .buf
+                .get(start..end)
+                .and_then(|b| b.get(..HEADER_SIZE))
+                .and_then(|b| <&[u8; HEADER_SIZE]>::try_from(b).ok())
+                .map(Header::parse)
+            else {
+                // Part of a header: read exactly the rest of it.
+                rx.compact_for(HEADER_SIZE);
+                let (start, end) = (rx.start, rx.end);
+                let want = HEADER_SIZE - (end - start);
+                let (n, fds, ctrunc) = self.read_some(&mut rx.buf[end..end + want])?;
+                rx.add_fds(start, fds, ctrunc);
+                if n == 0 {
+                    return Err(Error::Truncated {
+                        got: end - start,
+                        expected: HEADER_SIZE,
+                    });
+                }
+                rx.end = end + n.min(want);
+                continue;
+            };
+            let Some(body_len) = header.body_len() else {
+                rx.consume(HEADER_SIZE);
+                return Err(Error::MessageTooSmall {
+                    header,
+                    msg_size: header.msg_size,
+                });
+            };
+            if body_len > body_limit {
+                rx.consume(HEADER_SIZE);
+                return Err(Error::MessageTooLarge {
+                    header,
+                    msg_size: header.msg_size,
+                    max: self.max_msg_size,
+                });
+            }
+            let total = HEADER_SIZE + body_len;
+            if avail >= total {
+                let body = rx.buf[start + HEADER_SIZE..start + total].to_vec();
+                let (fds, overflow) = rx.take_fds();
+                rx.consume(total);
+                return finish(header, body, fds, overflow);
+            }
+            if total > RECV_WINDOW {
+                // Finish it in a body of its own.
+                let mut body = vec![0u8; body_len];
+                let got = avail - HEADER_SIZE;
+                body[..got].copy_from_slice(&rx.buf[start + HEADER_SIZE..end]);
+                let (fds, overflow) = rx.take_fds();
+                rx.consume(avail);
+                rx.large = Some(LargeMsg {
+                    header,
+                    body,
+                    got,
+                    fds,
+                    overflow,
+                });
+                continue;
+            }
+            // The rest of this message and nothing beyond it.
+            rx.compact_for(total);
+            let (start, end) = (rx.start, rx.end);
+            let want = total - (end - start);
+            let (n, fds, ctrunc) = self.read_some(&mut rx.buf[end..end + want])?;
+            rx.add_fds(start, fds, ctrunc);
+            if n == 0 {
+                return Err(Error::Truncated {
+                    got: end - start - HEADER_SIZE,
+                    expected: body_len,
+                });
+            }
+            rx.end = end + n.min(want);
         }
-        Ok(Message {
-            header,
-            body,
-            fds: state.fds,
-        })
     }
 
     /// Takes the next message id (client side).
@@ -679,5 +1000,260 @@ mod tests {
             "{e:?}"
         );
         drop(a);
+    }
+
+    /// The eventfd behind `fd` is `e`: a value written to `e` reads back through `fd`.
+    fn same_eventfd(e: &EventFd, fd: &OwnedFd, value: u64) -> bool {
+        e.write(value).unwrap();
+        let mut v = [0u8; 8];
+        // SAFETY: reading 8 bytes into a live buffer from a live eventfd.
+        let r = unsafe { libc::read(fd.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+        r == 8 && u64::from_ne_bytes(v) == value
+    }
+
+    fn borrow(e: &EventFd) -> BorrowedFd<'_> {
+        // SAFETY: the eventfd outlives the borrow.
+        unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
+    }
+
+    #[test]
+    fn pipelined_messages_keep_their_own_fds() {
+        let (a, b) = pair();
+        let e1 = EventFd::new(0).unwrap();
+        let e2 = EventFd::new(0).unwrap();
+        let e3 = EventFd::new(0).unwrap();
+        // All queued before the first recv: a header-only message, one with two fds, one
+        // without, a header-only one with an fd, one without.
+        a.send(&Header::command(1, Command::DeviceReset, 0), &[], &[])
+            .unwrap();
+        a.send(
+            &Header::command(2, Command::DeviceSetIrqs, 0),
+            &[2; 8],
+            &[borrow(&e1), borrow(&e2)],
+        )
+        .unwrap();
+        a.send(&Header::command(3, Command::RegionWrite, 0), &[3; 5], &[])
+            .unwrap();
+        a.send(&Header::command(4, Command::DmaMap, 0), &[], &[borrow(&e3)])
+            .unwrap();
+        a.send(&Header::command(5, Command::RegionRead, 0), &[5; 16], &[])
+            .unwrap();
+
+        let m = b.recv().unwrap();
+        assert_eq!((m.header.msg_id, m.body.len(), m.fds.len()), (1, 0, 0));
+        // The first read went on into message 2 (and stopped after it: it carried fds).
+        assert_eq!(b.buffered_len(), 24);
+        assert!(b.has_buffered_message());
+        let m = b.recv().unwrap();
+        assert_eq!(
+            (m.header.msg_id, m.body.clone(), m.fds.len()),
+            (2, vec![2; 8], 2)
+        );
+        assert!(same_eventfd(&e1, &m.fds[0], 11));
+        assert!(same_eventfd(&e2, &m.fds[1], 12));
+        assert_eq!(b.buffered_len(), 0);
+        let m = b.recv().unwrap();
+        assert_eq!(
+            (m.header.msg_id, m.body.clone(), m.fds.len()),
+            (3, vec![3; 5], 0)
+        );
+        // Message 3 read on into message 4, which carried an fd.
+        assert_eq!(b.buffered_len(), 16);
+        let m = b.recv().unwrap();
+        assert_eq!((m.header.msg_id, m.body.len(), m.fds.len()), (4, 0, 1));
+        assert!(same_eventfd(&e3, &m.fds[0], 13));
+        let m = b.recv().unwrap();
+        assert_eq!(
+            (m.header.msg_id, m.body.clone(), m.fds.len()),
+            (5, vec![5; 16], 0)
+        );
+        assert_eq!(b.buffered_len(), 0);
+        assert!(!b.has_buffered_message());
+    }
+
+    #[test]
+    fn one_read_takes_several_messages_without_fds() {
+        let (mut a, b) = pair();
+        for id in 0..10u16 {
+            a.post(Command::RegionWrite, &[id as u8; 20], &[]).unwrap();
+        }
+        let m = b.recv().unwrap();
+        assert_eq!(m.header.msg_id, 0);
+        // The other nine came with the first read.
+        assert_eq!(b.buffered_len(), 9 * 36);
+        for id in 1..10u16 {
+            assert!(b.has_buffered_message());
+            let m = b.recv().unwrap();
+            assert_eq!(m.header.msg_id, id);
+            assert_eq!(m.body, vec![id as u8; 20]);
+            assert!(m.header.no_reply());
+        }
+        assert!(!b.has_buffered_message());
+    }
+
+    #[test]
+    fn messages_larger_than_the_buffer_with_fds_around_them() {
+        let (a, b) = pair();
+        let e1 = EventFd::new(0).unwrap();
+        let e2 = EventFd::new(0).unwrap();
+        let big: Vec<u8> = (0..3 * RECV_WINDOW + 7).map(|i| (i % 251) as u8).collect();
+        let big2 = big.clone();
+        let sender = std::thread::spawn(move || {
+            a.send(&Header::command(1, Command::RegionWrite, 0), &[1; 4], &[])
+                .unwrap();
+            a.send(
+                &Header::command(2, Command::RegionWrite, 0),
+                &big2,
+                &[borrow(&e1)],
+            )
+            .unwrap();
+            a.send(
+                &Header::command(3, Command::DeviceSetIrqs, 0),
+                &[3; 4],
+                &[borrow(&e2)],
+            )
+            .unwrap();
+            (a, e1, e2)
+        });
+        let m1 = b.recv().unwrap();
+        let m2 = b.recv().unwrap();
+        let m3 = b.recv().unwrap();
+        let (_a, e1, e2) = sender.join().unwrap();
+        assert_eq!(
+            (m1.header.msg_id, m1.body, m1.fds.len()),
+            (1, vec![1; 4], 0)
+        );
+        assert_eq!((m2.header.msg_id, m2.fds.len()), (2, 1));
+        assert!(m2.body == big, "large body corrupted");
+        assert!(same_eventfd(&e1, &m2.fds[0], 21));
+        assert_eq!(
+            (m3.header.msg_id, m3.body, m3.fds.len()),
+            (3, vec![3; 4], 1)
+        );
+        assert!(same_eventfd(&e2, &m3.fds[0], 22));
+    }
+
+    #[test]
+    fn a_timeout_in_the_middle_keeps_the_message() {
+        let (a, b) = pair();
+        b.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+        let e = EventFd::new(0).unwrap();
+        let mut msg = Header::command(9, Command::DeviceSetIrqs, 30)
+            .encode()
+            .to_vec();
+        msg.extend_from_slice(&[7; 30]);
+        // Part of the header, with the fd.
+        a.send_raw(&msg[..10], &[borrow(&e)]).unwrap();
+        let err = b.recv().unwrap_err();
+        assert!(
+            matches!(&err, Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock),
+            "{err:?}"
+        );
+        assert_eq!(b.buffered_len(), 10);
+        assert!(!b.has_buffered_message());
+        // The rest of the header and part of the body.
+        a.send_raw(&msg[10..20], &[]).unwrap();
+        assert!(b.recv().is_err());
+        assert_eq!(b.buffered_len(), 20);
+        // The rest, and the next message behind it.
+        a.send_raw(&msg[20..], &[]).unwrap();
+        a.send(&Header::command(10, Command::DeviceReset, 0), &[], &[])
+            .unwrap();
+        let m = b.recv().unwrap();
+        assert_eq!(
+            (m.header.msg_id, m.body.clone(), m.fds.len()),
+            (9, vec![7; 30], 1)
+        );
+        assert!(same_eventfd(&e, &m.fds[0], 5));
+        let m = b.recv().unwrap();
+        assert_eq!((m.header.msg_id, m.fds.len()), (10, 0));
+    }
+
+    #[test]
+    fn a_large_message_survives_a_timeout() {
+        let (a, b) = pair();
+        b.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+        let body: Vec<u8> = (0..2 * RECV_WINDOW).map(|i| (i % 13) as u8).collect();
+        let mut msg = Header::command(4, Command::RegionWrite, body.len())
+            .encode()
+            .to_vec();
+        msg.extend_from_slice(&body);
+        let cut = RECV_WINDOW + 100;
+        a.send_raw(&msg[..cut], &[]).unwrap();
+        assert!(b.recv().is_err());
+        assert_eq!(b.buffered_len(), cut);
+        a.send_raw(&msg[cut..], &[]).unwrap();
+        let m = b.recv().unwrap();
+        assert_eq!(m.header.msg_id, 4);
+        assert!(m.body == body, "body corrupted");
+        assert_eq!(b.buffered_len(), 0);
+    }
+
+    #[test]
+    fn pipelined_too_many_fds_and_refused_headers_leak_nothing() {
+        let (a, b) = pair();
+        let (r, w) = pipe();
+        // An fd-less message, then one with 20 fds (over the limit), then a header too small
+        // with an fd, then a good one with an fd, all queued.
+        a.send(&Header::command(1, Command::RegionWrite, 0), &[0; 4], &[])
+            .unwrap();
+        let copies: Vec<BorrowedFd<'_>> = (0..20).map(|_| w.as_fd()).collect();
+        a.send(
+            &Header::command(2, Command::DeviceSetIrqs, 0),
+            &[0; 4],
+            &copies,
+        )
+        .unwrap();
+        let mut small = Header::command(3, Command::DeviceReset, 0);
+        small.msg_size = 8;
+        a.send_raw(&small.encode(), &[w.as_fd()]).unwrap();
+        a.send(
+            &Header::command(4, Command::DmaMap, 0),
+            &[0; 4],
+            &[w.as_fd()],
+        )
+        .unwrap();
+        drop(copies);
+        drop(w);
+        assert_eq!(b.recv().unwrap().fds.len(), 0);
+        match b.recv() {
+            Err(Error::TooManyFds { header, max: 16 }) => assert_eq!(header.msg_id, 2),
+            other => panic!("unexpected {other:?}"),
+        }
+        match b.recv() {
+            Err(Error::MessageTooSmall { header, .. }) => assert_eq!(header.msg_id, 3),
+            other => panic!("unexpected {other:?}"),
+        }
+        let m = b.recv().unwrap();
+        assert_eq!((m.header.msg_id, m.fds.len()), (4, 1));
+        drop(m);
+        assert!(all_writers_closed(&r), "a received descriptor leaked");
+    }
+
+    #[test]
+    fn last_message_start_walks_headers() {
+        let max = Connection::max_msg_size_for(4096);
+        let mut bytes = Header::command(1, Command::RegionWrite, 4)
+            .encode()
+            .to_vec();
+        bytes.extend_from_slice(&[0; 4]);
+        assert_eq!(last_message_start(&bytes, max), 0);
+        assert_eq!(last_message_start(&bytes[..3], max), 0);
+        bytes.extend_from_slice(&Header::command(2, Command::DeviceReset, 0).encode());
+        assert_eq!(last_message_start(&bytes, max), 20);
+        bytes.push(0);
+        // One byte of a third message.
+        assert_eq!(last_message_start(&bytes, max), 36);
+        // A header under 16 bytes counts as 16.
+        let mut small = Header::command(1, Command::DeviceReset, 0);
+        small.msg_size = 3;
+        let mut bytes = small.encode().to_vec();
+        bytes.extend_from_slice(&[0; 2]);
+        assert_eq!(last_message_start(&bytes, max), 16);
+        // An oversized header ends the walk.
+        small.msg_size = u32::MAX;
+        let mut bytes = small.encode().to_vec();
+        bytes.extend_from_slice(&[0; 40]);
+        assert_eq!(last_message_start(&bytes, max), 0);
     }
 }

@@ -10,7 +10,10 @@
 //! 1. [`Server::bind`] (or [`Server::from_listener`] for a socket passed with `--fd`).
 //! 2. [`Server::run`] polls the listening socket while no client is connected, the client
 //!    socket while one is, the stop eventfd ([`Server::stop_handle`]) and the device's
-//!    [`VfioUserDevice::poll_fds`] (asked again after every message and event).
+//!    [`VfioUserDevice::poll_fds`] (asked again after every round). One read from the client
+//!    may bring in several messages when it pipelines them (posted writes): they are
+//!    handled in a row, up to 32, before the other fds are looked at again (with a poll that
+//!    does not wait while messages are buffered).
 //! 3. A client must start with VERSION. Every command gets a reply unless it has NO_REPLY set
 //!    (then never, not even an error: errors are logged). An error reply is a bare header
 //!    with a positive errno.
@@ -56,6 +59,10 @@ use crate::proto::{
     VFIO_USER_IO_FD_TYPE_IOEVENTFD, Version, WRITE_MULTI_DATA_SIZE, WriteMultiReply,
     WriteMultiRequest,
 };
+
+/// Messages handled in a row from what one read brought in, before the stop eventfd and the
+/// device's fds are looked at again.
+const MAX_BATCH: usize = 32;
 
 /// Server limits and timeouts.
 #[derive(Clone, Debug)]
@@ -296,8 +303,14 @@ impl Server {
                     revents: 0,
                 })
                 .collect();
+            // Messages already read from the socket are not seen by poll: only look at the
+            // other fds then.
+            let buffered = session
+                .as_ref()
+                .is_some_and(|s| s.conn.has_buffered_message());
+            let timeout = if buffered { 0 } else { -1 };
             // SAFETY: `pfds` is a live, correctly sized array of pollfd.
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -319,7 +332,7 @@ impl Server {
                     device.handle_fd_event(*token);
                 }
             }
-            if pfds[1].revents == 0 {
+            if pfds[1].revents == 0 && !buffered {
                 continue;
             }
             match session.as_mut() {
@@ -340,7 +353,7 @@ impl Server {
                     }
                 },
                 Some(s) => {
-                    if let Err(e) = s.handle_one(device) {
+                    if let Err(e) = s.handle_some(device) {
                         match e {
                             Error::Disconnected => info!("vfio-user: client disconnected"),
                             e => warn!("vfio-user: dropping the client: {e}"),
@@ -429,6 +442,20 @@ impl Session {
             device.dma_unmap(m.iova(), m.size());
         }
         device.client_disconnected();
+    }
+
+    /// Handles the message that made the socket readable and then those that came with it in
+    /// the same read (a client that pipelines, e.g. posted writes), at most
+    /// [`MAX_BATCH`] before the loop looks at its other fds again. `Err` means the session is
+    /// over.
+    fn handle_some(&mut self, device: &mut dyn VfioUserDevice) -> Result<()> {
+        for _ in 0..MAX_BATCH {
+            self.handle_one(device)?;
+            if !self.conn.has_buffered_message() {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Receives and handles one message. `Err` means the session is over.
@@ -1071,5 +1098,133 @@ mod tests {
         let mut s = Server::from_listener(l).unwrap();
         s.stop_handle().stop().unwrap();
         s.run(&mut Nothing).unwrap();
+    }
+
+    /// One 64-byte region: writes are logged, a read returns how many there were.
+    #[derive(Default)]
+    struct WriteLog {
+        writes: Vec<(u64, Vec<u8>)>,
+    }
+
+    impl VfioUserDevice for WriteLog {
+        fn device_info(&self) -> crate::device::DeviceInfo {
+            crate::device::DeviceInfo {
+                flags: 0,
+                num_regions: 1,
+                num_irqs: 0,
+            }
+        }
+        fn region_info(&self, _: u32) -> crate::device::RegionInfo<'_> {
+            crate::device::RegionInfo {
+                flags: 3,
+                size: 64,
+                offset: 0,
+                sparse_areas: Vec::new(),
+                mmap_fd: None,
+            }
+        }
+        fn region_io_fds(&self, _: u32) -> Vec<crate::device::IoFd<'_>> {
+            Vec::new()
+        }
+        fn irq_info(&self, _: u32) -> crate::device::IrqInfo {
+            crate::device::IrqInfo { flags: 0, count: 0 }
+        }
+        fn set_irqs(&mut self, _: SetIrqs) -> std::result::Result<(), i32> {
+            Ok(())
+        }
+        fn region_read(&mut self, _: u32, _: u64, data: &mut [u8]) -> std::result::Result<(), i32> {
+            let n = (self.writes.len() as u32).to_le_bytes();
+            for (d, s) in data.iter_mut().zip(n) {
+                *d = s;
+            }
+            Ok(())
+        }
+        fn region_write(
+            &mut self,
+            _: u32,
+            offset: u64,
+            data: &[u8],
+        ) -> std::result::Result<(), i32> {
+            self.writes.push((offset, data.to_vec()));
+            Ok(())
+        }
+        fn reset(&mut self) -> std::result::Result<(), i32> {
+            Ok(())
+        }
+        fn client_disconnected(&mut self) {}
+        fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, u64)> {
+            Vec::new()
+        }
+        fn handle_fd_event(&mut self, _: u64) {}
+    }
+
+    #[test]
+    fn pipelined_messages_are_all_handled_in_order() {
+        const POSTED: u32 = 2 * MAX_BATCH as u32 + 5;
+        let dir = std::env::temp_dir().join(format!("vfu-pipe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let mut server = Server::from_listener(UnixListener::bind(&path).unwrap()).unwrap();
+        let stop = server.stop_handle();
+        // Everything is queued on the socket before the server reads anything, so its reads
+        // take many messages at once.
+        let mut c = Connection::new(UnixStream::connect(&path).unwrap());
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let version = Version {
+            major: 0,
+            minor: 0,
+            capabilities: Capabilities::default(),
+        };
+        let version_id = c.next_msg_id();
+        let body = version.encode();
+        c.send(
+            &proto::Header::command(version_id, Command::Version, body.len()),
+            &body,
+            &[],
+        )
+        .unwrap();
+        for i in 0..POSTED {
+            let w = RegionData {
+                offset: u64::from(i % 16) * 4,
+                region: 0,
+                data: i.to_le_bytes().to_vec(),
+            };
+            c.post(Command::RegionWrite, &w.encode(), &[]).unwrap();
+        }
+        // The read's reply can only come if the server handles what it has buffered without
+        // waiting for the socket to become readable again: nothing more is sent.
+        let read = RegionAccess {
+            offset: 0,
+            region: 0,
+            count: 4,
+        };
+        let read_id = c.next_msg_id();
+        c.send(
+            &proto::Header::command(read_id, Command::RegionRead, RegionAccess::SIZE),
+            &read.encode(),
+            &[],
+        )
+        .unwrap();
+        let t = std::thread::spawn(move || {
+            let mut dev = WriteLog::default();
+            server.run(&mut dev).unwrap();
+            dev
+        });
+        let v = c.recv().unwrap();
+        assert_eq!(v.header.msg_id, version_id);
+        assert!(v.header.is_reply() && !v.header.is_error());
+        let r = c.recv().unwrap();
+        assert_eq!(r.header.msg_id, read_id);
+        assert!(r.header.is_reply() && !r.header.is_error());
+        let data = RegionData::parse(&r.body).unwrap();
+        assert_eq!(data.data, POSTED.to_le_bytes().to_vec());
+        stop.stop().unwrap();
+        let dev = t.join().unwrap();
+        let expected: Vec<(u64, Vec<u8>)> = (0..POSTED)
+            .map(|i| (u64::from(i % 16) * 4, i.to_le_bytes().to_vec()))
+            .collect();
+        assert!(dev.writes == expected, "writes out of order or missing");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
