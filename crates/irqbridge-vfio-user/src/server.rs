@@ -284,25 +284,32 @@ impl Server {
     /// end that client's session, never `run`.
     pub fn run(&mut self, device: &mut dyn VfioUserDevice) -> Result<()> {
         let mut session: Option<Session> = None;
+        // Reused every round: (fd, token) of the device's fds, and the pollfd array.
+        let mut dev_fds: Vec<(RawFd, u64)> = Vec::new();
+        let mut pfds: Vec<libc::pollfd> = Vec::new();
         loop {
-            let dev_fds: Vec<(RawFd, u64)> = device
-                .poll_fds()
-                .iter()
-                .map(|(fd, token)| (fd.as_raw_fd(), *token))
-                .collect();
+            dev_fds.clear();
+            dev_fds.extend(
+                device
+                    .poll_fds()
+                    .iter()
+                    .map(|(fd, token)| (fd.as_raw_fd(), *token)),
+            );
             let main_fd = match &session {
                 Some(s) => s.conn.as_fd().as_raw_fd(),
                 None => self.listener.as_raw_fd(),
             };
-            let mut pfds: Vec<libc::pollfd> = [self.stop.as_raw_fd(), main_fd]
-                .into_iter()
-                .chain(dev_fds.iter().map(|(fd, _)| *fd))
-                .map(|fd| libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
-                .collect();
+            pfds.clear();
+            pfds.extend(
+                [self.stop.as_raw_fd(), main_fd]
+                    .into_iter()
+                    .chain(dev_fds.iter().map(|(fd, _)| *fd))
+                    .map(|fd| libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    }),
+            );
             // Messages already read from the socket are not seen by poll: only look at the
             // other fds then.
             let buffered = session
