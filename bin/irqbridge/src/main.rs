@@ -5,6 +5,8 @@
 //! irqbridge vfio-user --socket-path PATH [--fd N] [--msix-vectors N] [--evtchn-ports N]
 //!                     [--no-intx] [--control-socket PATH]
 //! irqbridge control --socket PATH <command> [args]
+//! irqbridge vhost-user (--socket-path PATH ... | --fd N) [--ports N] [--upcalls N]
+//!                      [--virtio-id N] [--print-capabilities]
 //! irqbridge demo [--json]
 //! irqbridge bench [--samples N] [--row ROW] [--json FILE]
 //! ```
@@ -41,11 +43,37 @@ enum Command {
     VfioUser(VfioUserArgs),
     /// Send one request to a running device's control socket and print the JSON reply.
     Control(ControlArgs),
+    /// Serve the event-channel device (docs/evtchn-virtio.md) as a vhost-user backend.
+    VhostUser(VhostUserArgs),
     /// Run every interrupt scenario end to end: device server + test VMM + bare-metal guest on
     /// /dev/kvm. Prints a table; exits non-zero if a scenario fails or /dev/kvm is missing.
     Demo(DemoArgs),
     /// Benchmark the interrupt paths against baselines measured in the same run.
     Bench(BenchArgs),
+}
+
+/// Arguments of `irqbridge vhost-user`.
+#[derive(Debug, Args)]
+struct VhostUserArgs {
+    /// Listen for a frontend on this unix socket; repeat it to serve several frontends (VMs)
+    /// whose ports can be linked to each other.
+    #[arg(short = 's', long, value_name = "PATH")]
+    socket_path: Vec<PathBuf>,
+    /// Serve on this already listening unix socket inherited from the parent.
+    #[arg(long, value_name = "N")]
+    fd: Option<RawFd>,
+    /// Event-channel ports per frontend (1..=4096).
+    #[arg(long, value_name = "N", default_value_t = irqbridge_core::evtchn::EVTCHN_DEFAULT_PORTS)]
+    ports: u32,
+    /// Upcalls (event queues) per frontend.
+    #[arg(long, value_name = "N", default_value_t = irqbridge_vhost_user::DEFAULT_UPCALLS)]
+    upcalls: u16,
+    /// Virtio device ID the frontend should present (not assigned by OASIS; see the ABI).
+    #[arg(long, value_name = "N", default_value_t = irqbridge_vhost_user::abi::DEFAULT_VIRTIO_ID)]
+    virtio_id: u16,
+    /// Print the backend capabilities as JSON (QEMU's vhost-user backend convention) and exit.
+    #[arg(long)]
+    print_capabilities: bool,
 }
 
 /// Arguments of `irqbridge demo`.
@@ -141,6 +169,12 @@ enum CliError {
     /// An unknown benchmark row.
     #[error("Unknown benchmark row {0:?} (expected msix, intx, doorbell or region-read).")]
     BenchRow(String),
+    /// `irqbridge vhost-user` without a socket.
+    #[error("At least one --socket-path or --fd is required.")]
+    NoListener,
+    /// The vhost-user backend failed.
+    #[error("vhost-user backend failed.")]
+    VhostUser(#[source] irqbridge_vhost_user::Error),
     /// Writing the benchmark JSON failed.
     #[error("Cannot write {0}.")]
     WriteJson(PathBuf, #[source] std::io::Error),
@@ -324,6 +358,39 @@ fn run_control(args: ControlArgs) -> Result<bool, CliError> {
     Ok(reply.get("ok").and_then(|v| v.as_bool()) == Some(true))
 }
 
+fn run_vhost_user(args: VhostUserArgs) -> Result<bool, CliError> {
+    use irqbridge_vhost_user::{BackendConfig, Server as VhostServer, print_capabilities};
+    if args.print_capabilities {
+        print!("{}", print_capabilities());
+        return Ok(true);
+    }
+    let listen_fd = match args.fd {
+        Some(fd) if fd >= 0 => Some(OwnedFd::from(adopt_listener(fd)?)),
+        Some(fd) => return Err(CliError::BadFd(fd)),
+        None => None,
+    };
+    if listen_fd.is_none() && args.socket_path.is_empty() {
+        return Err(CliError::NoListener);
+    }
+    let config = BackendConfig {
+        sockets: args.socket_path,
+        listen_fd,
+        ports: args.ports,
+        upcalls: args.upcalls,
+        virtio_id: args.virtio_id,
+        ..BackendConfig::default()
+    };
+    let signals = signals::Signals::block().map_err(CliError::Signals)?;
+    let server = VhostServer::start(config).map_err(CliError::VhostUser)?;
+    let stop = server.stop_handle();
+    signals.spawn_waiter(move |sig| {
+        info!("irqbridge: signal {sig}, shutting down");
+        stop.stop();
+    });
+    server.wait().map_err(CliError::VhostUser)?;
+    Ok(true)
+}
+
 fn run_demo(args: DemoArgs) -> Result<bool, CliError> {
     use irqbridge_integration::demo::{self, DemoOptions};
     let report = demo::run(&DemoOptions::default()).map_err(CliError::Integration)?;
@@ -380,6 +447,7 @@ fn main() -> ExitCode {
             .and_then(run_vfio_user)
             .map(|()| true),
         Command::Control(args) => run_control(args),
+        Command::VhostUser(args) => run_vhost_user(args),
         Command::Demo(args) => run_demo(args),
         Command::Bench(args) => run_bench(args),
     };
