@@ -29,6 +29,8 @@
 #![deny(missing_docs)]
 
 pub mod abi;
+pub mod bench;
+pub mod driver;
 pub mod error;
 pub mod page;
 pub mod router;

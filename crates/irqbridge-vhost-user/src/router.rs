@@ -66,7 +66,7 @@ pub struct ConnCounters {
     pub doorbell_errors: u64,
     /// Upcall records written into event-queue buffers.
     pub records: u64,
-    /// Call-fd signals (upcall interrupts) sent.
+    /// Call-fd signals (upcall interrupts) sent, including failed writes.
     pub signals: u64,
     /// Records written without a signal because the driver suppressed it (NO_INTERRUPT or
     /// EVENT_IDX).

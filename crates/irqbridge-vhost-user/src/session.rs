@@ -193,15 +193,14 @@ impl Delivery {
             return;
         }
         if should_notify(&mut st, &mem) {
-            match st.signal_used_queue() {
-                Ok(()) => bump(&self.counters.signals),
-                Err(e) => {
-                    bump(&self.counters.signal_errors);
-                    warn!(
-                        "vhost-user: {}: upcall {v}: call fd write failed: {e}",
-                        self.conn
-                    );
-                }
+            // Counted first, so that whoever sees the signal also sees the count.
+            bump(&self.counters.signals);
+            if let Err(e) = st.signal_used_queue() {
+                bump(&self.counters.signal_errors);
+                warn!(
+                    "vhost-user: {}: upcall {v}: call fd write failed: {e}",
+                    self.conn
+                );
             }
         } else {
             bump(&self.counters.suppressed);
@@ -521,19 +520,27 @@ impl VhostUserBackend for Session {
         self.params.config.read(offset, size).unwrap_or_default()
     }
 
-    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "the event-channel config space is read-only",
-        ))
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // The config space is read-only. Writes are ignored rather than refused: an error here
+        // makes vhost-user-backend end the whole connection, and a guest writing its config
+        // space must not be able to do that.
+        debug!(
+            "vhost-user: {}: ignored SET_CONFIG of {} bytes at {offset}",
+            self.params.conn,
+            buf.len()
+        );
+        Ok(())
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
         let resolve =
             |gpa| GuestPage::resolve(&mem, gpa).map(|p| Arc::new(p) as Arc<dyn SharedWords>);
-        lock(&self.router)
-            .remap(self.params.conn, self.generation, resolve)
-            .map_err(io::Error::other)
+        // Not an error for the frontend (that would end the connection): the page falls back
+        // to the latch page and the guest sees it through its next REGISTER_PAGE.
+        if let Err(e) = lock(&self.router).remap(self.params.conn, self.generation, resolve) {
+            warn!("vhost-user: {}: memory update: {e}", self.params.conn);
+        }
+        Ok(())
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

@@ -1,0 +1,529 @@
+//! Event delivery benchmark over real vhost-user connections, against eventfd baselines.
+//!
+//! One backend process (this one) serves two sockets, A and B, each with a [`Driver`]
+//! connected (EVENT_IDX negotiated, 256-entry queues, 4096 ports bound to upcall 0 on B).
+//! The *guest* of B runs on its own thread: it waits on B's event-queue call fd, takes the
+//! upcall records, re-posts their buffers and runs the guest handler
+//! ([`guest_collect`]) on B's page. Every measurement is paired with a baseline between the
+//! same two threads where the event is a plain eventfd write, waited for the same way
+//! (poll + read), measured in the same run:
+//!
+//! - **latency N**: the main thread sends one event to each of N ports of B
+//!   ([`Router::send`](crate::Router::send), one router lock per burst); the guest thread
+//!   collects until it has all N and writes an ack eventfd; the main thread waits for the ack.
+//!   Median round trip. Baseline: N eventfd writes, the guest thread reads until the counter
+//!   sum is N, ack.
+//! - **throughput N**: the same bursts back to back, the main thread spinning on a counter of
+//!   collected events instead of waiting for an ack. Events per second.
+//! - **doorbell A → B**: the main thread, as A's guest, rings A's doorbell queue for port 0,
+//!   which is linked to B's port 0; B's guest collects it and acks. Median round trip.
+//!   Baseline: an eventfd write from the main thread to B's guest thread, ack.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use irqbridge_core::evtchn::guest_collect;
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EventFd};
+
+use crate::abi::{Op, Request, Status, event_queue};
+use crate::driver::{Driver, DriverConfig, GuestRam, wait_readable};
+use crate::error::{Error, Result};
+use crate::router::ConnId;
+use crate::server::{Backend, BackendConfig, Server};
+
+/// Guest address of the event-channel page in both guests.
+const PAGE_GPA: u64 = 0x1000;
+const QUEUE_SIZE: u16 = 256;
+const PORTS: u32 = 4096;
+const A: ConnId = ConnId(0);
+const B: ConnId = ConnId(1);
+
+/// Benchmark sizes.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchOptions {
+    /// Latency rounds with 64 active ports; fewer with more ports, more with fewer.
+    pub latency_rounds: u32,
+    /// Events per throughput measurement (rounds = events / ports).
+    pub throughput_events: u32,
+    /// Doorbell round trips.
+    pub doorbell_rounds: u32,
+    /// Round trips of each kind run before measuring.
+    pub warm_up_rounds: u32,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            latency_rounds: 1000,
+            throughput_events: 200_000,
+            doorbell_rounds: 2000,
+            warm_up_rounds: 3000,
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchRow {
+    /// What was measured.
+    pub test: String,
+    /// Unit of `value` and `baseline`.
+    pub unit: &'static str,
+    /// The event-channel measurement.
+    pub value: f64,
+    /// The eventfd baseline between the same threads, same run.
+    pub baseline: f64,
+}
+
+impl BenchRow {
+    /// `value / baseline` (latency: above 1 is slower; throughput: below 1 is slower).
+    pub fn ratio(&self) -> f64 {
+        if self.baseline == 0.0 {
+            f64::NAN
+        } else {
+            self.value / self.baseline
+        }
+    }
+}
+
+/// The benchmark results.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BenchReport {
+    /// Measurements.
+    pub rows: Vec<BenchRow>,
+    /// Setup notes.
+    pub notes: Vec<String>,
+}
+
+impl BenchReport {
+    /// Print the table to stdout.
+    pub fn print_table(&self) {
+        print!("{self}");
+    }
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<44} {:>14} {:>14} {:>8}",
+            "test", "evtchn", "eventfd", "ratio"
+        )?;
+        for r in &self.rows {
+            let (v, b) = match r.unit {
+                "events/s" => (format!("{:.0}", r.value), format!("{:.0}", r.baseline)),
+                _ => (format!("{:.2}", r.value), format!("{:.2}", r.baseline)),
+            };
+            writeln!(
+                f,
+                "{:<44} {:>14} {:>14} {:>8.2}",
+                format!("{} ({})", r.test, r.unit),
+                v,
+                b,
+                r.ratio()
+            )?;
+        }
+        for n in &self.notes {
+            writeln!(f, "# {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What the guest thread does next.
+enum Phase {
+    /// Collect event-channel events; ack after every `per_ack` events if `ack`.
+    Evtchn { per_ack: u64, ack: bool },
+    /// Read `fd`; ack after every `per_ack` counts if `ack`.
+    Eventfd {
+        fd: Arc<EventFd>,
+        per_ack: u64,
+        ack: bool,
+    },
+    /// Return the driver.
+    Stop,
+}
+
+struct Guest {
+    tx: mpsc::Sender<(Phase, u64)>,
+    ack: Arc<EventFd>,
+    collected: Arc<AtomicU64>,
+    thread: JoinHandle<std::io::Result<Driver>>,
+}
+
+fn io(e: std::io::Error) -> Error {
+    Error::Io(e)
+}
+
+/// Wait for the eventfd and return its counter.
+fn wait_fd(fd: &EventFd) -> std::io::Result<u64> {
+    wait_readable(fd, Duration::MAX)?;
+    fd.read()
+}
+
+/// B's guest: runs phases of `total` events each.
+fn guest_thread(
+    mut drv: Driver,
+    rx: mpsc::Receiver<(Phase, u64)>,
+    ack: Arc<EventFd>,
+    collected: Arc<AtomicU64>,
+) -> std::io::Result<Driver> {
+    let ram = Arc::clone(drv.ram());
+    let words = ram
+        .words(PAGE_GPA)
+        .ok_or_else(|| std::io::Error::other("page outside guest RAM"))?;
+    while let Ok((phase, total)) = rx.recv() {
+        let mut done = 0u64;
+        let mut since_ack = 0u64;
+        let (per_ack, do_ack) = match &phase {
+            Phase::Evtchn { per_ack, ack } | Phase::Eventfd { per_ack, ack, .. } => {
+                (*per_ack, *ack)
+            }
+            Phase::Stop => return Ok(drv),
+        };
+        while done < total {
+            let got = match &phase {
+                Phase::Evtchn { .. } => {
+                    let call = drv
+                        .queue(event_queue(0))
+                        .ok_or_else(|| std::io::Error::other("no event queue"))?
+                        .call_fd();
+                    wait_fd(call)?;
+                    let mut used = 0;
+                    while drv.pop_record(0)?.is_some() {
+                        used += 1;
+                    }
+                    if used > 0 {
+                        drv.post_event_buffers(0, used, 8)?;
+                    }
+                    guest_collect(words, 0).len() as u64
+                }
+                Phase::Eventfd { fd, .. } => wait_fd(fd)?,
+                Phase::Stop => 0,
+            };
+            done += got;
+            since_ack += got;
+            collected.fetch_add(got, Ordering::SeqCst);
+            if do_ack && since_ack >= per_ack {
+                since_ack = 0;
+                ack.write(1)?;
+            }
+        }
+    }
+    Ok(drv)
+}
+
+impl Guest {
+    fn start(drv: Driver) -> Result<Guest> {
+        let (tx, rx) = mpsc::channel();
+        let ack = Arc::new(EventFd::new(EFD_CLOEXEC).map_err(io)?);
+        let collected = Arc::new(AtomicU64::new(0));
+        let (a, c) = (Arc::clone(&ack), Arc::clone(&collected));
+        let thread = std::thread::Builder::new()
+            .name("bench-guest-b".into())
+            .spawn(move || guest_thread(drv, rx, a, c))
+            .map_err(io)?;
+        Ok(Guest {
+            tx,
+            ack,
+            collected,
+            thread,
+        })
+    }
+
+    fn phase(&self, phase: Phase, total: u64) -> Result<()> {
+        self.tx
+            .send((phase, total))
+            .map_err(|_| Error::Io(std::io::Error::other("the guest thread ended")))
+    }
+
+    fn wait_ack(&self) -> Result<()> {
+        wait_fd(&self.ack).map(|_| ()).map_err(io)
+    }
+
+    fn wait_collected(&self, target: u64) {
+        while self.collected.load(Ordering::SeqCst) < target {
+            std::hint::spin_loop();
+        }
+    }
+
+    fn stop(self) -> Result<Driver> {
+        let _ = self.tx.send((Phase::Stop, 0));
+        self.thread
+            .join()
+            .map_err(|_| Error::Io(std::io::Error::other("the guest thread panicked")))?
+            .map_err(io)
+    }
+}
+
+fn median_us(mut v: Vec<Duration>) -> f64 {
+    v.sort_unstable();
+    v.get(v.len() / 2)
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
+}
+
+fn setup_driver(path: &std::path::Path, bind_all: bool) -> Result<Driver> {
+    let ram = Arc::new(GuestRam::new(4 << 20).map_err(io)?);
+    let cfg = DriverConfig {
+        queue_size: QUEUE_SIZE,
+        event_idx: true,
+        ..DriverConfig::default()
+    };
+    let mut drv = Driver::connect(path, ram, &cfg).map_err(io)?;
+    let mut reqs = vec![Request::new(Op::RegisterPage, 0, PAGE_GPA)];
+    let bound = if bind_all { PORTS } else { 1 };
+    reqs.extend((0..bound).map(|p| Request::new(Op::Bind, p, 0)));
+    for (r, q) in drv.control_batch(&reqs).map_err(io)?.iter().zip(&reqs) {
+        if r.status() != Some(Status::Ok) {
+            return Err(Error::Io(std::io::Error::other(format!(
+                "control request {q:?} failed: {r:?}"
+            ))));
+        }
+    }
+    drv.post_event_buffers(0, usize::from(QUEUE_SIZE) - 1, 8)
+        .map_err(io)?;
+    Ok(drv)
+}
+
+/// Run the benchmark with the default sizes.
+///
+/// # Errors
+///
+/// Setting up the sockets, drivers or threads failed.
+pub fn run() -> Result<BenchReport> {
+    run_with(&BenchOptions::default())
+}
+
+/// Run the benchmark with `opts`.
+///
+/// # Errors
+///
+/// Setting up the sockets, drivers or threads failed.
+pub fn run_with(opts: &BenchOptions) -> Result<BenchReport> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir =
+        std::env::temp_dir().join(format!("irqbridge-vu-bench-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let result = run_in(&dir, opts);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_in(dir: &std::path::Path, opts: &BenchOptions) -> Result<BenchReport> {
+    let (pa, pb) = (dir.join("a.sock"), dir.join("b.sock"));
+    let server = Server::start(BackendConfig {
+        sockets: vec![pa.clone(), pb.clone()],
+        ports: PORTS,
+        upcalls: 1,
+        queue_size: QUEUE_SIZE,
+        ..BackendConfig::default()
+    })?;
+    let backend = server.backend().clone();
+    let mut drv_a = setup_driver(&pa, false)?;
+    let drv_b = setup_driver(&pb, true)?;
+    backend.connect_interdomain((A, 0), (B, 0))?;
+    let guest = Guest::start(drv_b)?;
+    let mut report = BenchReport::default();
+    let measured = measure(&backend, &guest, &mut drv_a, opts, &mut report);
+    let drv_b = guest.stop();
+    let counters = backend.counters(B)?;
+    report.notes.push(format!(
+        "{PORTS} ports, 1 upcall, {QUEUE_SIZE}-entry queues, EVENT_IDX; B counters: {} records, {} signals, {} suppressed, {} deferred",
+        counters.records, counters.signals, counters.suppressed, counters.deferred
+    ));
+    drop(drv_a);
+    drop(drv_b);
+    server.stop_handle().stop();
+    server.wait()?;
+    measured.map(|()| report)
+}
+
+fn send_burst(backend: &Backend, n: u32) -> Result<()> {
+    let r = backend
+        .router()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    for p in 0..n {
+        r.send(B, p)?;
+    }
+    Ok(())
+}
+
+fn measure(
+    backend: &Backend,
+    guest: &Guest,
+    drv_a: &mut Driver,
+    opts: &BenchOptions,
+    report: &mut BenchReport,
+) -> Result<()> {
+    let baseline_fd = Arc::new(EventFd::new(EFD_CLOEXEC).map_err(io)?);
+    // Warm up every path first: thread wake-ups are much slower for the first few thousand
+    // round trips on a virtualised host (its halt polling adapts), which would skew whatever
+    // is measured first.
+    let warm = u64::from(opts.warm_up_rounds);
+    guest.phase(
+        Phase::Evtchn {
+            per_ack: 1,
+            ack: true,
+        },
+        2 * warm,
+    )?;
+    for _ in 0..warm {
+        drv_a.doorbell(&[0]).map_err(io)?;
+        guest.wait_ack()?;
+        send_burst(backend, 1)?;
+        guest.wait_ack()?;
+    }
+    guest.phase(
+        Phase::Eventfd {
+            fd: Arc::clone(&baseline_fd),
+            per_ack: 1,
+            ack: true,
+        },
+        warm,
+    )?;
+    for _ in 0..warm {
+        baseline_fd.write(1).map_err(io)?;
+        guest.wait_ack()?;
+    }
+    for n in [1u32, 64, 4096] {
+        // Latency.
+        let rounds = (u64::from(opts.latency_rounds) * 64 / (64 + u64::from(n))).max(20);
+        let warm = rounds / 10 + 1;
+        let per = u64::from(n);
+        guest.phase(
+            Phase::Evtchn {
+                per_ack: per,
+                ack: true,
+            },
+            per * (rounds + warm),
+        )?;
+        let mut times = Vec::with_capacity(rounds as usize);
+        for i in 0..rounds + warm {
+            let t0 = Instant::now();
+            send_burst(backend, n)?;
+            guest.wait_ack()?;
+            if i >= warm {
+                times.push(t0.elapsed());
+            }
+        }
+        let value = median_us(times);
+        guest.phase(
+            Phase::Eventfd {
+                fd: Arc::clone(&baseline_fd),
+                per_ack: per,
+                ack: true,
+            },
+            per * (rounds + warm),
+        )?;
+        let mut times = Vec::with_capacity(rounds as usize);
+        for i in 0..rounds + warm {
+            let t0 = Instant::now();
+            for _ in 0..n {
+                baseline_fd.write(1).map_err(io)?;
+            }
+            guest.wait_ack()?;
+            if i >= warm {
+                times.push(t0.elapsed());
+            }
+        }
+        report.rows.push(BenchRow {
+            test: format!("latency, {n} port(s) per burst, median"),
+            unit: "us",
+            value,
+            baseline: median_us(times),
+        });
+
+        // Throughput.
+        let rounds = u64::from((opts.throughput_events / n).max(20));
+        let total = per * rounds;
+        let rate = |elapsed: Duration| total as f64 / elapsed.as_secs_f64();
+        let start = guest.collected.load(Ordering::SeqCst);
+        guest.phase(
+            Phase::Evtchn {
+                per_ack: per,
+                ack: false,
+            },
+            total,
+        )?;
+        let t0 = Instant::now();
+        for r in 1..=rounds {
+            send_burst(backend, n)?;
+            guest.wait_collected(start + r * per);
+        }
+        let value = rate(t0.elapsed());
+        let start = guest.collected.load(Ordering::SeqCst);
+        guest.phase(
+            Phase::Eventfd {
+                fd: Arc::clone(&baseline_fd),
+                per_ack: per,
+                ack: false,
+            },
+            total,
+        )?;
+        let t0 = Instant::now();
+        for r in 1..=rounds {
+            for _ in 0..n {
+                baseline_fd.write(1).map_err(io)?;
+            }
+            guest.wait_collected(start + r * per);
+        }
+        report.rows.push(BenchRow {
+            test: format!("throughput, {n} port(s) per burst"),
+            unit: "events/s",
+            value,
+            baseline: rate(t0.elapsed()),
+        });
+    }
+
+    // Interdomain doorbell A → B.
+    let rounds = u64::from(opts.doorbell_rounds);
+    let warm = rounds / 10 + 1;
+    guest.phase(
+        Phase::Evtchn {
+            per_ack: 1,
+            ack: true,
+        },
+        rounds + warm,
+    )?;
+    let mut times = Vec::with_capacity(rounds as usize);
+    for i in 0..rounds + warm {
+        let t0 = Instant::now();
+        drv_a.doorbell(&[0]).map_err(io)?;
+        guest.wait_ack()?;
+        if i >= warm {
+            times.push(t0.elapsed());
+        }
+    }
+    let value = median_us(times);
+    guest.phase(
+        Phase::Eventfd {
+            fd: Arc::clone(&baseline_fd),
+            per_ack: 1,
+            ack: true,
+        },
+        rounds + warm,
+    )?;
+    let mut times = Vec::with_capacity(rounds as usize);
+    for i in 0..rounds + warm {
+        let t0 = Instant::now();
+        baseline_fd.write(1).map_err(io)?;
+        guest.wait_ack()?;
+        if i >= warm {
+            times.push(t0.elapsed());
+        }
+    }
+    report.rows.push(BenchRow {
+        test: "doorbell A -> B round trip, median".into(),
+        unit: "us",
+        value,
+        baseline: median_us(times),
+    });
+    Ok(())
+}
