@@ -5,8 +5,10 @@
 //! The *guest* of B runs on its own thread: it waits on B's event-queue call fd, takes the
 //! upcall records, re-posts their buffers and runs the guest handler
 //! ([`guest_collect`]) on B's page. Every measurement is paired with a baseline between the
-//! same two threads where the event is a plain eventfd write, waited for the same way
-//! (poll + read), measured in the same run:
+//! same two threads where the event is a plain eventfd write, waited for the same way (the
+//! guest thread polls both fds), measured in the same run with evtchn and eventfd rounds
+//! alternating, so that both see the same host conditions (on a nested-virtualised host,
+//! thread wake-up latency drifts by an order of magnitude over seconds):
 //!
 //! - **latency N**: the main thread sends one event to each of N ports of B
 //!   ([`Router::send`](crate::Router::send), one router lock per burst); the guest thread
@@ -20,6 +22,7 @@
 //!   Baseline: an eventfd write from the main thread to B's guest thread, ack.
 
 use std::fmt;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, PoisonError};
@@ -134,24 +137,25 @@ impl fmt::Display for BenchReport {
     }
 }
 
-/// What the guest thread does next.
-enum Phase {
-    /// Collect event-channel events; ack after every `per_ack` events if `ack`.
-    Evtchn { per_ack: u64, ack: bool },
-    /// Read `fd`; ack after every `per_ack` counts if `ack`.
-    Eventfd {
-        fd: Arc<EventFd>,
-        per_ack: u64,
-        ack: bool,
-    },
-    /// Return the driver.
-    Stop,
+/// What the guest thread does next: handle `evtchn` event-channel events and `eventfd`
+/// baseline counts, in any interleaving; after every `per_ack` events of one kind, write the
+/// ack eventfd if `ack`.
+#[derive(Clone, Copy)]
+struct Phase {
+    per_ack: u64,
+    ack: bool,
+    evtchn: u64,
+    eventfd: u64,
 }
 
+const EVTCHN: usize = 0;
+const EVENTFD: usize = 1;
+
 struct Guest {
-    tx: mpsc::Sender<(Phase, u64)>,
+    tx: mpsc::Sender<Phase>,
     ack: Arc<EventFd>,
-    collected: Arc<AtomicU64>,
+    baseline: Arc<EventFd>,
+    collected: [Arc<AtomicU64>; 2],
     thread: JoinHandle<std::io::Result<Driver>>,
 }
 
@@ -165,52 +169,77 @@ fn wait_fd(fd: &EventFd) -> std::io::Result<u64> {
     fd.read()
 }
 
-/// B's guest: runs phases of `total` events each.
+/// Wait until `a` or `b` is readable; returns which.
+fn wait_either(a: &EventFd, b: &EventFd) -> std::io::Result<[bool; 2]> {
+    let mut fds = [a.as_raw_fd(), b.as_raw_fd()].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd structures for the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n >= 0 {
+            return Ok(fds.map(|p| p.revents != 0));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// B's guest: serves phases until the channel closes.
 fn guest_thread(
     mut drv: Driver,
-    rx: mpsc::Receiver<(Phase, u64)>,
+    rx: mpsc::Receiver<Phase>,
     ack: Arc<EventFd>,
-    collected: Arc<AtomicU64>,
+    baseline: Arc<EventFd>,
+    collected: [Arc<AtomicU64>; 2],
 ) -> std::io::Result<Driver> {
     let ram = Arc::clone(drv.ram());
     let words = ram
         .words(PAGE_GPA)
         .ok_or_else(|| std::io::Error::other("page outside guest RAM"))?;
-    while let Ok((phase, total)) = rx.recv() {
-        let mut done = 0u64;
-        let mut since_ack = 0u64;
-        let (per_ack, do_ack) = match &phase {
-            Phase::Evtchn { per_ack, ack } | Phase::Eventfd { per_ack, ack, .. } => {
-                (*per_ack, *ack)
-            }
-            Phase::Stop => return Ok(drv),
-        };
-        while done < total {
-            let got = match &phase {
-                Phase::Evtchn { .. } => {
-                    let call = drv
-                        .queue(event_queue(0))
-                        .ok_or_else(|| std::io::Error::other("no event queue"))?
-                        .call_fd();
-                    wait_fd(call)?;
-                    let mut used = 0;
-                    while drv.pop_record(0)?.is_some() {
-                        used += 1;
-                    }
-                    if used > 0 {
-                        drv.post_event_buffers(0, used, 8)?;
-                    }
-                    guest_collect(words, 0).len() as u64
+    let no_queue = || std::io::Error::other("no event queue");
+    while let Ok(p) = rx.recv() {
+        let totals = [p.evtchn, p.eventfd];
+        let mut done = [0u64; 2];
+        let mut since_ack = [0u64; 2];
+        while done[EVTCHN] < totals[EVTCHN] || done[EVENTFD] < totals[EVENTFD] {
+            let ready = wait_either(
+                drv.queue(event_queue(0)).ok_or_else(no_queue)?.call_fd(),
+                &baseline,
+            )?;
+            let mut got = [0u64; 2];
+            if ready[EVTCHN] {
+                drv.queue(event_queue(0))
+                    .ok_or_else(no_queue)?
+                    .call_fd()
+                    .read()?;
+                let mut used = 0;
+                while drv.pop_record(0)?.is_some() {
+                    used += 1;
                 }
-                Phase::Eventfd { fd, .. } => wait_fd(fd)?,
-                Phase::Stop => 0,
-            };
-            done += got;
-            since_ack += got;
-            collected.fetch_add(got, Ordering::SeqCst);
-            if do_ack && since_ack >= per_ack {
-                since_ack = 0;
-                ack.write(1)?;
+                if used > 0 {
+                    drv.post_event_buffers(0, used, 8)?;
+                }
+                got[EVTCHN] = guest_collect(words, 0).len() as u64;
+            }
+            if ready[EVENTFD] {
+                got[EVENTFD] = baseline.read()?;
+            }
+            for k in [EVTCHN, EVENTFD] {
+                if got[k] == 0 {
+                    continue;
+                }
+                done[k] += got[k];
+                since_ack[k] += got[k];
+                collected[k].fetch_add(got[k], Ordering::SeqCst);
+                if p.ack && since_ack[k] >= p.per_ack {
+                    since_ack[k] = 0;
+                    ack.write(1)?;
+                }
             }
         }
     }
@@ -221,23 +250,26 @@ impl Guest {
     fn start(drv: Driver) -> Result<Guest> {
         let (tx, rx) = mpsc::channel();
         let ack = Arc::new(EventFd::new(EFD_CLOEXEC).map_err(io)?);
-        let collected = Arc::new(AtomicU64::new(0));
-        let (a, c) = (Arc::clone(&ack), Arc::clone(&collected));
+        let baseline = Arc::new(EventFd::new(EFD_CLOEXEC).map_err(io)?);
+        let collected = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+        let (a, b) = (Arc::clone(&ack), Arc::clone(&baseline));
+        let c = collected.clone();
         let thread = std::thread::Builder::new()
             .name("bench-guest-b".into())
-            .spawn(move || guest_thread(drv, rx, a, c))
+            .spawn(move || guest_thread(drv, rx, a, b, c))
             .map_err(io)?;
         Ok(Guest {
             tx,
             ack,
+            baseline,
             collected,
             thread,
         })
     }
 
-    fn phase(&self, phase: Phase, total: u64) -> Result<()> {
+    fn phase(&self, phase: Phase) -> Result<()> {
         self.tx
-            .send((phase, total))
+            .send(phase)
             .map_err(|_| Error::Io(std::io::Error::other("the guest thread ended")))
     }
 
@@ -245,14 +277,26 @@ impl Guest {
         wait_fd(&self.ack).map(|_| ()).map_err(io)
     }
 
-    fn wait_collected(&self, target: u64) {
-        while self.collected.load(Ordering::SeqCst) < target {
+    /// The baseline event: `n` eventfd writes.
+    fn poke(&self, n: u32) -> Result<()> {
+        for _ in 0..n {
+            self.baseline.write(1).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    fn collected(&self, kind: usize) -> u64 {
+        self.collected[kind].load(Ordering::SeqCst)
+    }
+
+    fn wait_collected(&self, kind: usize, target: u64) {
+        while self.collected(kind) < target {
             std::hint::spin_loop();
         }
     }
 
     fn stop(self) -> Result<Driver> {
-        let _ = self.tx.send((Phase::Stop, 0));
+        drop(self.tx);
         self.thread
             .join()
             .map_err(|_| Error::Io(std::io::Error::other("the guest thread panicked")))?
@@ -355,6 +399,40 @@ fn send_burst(backend: &Backend, n: u32) -> Result<()> {
     Ok(())
 }
 
+/// Time `rounds` round trips of each kind, alternating evtchn and eventfd rounds so that both
+/// see the same conditions; returns the medians in microseconds, after dropping a tenth of
+/// the rounds as warm-up.
+fn alternate(
+    guest: &Guest,
+    rounds: u64,
+    per_ack: u64,
+    mut evtchn: impl FnMut() -> Result<()>,
+    mut eventfd: impl FnMut() -> Result<()>,
+) -> Result<(f64, f64)> {
+    let warm = rounds / 10 + 1;
+    guest.phase(Phase {
+        per_ack,
+        ack: true,
+        evtchn: per_ack * (rounds + warm),
+        eventfd: per_ack * (rounds + warm),
+    })?;
+    let mut times = [Vec::new(), Vec::new()];
+    for i in 0..rounds + warm {
+        let t0 = Instant::now();
+        evtchn()?;
+        guest.wait_ack()?;
+        let t1 = Instant::now();
+        eventfd()?;
+        guest.wait_ack()?;
+        if i >= warm {
+            times[EVTCHN].push(t1 - t0);
+            times[EVENTFD].push(t1.elapsed());
+        }
+    }
+    let [a, b] = times;
+    Ok((median_us(a), median_us(b)))
+}
+
 fn measure(
     backend: &Backend,
     guest: &Guest,
@@ -362,168 +440,83 @@ fn measure(
     opts: &BenchOptions,
     report: &mut BenchReport,
 ) -> Result<()> {
-    let baseline_fd = Arc::new(EventFd::new(EFD_CLOEXEC).map_err(io)?);
     // Warm up every path first: thread wake-ups are much slower for the first few thousand
-    // round trips on a virtualised host (its halt polling adapts), which would skew whatever
-    // is measured first.
+    // round trips on a virtualised host (its halt polling adapts).
     let warm = u64::from(opts.warm_up_rounds);
-    guest.phase(
-        Phase::Evtchn {
-            per_ack: 1,
-            ack: true,
-        },
-        2 * warm,
-    )?;
-    for _ in 0..warm {
-        drv_a.doorbell(&[0]).map_err(io)?;
-        guest.wait_ack()?;
-        send_burst(backend, 1)?;
-        guest.wait_ack()?;
-    }
-    guest.phase(
-        Phase::Eventfd {
-            fd: Arc::clone(&baseline_fd),
-            per_ack: 1,
-            ack: true,
-        },
+    alternate(
+        guest,
         warm,
+        1,
+        || drv_a.doorbell(&[0]).map_err(io),
+        || guest.poke(1),
     )?;
-    for _ in 0..warm {
-        baseline_fd.write(1).map_err(io)?;
-        guest.wait_ack()?;
-    }
+    alternate(guest, warm, 1, || send_burst(backend, 1), || guest.poke(1))?;
     for n in [1u32, 64, 4096] {
-        // Latency.
-        let rounds = (u64::from(opts.latency_rounds) * 64 / (64 + u64::from(n))).max(20);
-        let warm = rounds / 10 + 1;
         let per = u64::from(n);
-        guest.phase(
-            Phase::Evtchn {
-                per_ack: per,
-                ack: true,
-            },
-            per * (rounds + warm),
+        let rounds = (u64::from(opts.latency_rounds) * 64 / (64 + per)).max(20);
+        let (value, baseline) = alternate(
+            guest,
+            rounds,
+            per,
+            || send_burst(backend, n),
+            || guest.poke(n),
         )?;
-        let mut times = Vec::with_capacity(rounds as usize);
-        for i in 0..rounds + warm {
-            let t0 = Instant::now();
-            send_burst(backend, n)?;
-            guest.wait_ack()?;
-            if i >= warm {
-                times.push(t0.elapsed());
-            }
-        }
-        let value = median_us(times);
-        guest.phase(
-            Phase::Eventfd {
-                fd: Arc::clone(&baseline_fd),
-                per_ack: per,
-                ack: true,
-            },
-            per * (rounds + warm),
-        )?;
-        let mut times = Vec::with_capacity(rounds as usize);
-        for i in 0..rounds + warm {
-            let t0 = Instant::now();
-            for _ in 0..n {
-                baseline_fd.write(1).map_err(io)?;
-            }
-            guest.wait_ack()?;
-            if i >= warm {
-                times.push(t0.elapsed());
-            }
-        }
         report.rows.push(BenchRow {
             test: format!("latency, {n} port(s) per burst, median"),
             unit: "us",
             value,
-            baseline: median_us(times),
+            baseline,
         });
 
-        // Throughput.
-        let rounds = u64::from((opts.throughput_events / n).max(20));
-        let total = per * rounds;
-        let rate = |elapsed: Duration| total as f64 / elapsed.as_secs_f64();
-        let start = guest.collected.load(Ordering::SeqCst);
-        guest.phase(
-            Phase::Evtchn {
-                per_ack: per,
-                ack: false,
-            },
-            total,
-        )?;
-        let t0 = Instant::now();
-        for r in 1..=rounds {
-            send_burst(backend, n)?;
-            guest.wait_collected(start + r * per);
-        }
-        let value = rate(t0.elapsed());
-        let start = guest.collected.load(Ordering::SeqCst);
-        guest.phase(
-            Phase::Eventfd {
-                fd: Arc::clone(&baseline_fd),
-                per_ack: per,
-                ack: false,
-            },
-            total,
-        )?;
-        let t0 = Instant::now();
-        for r in 1..=rounds {
-            for _ in 0..n {
-                baseline_fd.write(1).map_err(io)?;
+        // Throughput: blocks of rounds back to back, the sender spinning on the count of
+        // collected events; evtchn and eventfd blocks alternate.
+        const BLOCK: u64 = 10;
+        let blocks = (u64::from(opts.throughput_events) / (per * BLOCK)).max(4);
+        let total = per * BLOCK * blocks;
+        guest.phase(Phase {
+            per_ack: per,
+            ack: false,
+            evtchn: total,
+            eventfd: total,
+        })?;
+        let mut elapsed = [Duration::ZERO; 2];
+        for _ in 0..blocks {
+            for kind in [EVTCHN, EVENTFD] {
+                let start = guest.collected(kind);
+                let t0 = Instant::now();
+                for r in 1..=BLOCK {
+                    if kind == EVTCHN {
+                        send_burst(backend, n)?;
+                    } else {
+                        guest.poke(n)?;
+                    }
+                    guest.wait_collected(kind, start + r * per);
+                }
+                elapsed[kind] += t0.elapsed();
             }
-            guest.wait_collected(start + r * per);
         }
+        let rate = |d: Duration| total as f64 / d.as_secs_f64();
         report.rows.push(BenchRow {
             test: format!("throughput, {n} port(s) per burst"),
             unit: "events/s",
-            value,
-            baseline: rate(t0.elapsed()),
+            value: rate(elapsed[EVTCHN]),
+            baseline: rate(elapsed[EVENTFD]),
         });
     }
 
-    // Interdomain doorbell A → B.
-    let rounds = u64::from(opts.doorbell_rounds);
-    let warm = rounds / 10 + 1;
-    guest.phase(
-        Phase::Evtchn {
-            per_ack: 1,
-            ack: true,
-        },
-        rounds + warm,
+    // Interdomain doorbell A → B against an eventfd write from the same thread.
+    let (value, baseline) = alternate(
+        guest,
+        u64::from(opts.doorbell_rounds),
+        1,
+        || drv_a.doorbell(&[0]).map_err(io),
+        || guest.poke(1),
     )?;
-    let mut times = Vec::with_capacity(rounds as usize);
-    for i in 0..rounds + warm {
-        let t0 = Instant::now();
-        drv_a.doorbell(&[0]).map_err(io)?;
-        guest.wait_ack()?;
-        if i >= warm {
-            times.push(t0.elapsed());
-        }
-    }
-    let value = median_us(times);
-    guest.phase(
-        Phase::Eventfd {
-            fd: Arc::clone(&baseline_fd),
-            per_ack: 1,
-            ack: true,
-        },
-        rounds + warm,
-    )?;
-    let mut times = Vec::with_capacity(rounds as usize);
-    for i in 0..rounds + warm {
-        let t0 = Instant::now();
-        baseline_fd.write(1).map_err(io)?;
-        guest.wait_ack()?;
-        if i >= warm {
-            times.push(t0.elapsed());
-        }
-    }
     report.rows.push(BenchRow {
         test: "doorbell A -> B round trip, median".into(),
         unit: "us",
         value,
-        baseline: median_us(times),
+        baseline,
     });
     Ok(())
 }
