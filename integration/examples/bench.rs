@@ -17,12 +17,16 @@ fn main() {
         } else if let Some(p) = a.strip_prefix("--pin=") {
             let cpus: Vec<usize> = p.split(',').filter_map(|c| c.parse().ok()).collect();
             if let [vcpu, server] = cpus[..] {
-                opts.doorbell_cpus = Some((vcpu, server));
+                opts.rig_cpus = Some((vcpu, server));
             }
+        } else if a == "--no-pin" {
+            opts.pin_rigs = false;
         } else if let Some(row) = bench::Row::from_name(&a) {
             opts.only = Some(row);
         } else {
-            eprintln!("usage: bench [--json] [SAMPLES] [msix|intx|doorbell|region-read]");
+            eprintln!(
+                "usage: bench [--json] [--pin=VCPU,SERVER | --no-pin] [SAMPLES] [msix|intx|doorbell|region-read]"
+            );
             std::process::exit(2);
         }
     }
