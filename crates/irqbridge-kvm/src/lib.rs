@@ -21,7 +21,9 @@
 //! - [`interrupt`]: the [`InterruptSourceGroup`] trait (Cloud Hypervisor's `vm-device` shape)
 //!   with [`MsiInterruptGroup`] and [`LegacyInterruptGroup`];
 //! - [`mmap`]: owning mappings of device regions and the [`MappedRegion`] a VMM installs;
-//! - [`attach`]: [`AttachedDevice`], which puts it all together.
+//! - [`attach`]: [`AttachedDevice`], which puts it all together;
+//! - [`vhost`]: [`VhostUserAttachment`], the vhost-user frontend path: a vhost-user device's
+//!   virtqueues started with their kicks as ioeventfds and their calls as MSI irqfds.
 //!
 //! # Kernel ordering rules this crate follows
 //!
@@ -113,6 +115,7 @@ pub mod mmap;
 pub mod routing;
 #[cfg(test)]
 mod test_util;
+pub mod vhost;
 
 pub use attach::{AttachConfig, AttachedDevice, GuestRam};
 pub use client::{Client, ClientConfig};
@@ -123,6 +126,10 @@ pub use interrupt::{
 };
 pub use mmap::{MappedRegion, RegionMapping};
 pub use routing::{GsiRouter, IrqChip, Route, RoutingSink, SharedGsiRouter};
+pub use vhost::{
+    Datamatch, Error as VhostError, GuestRam as VhostGuestRam, KickConfig, Msi, QueueConfig,
+    StoppedQueue, VhostAttachConfig, VhostUserAttachment,
+};
 
 /// Borrows an [`EventFd`](vmm_sys_util::eventfd::EventFd) as a [`BorrowedFd`](std::os::fd::BorrowedFd)
 /// (vmm-sys-util's `EventFd` does not implement `AsFd`).
