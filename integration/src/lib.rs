@@ -12,6 +12,9 @@
 //!   into a [`TestVm`] through the irqbridge-kvm plugin; [`scenarios`] are the exact-count
 //!   end-to-end checks on it, [`demo::run`] runs them all as a table and [`bench::run`] measures
 //!   the interrupt paths against same-run baselines.
+//! - [`vhost_rig::VhostRig`] attaches the irqbridge vhost-user backend (in process) to several
+//!   [`TestVm`]s through the plugin's vhost-user frontend path; their guests drive the
+//!   virtqueues with plain stores and ioeventfd notifies.
 //!
 //! `integration/README.md` documents the guest memory map and the mailbox ABI ([`layout`]).
 //!
@@ -45,6 +48,7 @@ pub mod routing;
 pub mod scenarios;
 pub mod server;
 pub mod stats;
+pub mod vhost_rig;
 mod vm;
 
 use std::sync::atomic::{AtomicU64, Ordering};
