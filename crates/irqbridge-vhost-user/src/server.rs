@@ -18,8 +18,9 @@ use irqbridge_core::evtchn::{EVTCHN_DEFAULT_PORTS, EVTCHN_MAX_PORTS};
 use irqbridge_core::{EvtchnStats, PortState, SendOutcome};
 use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
+use vhost::vhost_user::Error as VhostUserError;
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_backend::{Error as VhostUserDaemonError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
@@ -618,6 +619,10 @@ fn serve_one(
     end(&daemon);
     match result {
         Ok(()) => info!("vhost-user: {conn}: frontend disconnected"),
+        // vhost-user-backend reports a plain hang-up as an error; that is a normal end.
+        Err(VhostUserDaemonError::HandleRequest(VhostUserError::Disconnected)) => {
+            info!("vhost-user: {conn}: frontend disconnected")
+        }
         // A frontend that breaks the protocol loses its connection, not the server.
         Err(e) => warn!("vhost-user: {conn}: frontend connection ended: {e}"),
     }
