@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # QEMU + Linux guest tests: QEMU 11.1 (TCG) with a vfio-user-pci device served by
 # `irqbridge vfio-user`, driven from inside a Debian guest kernel by irqbridge-guest through
-# sysfs, uio_pci_generic and vfio-pci (behind an emulated intel-iommu).
+# sysfs, uio_pci_generic and vfio-pci (behind an emulated intel-iommu); and the virtio
+# event-channel device served by the irqbridge vhost-user backend behind QEMU's generic
+# vhost-user-test-device-pci, driven by irqbridge-guest's userspace virtio-pci driver.
 #
-# Cases (all by default; choose with IRQBRIDGE_QEMU_CASES="uio vfio reboot"):
+# Cases (all by default; choose with IRQBRIDGE_QEMU_CASES="uio vfio reboot vhost"):
 #   uio     no vIOMMU:   boot enum doorbell uio-intx
 #   vfio    intel-iommu: all scenarios (enum doorbell uio-intx vfio evtchn)
 #   reboot  intel-iommu: the guest runs vfio evtchn doorbell, reboots (QEMU resets the device),
 #           runs them again; then a second QEMU connects to the same, still running server
 #           and runs them a third time (the server keeps serving after a client disconnects).
+#   vhost   intel-iommu: `-chardev socket -device vhost-user-test-device-pci` connected to the
+#           event-channel backend (ci/vhost-backend: crates/irqbridge-vhost-user plus loopback
+#           links 1:5 2:70 3:700), one upcall (num_vqs 3, config_size 24); the guest binds the
+#           device to vfio-pci and runs scenario vhost-evtchn (INTx, exact upcall counts).
 #
 # Every QEMU run has a hard timeout. Fails on any FAIL line, a missing result or DONE line, a
 # timeout or a server that died. Prints "SKIPPED: <reason>" and exits 0 only on a machine where
@@ -21,6 +27,13 @@
 #      CARGO_TARGET_DIR          where the server is built (cargo's default otherwise)
 #      IRQBRIDGE_SERVER          a server binary to use instead of building bin/irqbridge (it is
 #                                run as `$IRQBRIDGE_SERVER vfio-user --socket-path PATH`)
+#      IRQBRIDGE_VHOST_BACKEND   a vhost-user backend to use instead of building ci/vhost-backend
+#                                (run with --socket-path PATH --upcalls 1 --virtio-id N
+#                                --link 1:5 --link 2:70 --link 3:700; it prints
+#                                IRQBRIDGE-VHOST-READY on stdout once the links exist)
+#      IRQBRIDGE_VHOST_VIRTIO_ID virtio device ID of the vhost case (default 21). QEMU 11.1 aborts
+#                                on an ID it has no name for (only 1-13, 16-41 and 45 work), so
+#                                the backend's default of 63 cannot be used.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -30,7 +43,13 @@ REPO=$(cd "$HERE/.." && pwd)
 T0=$(now)
 OUT=${IRQBRIDGE_QEMU_OUT:-$REPO/target-qemu-tests}
 QTIMEOUT=${IRQBRIDGE_QEMU_TIMEOUT:-240}
-CASES=${IRQBRIDGE_QEMU_CASES:-uio vfio reboot}
+CASES=${IRQBRIDGE_QEMU_CASES:-uio vfio reboot vhost}
+VHOST_VIRTIO_ID=${IRQBRIDGE_VHOST_VIRTIO_ID:-21}
+# One upcall: control + doorbell + one event queue (crates/irqbridge-vhost-user/src/abi.rs).
+VHOST_UPCALLS=1
+VHOST_CONFIG_SIZE=24
+# Sender:receiver port pairs; integration/guest/src/vhost_evtchn.rs (LINKS) expects these.
+VHOST_LINKS=(1:5 2:70 3:700)
 
 # --- can this machine run QEMU at all? ---------------------------------------------------------
 [ "$(uname -m)" = x86_64 ] || skip "QEMU guest tests need an x86_64 host (this is $(uname -m))"
@@ -49,14 +68,40 @@ rm -f "$OUT"/*.log "$OUT"/*.sock
 KENV=$("$HERE/guest-kernel.sh" 2>/dev/null)
 # shellcheck disable=SC1090
 . "$KENV"
-if [ -n "${IRQBRIDGE_SERVER:-}" ]; then
-    SERVER=$IRQBRIDGE_SERVER
-else
-    log "building the server (cargo build -p irqbridge)"
-    (cd "$REPO" && nice cargo build --quiet -p irqbridge)
-    SERVER=${CARGO_TARGET_DIR:-$REPO/target}/debug/irqbridge
+SERVER=
+if [[ " $CASES " =~ \ (uio|vfio|reboot)\  ]]; then
+    if [ -n "${IRQBRIDGE_SERVER:-}" ]; then
+        SERVER=$IRQBRIDGE_SERVER
+    else
+        log "building the server (cargo build -p irqbridge)"
+        (cd "$REPO" && nice cargo build --quiet -p irqbridge)
+        SERVER=${CARGO_TARGET_DIR:-$REPO/target}/debug/irqbridge
+    fi
+    [ -x "$SERVER" ] || die "no server binary at $SERVER"
 fi
-[ -x "$SERVER" ] || die "no server binary at $SERVER"
+VHOST_BACKEND=
+VHOST_DEVICE=
+if [[ " $CASES " == *" vhost "* ]]; then
+    if [ -n "${IRQBRIDGE_VHOST_BACKEND:-}" ]; then
+        VHOST_BACKEND=$IRQBRIDGE_VHOST_BACKEND
+    else
+        log "building the vhost-user test backend (ci/vhost-backend)"
+        # Its own workspace: start from the repository's lock file so that it resolves the
+        # same versions (offline-capable) instead of the newest ones.
+        cp "$REPO/Cargo.lock" "$HERE/vhost-backend/Cargo.lock"
+        (cd "$HERE/vhost-backend" && CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target} \
+            nice cargo build --quiet)
+        VHOST_BACKEND=${CARGO_TARGET_DIR:-$REPO/target}/debug/irqbridge-ci-vhost-backend
+    fi
+    [ -x "$VHOST_BACKEND" ] || die "no vhost-user backend binary at $VHOST_BACKEND"
+    # The generic device was vhost-user-device-pci before QEMU 10.2.
+    for d in vhost-user-test-device-pci vhost-user-device-pci; do
+        if "$HERE/qemu" -device help 2>/dev/null | grep -q "\"$d\""; then
+            VHOST_DEVICE=$d
+            break
+        fi
+    done
+fi
 SETUP_TIME=$(elapsed "$t")
 log "setup done in $SETUP_TIME s"
 
@@ -98,6 +143,28 @@ start_server() {
     done
 }
 
+# start_vhost_backend NAME: starts the vhost-user backend on $OUT/NAME.sock and waits for its
+# ready line (sets SOCK and SERVER_PID, so that stop_server stops it).
+start_vhost_backend() {
+    local sock=$OUT/$1.sock log=$OUT/$1.server.log l links=()
+    SOCK=$sock
+    rm -f "$sock"
+    for l in "${VHOST_LINKS[@]}"; do links+=(--link "$l"); done
+    RUST_LOG=${RUST_LOG:-info} "$VHOST_BACKEND" --socket-path "$SOCK" --upcalls "$VHOST_UPCALLS" \
+        --virtio-id "$VHOST_VIRTIO_ID" "${links[@]}" >"$log" 2>&1 &
+    SERVER_PID=$!
+    local deadline=$((SECONDS + 20))
+    until [ -S "$SOCK" ] && grep -q '^IRQBRIDGE-VHOST-READY' "$log"; do
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            tail -n 20 "$log" >&2
+            SERVER_PID=
+            return 1
+        fi
+        [ "$SECONDS" -lt "$deadline" ] || { tail -n 20 "$log" >&2; return 1; }
+        sleep 0.1
+    done
+}
+
 stop_server() { # name; fails if the server had died
     local rc=0
     if [ -n "$SERVER_PID" ]; then
@@ -113,10 +180,14 @@ stop_server() { # name; fails if the server had died
     SERVER_PID=
 }
 
-# run_qemu NAME SOCK IOMMU(0|1) BOOTS GUEST-ARGS: boots QEMU until BOOTS IRQBRIDGE-DONE lines
-# appeared on the serial console (the guest reboots between them), QEMU exited, or the timeout.
+# run_qemu NAME SOCK IOMMU(0|1) BOOTS GUEST-ARGS [DEVICE-ARGS...]: boots QEMU until BOOTS
+# IRQBRIDGE-DONE lines appeared on the serial console (the guest reboots between them), QEMU
+# exited, or the timeout. The device is a vfio-user-pci on SOCK unless DEVICE-ARGS (QEMU
+# arguments) are given.
 run_qemu() {
     local name=$1 sock=$2 iommu=$3 boots=$4 args=$5
+    shift 5
+    local devargs=("$@")
     local serial=$OUT/$name.serial.log cmdline dev
     cmdline="console=ttyS0 loglevel=4 panic=-1 irqbridge.args=$args"
     local extra=()
@@ -129,14 +200,17 @@ run_qemu() {
     else
         extra+=(-no-reboot)
     fi
-    dev=$(printf '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"%s"}}' "$sock")
+    if [ "${#devargs[@]}" = 0 ]; then
+        dev=$(printf '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"%s"}}' "$sock")
+        devargs=(-device "$dev")
+    fi
     : >"$serial"
     local t
     t=$(now)
     timeout -k 5 "$QTIMEOUT" "$HERE/qemu" -accel tcg -nodefaults -no-user-config -display none \
         -machine q35,memory-backend=mem -m 512M -smp 1 \
         -object memory-backend-memfd,id=mem,size=512M,share=on \
-        "${extra[@]}" -device "$dev" \
+        "${extra[@]}" "${devargs[@]}" \
         -serial "file:$serial" -kernel "$KERNEL" -initrd "$OUT/initramfs.cpio.gz" \
         -append "$cmdline" </dev/null >"$OUT/$name.qemu.log" 2>&1 &
     QEMU_PID=$!
@@ -191,6 +265,8 @@ check_serial() {
 
 VFIO_RESULTS=(vfio-open vfio-intx vfio-msix vfio-msix-mask)
 EVTCHN_RESULTS=(evtchn-setup evtchn-basic evtchn-coalesce evtchn-mask evtchn-unbind-close evtchn-totals)
+VHOST_RESULTS=(vhost-open vhost-init vhost-evtchn-setup vhost-evtchn-send vhost-evtchn-coalesce
+    vhost-evtchn-doorbell vhost-evtchn-mask vhost-evtchn-totals)
 
 # --- cases ---------------------------------------------------------------------------------------
 for c in $CASES; do
@@ -223,7 +299,19 @@ for c in $CASES; do
         n=$(tr -d '\r' <"$OUT/reboot.serial.log" | grep -ac '^IRQBRIDGE-BOOT' || true)
         [ "$n" -ge 2 ] || fail "reboot: the guest booted $n times, expected 2"
         ;;
-    *) die "unknown case $c (known: uio vfio reboot)" ;;
+    vhost)
+        if [ -z "$VHOST_DEVICE" ]; then
+            fail "vhost: QEMU has neither vhost-user-test-device-pci nor vhost-user-device-pci"
+            continue
+        fi
+        start_vhost_backend vhost || { fail "vhost: the backend did not start"; continue; }
+        run_qemu vhost "$SOCK" 1 1 "boot,--virtio-id=$VHOST_VIRTIO_ID,vhost-evtchn" \
+            -chardev "socket,id=vu,path=$SOCK" \
+            -device "$VHOST_DEVICE,chardev=vu,virtio-id=$VHOST_VIRTIO_ID,num_vqs=$((2 + VHOST_UPCALLS)),config_size=$VHOST_CONFIG_SIZE"
+        stop_server vhost
+        check_serial vhost 1 boot "${VHOST_RESULTS[@]}"
+        ;;
+    *) die "unknown case $c (known: uio vfio reboot vhost)" ;;
     esac
 done
 

@@ -11,7 +11,7 @@ use crate::{Options, bail};
 
 const PENDING: usize = 0x000;
 const MASK: usize = 0x200;
-const UPCALL: usize = 0x400;
+pub(crate) const UPCALL: usize = 0x400;
 const PAGE: usize = 4096;
 
 /// Upcall vectors used by the test; vector 0 serves as a fence.
@@ -19,39 +19,40 @@ const V1: u32 = 1;
 const V2: u32 = 2;
 const FENCE: u32 = 0;
 
-/// The shared event-channel page.
-struct Page(Mapping);
+/// The shared event-channel page (the layout of device-abi.md, shared by the virtio
+/// event-channel device of `vhost_evtchn`).
+pub(crate) struct Page(pub(crate) Mapping);
 
 impl Page {
-    fn word(&self, base: usize, port: u32) -> Result<(&AtomicU64, u64)> {
+    pub(crate) fn word(&self, base: usize, port: u32) -> Result<(&AtomicU64, u64)> {
         let w = (port / 64) as usize;
         Ok((self.0.atomic64(base + 8 * w)?, 1u64 << (port % 64)))
     }
 
-    fn pending(&self, port: u32) -> Result<bool> {
+    pub(crate) fn pending(&self, port: u32) -> Result<bool> {
         let (w, bit) = self.word(PENDING, port)?;
         Ok(w.load(SeqCst) & bit != 0)
     }
 
-    fn clear_pending(&self, port: u32) -> Result<()> {
+    pub(crate) fn clear_pending(&self, port: u32) -> Result<()> {
         let (w, bit) = self.word(PENDING, port)?;
         w.fetch_and(!bit, SeqCst);
         Ok(())
     }
 
-    fn masked(&self, port: u32) -> Result<bool> {
+    pub(crate) fn masked(&self, port: u32) -> Result<bool> {
         let (w, bit) = self.word(MASK, port)?;
         Ok(w.load(SeqCst) & bit != 0)
     }
 
-    fn mask(&self, port: u32) -> Result<()> {
+    pub(crate) fn mask(&self, port: u32) -> Result<()> {
         let (w, bit) = self.word(MASK, port)?;
         w.fetch_or(bit, SeqCst);
         Ok(())
     }
 
     /// Whether every word of the page is zero.
-    fn is_clean(&self) -> Result<bool> {
+    pub(crate) fn is_clean(&self) -> Result<bool> {
         for off in (0..PAGE).step_by(8) {
             if self.0.atomic64(off)?.load(SeqCst) != 0 {
                 return Ok(false);
@@ -61,7 +62,7 @@ impl Page {
     }
 
     /// The guest upcall handler of device-abi.md for vector `v`: returns the ports it handled.
-    fn handle(&self, v: u32) -> Result<Vec<u32>> {
+    pub(crate) fn handle(&self, v: u32) -> Result<Vec<u32>> {
         let base = UPCALL + 16 * v as usize;
         self.0.atomic64(base)?.store(0, SeqCst);
         let sel = self.0.atomic64(base + 8)?.swap(0, SeqCst);

@@ -1,12 +1,16 @@
 //! irqbridge-guest: runs inside a Linux guest (QEMU, TCG) and drives the irqbridge test device
 //! (docs/device-abi.md) through the guest's own drivers: sysfs, uio_pci_generic and vfio-pci.
 //!
-//! Usage: `irqbridge-guest [--count=N] [--vectors=N] [--rounds=N] [--doorbells=N] SCENARIO...`
-//! with scenarios `boot`, `enum`, `doorbell`, `uio-intx`, `vfio`, `evtchn`, or `all`.
+//! Usage: `irqbridge-guest [--count=N] [--vectors=N] [--rounds=N] [--doorbells=N]
+//! [--virtio-id=N] SCENARIO...` with scenarios `boot`, `enum`, `doorbell`, `uio-intx`, `vfio`,
+//! `evtchn`, or `all` (all of these but `boot`), and `vhost-evtchn`, which drives the virtio
+//! event-channel device (QEMU's vhost-user-test-device-pci with virtio ID `--virtio-id`, default
+//! 63, served by the irqbridge vhost-user backend) instead of the vfio-user test device.
 //!
 //! Prints one `IRQBRIDGE-RESULT name=... status=PASS|FAIL key=value...` line per result and a
 //! final `IRQBRIDGE-DONE pass=N fail=M`; exits non-zero when anything failed.
 
+mod dma;
 mod evtchn;
 mod kmsg;
 mod pci;
@@ -16,6 +20,8 @@ mod sys;
 mod uio;
 mod vfio;
 mod vfio_tests;
+mod vhost_evtchn;
+mod virtio;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -30,6 +36,10 @@ pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const QUIET_TIMEOUT: Duration = Duration::from_millis(200);
 
 const ALL: &[&str] = &["enum", "doorbell", "uio-intx", "vfio", "evtchn"];
+/// The scenario of the virtio event-channel device (not part of `all`: another device).
+const VHOST_EVTCHN: &str = "vhost-evtchn";
+/// Default virtio device ID of the event-channel device (the backend's `DEFAULT_VIRTIO_ID`).
+pub const DEFAULT_VIRTIO_ID: u16 = 63;
 
 /// Command-line options.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +52,8 @@ pub struct Options {
     pub rounds: u32,
     /// Doorbell writes.
     pub doorbells: u32,
+    /// Virtio device ID of the event-channel device (vhost-evtchn).
+    pub virtio_id: u16,
     /// Scenarios in order.
     pub scenarios: Vec<String>,
 }
@@ -53,6 +65,7 @@ impl Default for Options {
             vectors: 4,
             rounds: 3,
             doorbells: 100,
+            virtio_id: DEFAULT_VIRTIO_ID,
             scenarios: Vec::new(),
         }
     }
@@ -70,11 +83,17 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> std::result::Result<Opt
                 "vectors" => o.vectors = n,
                 "rounds" => o.rounds = n,
                 "doorbells" => o.doorbells = n,
+                "virtio-id" => {
+                    o.virtio_id = u16::try_from(n)
+                        .ok()
+                        .filter(|&id| id != 0)
+                        .ok_or_else(|| format!("--virtio-id must be in 1..=65535, got {n}"))?
+                }
                 _ => return Err(format!("unknown option --{key}")),
             }
         } else if a == "all" {
             o.scenarios.extend(ALL.iter().map(|s| s.to_string()));
-        } else if a == "boot" || ALL.contains(&a.as_str()) {
+        } else if a == "boot" || a == VHOST_EVTCHN || ALL.contains(&a.as_str()) {
             o.scenarios.push(a);
         } else {
             return Err(format!("unknown scenario or option {a:?}"));
@@ -200,6 +219,10 @@ fn main() -> ExitCode {
             rep.run("boot", scenario_boot);
             continue;
         }
+        if name == VHOST_EVTCHN {
+            vhost_evtchn::run(&mut rep, &opts);
+            continue;
+        }
         let pci = match &device {
             Ok(p) => p,
             Err(e) => {
@@ -257,5 +280,17 @@ mod tests {
         assert!(parse_args(args(&["--vectors=2", "evtchn"])).is_err());
         assert!(parse_args(args(&[])).is_err());
         assert!(parse_args(args(&["--bogus=1", "enum"])).is_err());
+        assert!(parse_args(args(&["--virtio-id=0", "vhost-evtchn"])).is_err());
+        assert!(parse_args(args(&["--virtio-id=65536", "vhost-evtchn"])).is_err());
+    }
+
+    #[test]
+    fn vhost_evtchn_is_its_own_scenario() {
+        let o = parse_args(args(&["vhost-evtchn"])).expect("valid");
+        assert_eq!(o.scenarios, args(&["vhost-evtchn"]));
+        assert_eq!(o.virtio_id, DEFAULT_VIRTIO_ID);
+        let o = parse_args(args(&["--virtio-id=77", "boot", "vhost-evtchn"])).expect("valid");
+        assert_eq!(o.virtio_id, 77);
+        assert!(!ALL.contains(&VHOST_EVTCHN));
     }
 }

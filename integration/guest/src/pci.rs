@@ -48,6 +48,15 @@ fn write_sysfs(p: &Path, value: &str) -> Result<()> {
 
 /// Finds the irqbridge device (vendor 0x6972, device 0x7162).
 pub fn find_device() -> Result<PciDev> {
+    find_by_ids(VENDOR, DEVICE)?.ok_or_else(|| {
+        Error::msg(format!(
+            "no PCI device {VENDOR:04x}:{DEVICE:04x} in /sys/bus/pci/devices (is the vfio-user-pci device attached?)"
+        ))
+    })
+}
+
+/// The first PCI function (in BDF order) with the given vendor and device IDs, if any.
+pub fn find_by_ids(vendor_id: u16, device_id: u16) -> Result<Option<PciDev>> {
     let dir = Path::new("/sys/bus/pci/devices");
     let mut found = Vec::new();
     for entry in fs::read_dir(dir).ctx("listing /sys/bus/pci/devices")? {
@@ -59,7 +68,7 @@ pub fn find_device() -> Result<PciDev> {
         let device = read_trimmed(&path.join("device"))
             .ok()
             .and_then(|s| parse_hex(&s));
-        if vendor == Some(u64::from(VENDOR)) && device == Some(u64::from(DEVICE)) {
+        if vendor == Some(u64::from(vendor_id)) && device == Some(u64::from(device_id)) {
             found.push(PciDev {
                 bdf: entry.file_name().to_string_lossy().into_owned(),
                 path,
@@ -67,11 +76,7 @@ pub fn find_device() -> Result<PciDev> {
         }
     }
     found.sort_by(|a, b| a.bdf.cmp(&b.bdf));
-    found.into_iter().next().ok_or_else(|| {
-        Error::msg(format!(
-            "no PCI device {VENDOR:04x}:{DEVICE:04x} in /sys/bus/pci/devices (is the vfio-user-pci device attached?)"
-        ))
-    })
+    Ok(found.into_iter().next())
 }
 
 /// Walks the capability list of a config-space image; returns the offset of capability `id`.

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64};
 use std::time::{Duration, Instant};
 
 /// A shared, read-write memory mapping of a file (a PCI BAR through sysfs or a VFIO region).
@@ -37,6 +37,35 @@ impl Mapping {
         let ptr = NonNull::new(p.cast::<u8>())
             .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
         Ok(Self { ptr, len })
+    }
+
+    /// Maps `len` bytes of fresh anonymous memory, private, read-write, populated and locked
+    /// (`MAP_POPULATE | MAP_LOCKED`): every page is resident and stays where it is, so its
+    /// physical address can be given to a device.
+    pub fn anonymous_locked(len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing (no hint)
+        // cannot alias any Rust object; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | libc::MAP_LOCKED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
+        Ok(Self { ptr, len })
+    }
+
+    /// The virtual address of the mapping's first byte.
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
     }
 
     fn checked(&self, off: usize, width: usize) -> io::Result<*mut u8> {
@@ -76,6 +105,58 @@ impl Mapping {
         // memory is only ever accessed atomically from this program (the device writes it from
         // another process, which is what atomics are for).
         Ok(unsafe { AtomicU64::from_ptr(p.cast::<u64>()) })
+    }
+}
+
+impl Mapping {
+    fn checked_range(&self, off: usize, len: usize) -> io::Result<*mut u8> {
+        if off.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{len} bytes at {off:#x} do not fit in the {:#x}-byte mapping",
+                    self.len
+                ),
+            ));
+        }
+        // SAFETY: off + len <= len of the mapping, so the result stays inside it.
+        Ok(unsafe { self.ptr.as_ptr().add(off) })
+    }
+
+    /// An atomic view of the aligned 16-bit word at `off` (memory shared with a device).
+    pub fn atomic16(&self, off: usize) -> io::Result<&AtomicU16> {
+        let p = self.checked(off, 2)?;
+        // SAFETY: as in atomic64, for a 2-byte aligned word inside the mapping.
+        Ok(unsafe { AtomicU16::from_ptr(p.cast::<u16>()) })
+    }
+
+    /// An atomic view of the aligned 32-bit word at `off` (memory shared with a device).
+    pub fn atomic32(&self, off: usize) -> io::Result<&AtomicU32> {
+        let p = self.checked(off, 4)?;
+        // SAFETY: as in atomic64, for a 4-byte aligned word inside the mapping.
+        Ok(unsafe { AtomicU32::from_ptr(p.cast::<u32>()) })
+    }
+
+    /// Copies `data` into the mapping at `off`, byte by byte with volatile stores (the device
+    /// reads this memory from another process).
+    pub fn write_bytes(&self, off: usize, data: &[u8]) -> io::Result<()> {
+        let p = self.checked_range(off, data.len())?;
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: p + i is inside the mapping (checked_range covered off..off+len) and
+            // writable; a byte store needs no alignment.
+            unsafe { p.add(i).write_volatile(*b) };
+        }
+        Ok(())
+    }
+
+    /// Copies `buf.len()` bytes at `off` out of the mapping with volatile loads.
+    pub fn read_bytes(&self, off: usize, buf: &mut [u8]) -> io::Result<()> {
+        let p = self.checked_range(off, buf.len())?;
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: as in write_bytes, for loads.
+            *b = unsafe { p.add(i).read_volatile() };
+        }
+        Ok(())
     }
 }
 

@@ -25,6 +25,11 @@ const VFIO_DEVICE_GET_INFO: u64 = 0x3b6b;
 const VFIO_DEVICE_GET_REGION_INFO: u64 = 0x3b6c;
 const VFIO_DEVICE_GET_IRQ_INFO: u64 = 0x3b6d;
 const VFIO_DEVICE_SET_IRQS: u64 = 0x3b6e;
+const VFIO_IOMMU_MAP_DMA: u64 = 0x3b71;
+const VFIO_IOMMU_UNMAP_DMA: u64 = 0x3b72;
+
+const VFIO_DMA_MAP_FLAG_READ: u32 = 1 << 0;
+const VFIO_DMA_MAP_FLAG_WRITE: u32 = 1 << 1;
 
 const VFIO_GROUP_FLAGS_VIABLE: u32 = 1;
 const VFIO_DEVICE_FLAGS_PCI: u32 = 1 << 1;
@@ -69,6 +74,12 @@ fn put32(b: &mut [u8], off: usize, v: u32) {
     }
 }
 
+fn put64(b: &mut [u8], off: usize, v: u64) {
+    if let Some(s) = b.get_mut(off..off + 8) {
+        s.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
 /// One VFIO region (BAR, ROM, config).
 #[derive(Debug, Clone, Copy)]
 pub struct Region {
@@ -87,7 +98,7 @@ pub struct Region {
 pub struct VfioDevice {
     dev: File,
     _group: File,
-    _container: File,
+    container: File,
     regions: Vec<Region>,
 }
 
@@ -165,7 +176,7 @@ impl VfioDevice {
         Ok(Self {
             dev,
             _group: group,
-            _container: container,
+            container,
             regions,
         })
     }
@@ -222,7 +233,7 @@ impl VfioDevice {
     }
 
     fn check_range(&self, r: &Region, off: u64, width: u64) -> Result<u64> {
-        if off % width != 0 || off + width > r.size {
+        if off % width != 0 || off.checked_add(width).is_none_or(|end| end > r.size) {
             bail!(
                 "access of {width} bytes at {off:#x} outside region {} ({:#x} bytes)",
                 r.index,
@@ -250,6 +261,94 @@ impl VfioDevice {
         self.dev
             .write_all_at(&val.to_le_bytes(), pos)
             .ctx(format_args!("writing region {index} at {off:#x}"))
+    }
+
+    /// Reads `buf.len()` bytes (1, 2 or 4, naturally aligned: one device access) at `off` of
+    /// region `index` through the device fd.
+    pub fn read_width(&self, index: u32, off: u64, buf: &mut [u8]) -> Result<()> {
+        let r = self.region(index)?;
+        let pos = self.check_width(&r, off, buf.len())?;
+        self.dev
+            .read_exact_at(buf, pos)
+            .ctx(format_args!("reading region {index} at {off:#x}"))
+    }
+
+    /// Writes `data` (1, 2 or 4 bytes, naturally aligned: one device access) at `off` of region
+    /// `index` through the device fd.
+    pub fn write_width(&self, index: u32, off: u64, data: &[u8]) -> Result<()> {
+        let r = self.region(index)?;
+        let pos = self.check_width(&r, off, data.len())?;
+        self.dev
+            .write_all_at(data, pos)
+            .ctx(format_args!("writing region {index} at {off:#x}"))
+    }
+
+    fn check_width(&self, r: &Region, off: u64, width: usize) -> Result<u64> {
+        if !matches!(width, 1 | 2 | 4) {
+            bail!("region access of {width} bytes: only 1, 2 or 4 are single accesses");
+        }
+        self.check_range(r, off, width as u64)
+    }
+
+    /// Reads 8 bits at `off` of region `index`.
+    pub fn read8(&self, index: u32, off: u64) -> Result<u8> {
+        let mut b = [0u8; 1];
+        self.read_width(index, off, &mut b)?;
+        Ok(b[0])
+    }
+
+    /// Reads 16 bits at `off` of region `index`.
+    pub fn read16(&self, index: u32, off: u64) -> Result<u16> {
+        let mut b = [0u8; 2];
+        self.read_width(index, off, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// Writes 8 bits at `off` of region `index`.
+    pub fn write8(&self, index: u32, off: u64, val: u8) -> Result<()> {
+        self.write_width(index, off, &[val])
+    }
+
+    /// Writes 16 bits at `off` of region `index`.
+    pub fn write16(&self, index: u32, off: u64, val: u16) -> Result<()> {
+        self.write_width(index, off, &val.to_le_bytes())
+    }
+
+    /// The first `len` bytes of config space, read as 32-bit words through the config region.
+    pub fn config_bytes(&self, len: usize) -> Result<Vec<u8>> {
+        let mut cfg = Vec::with_capacity(len.next_multiple_of(4));
+        for off in (0..len).step_by(4) {
+            cfg.extend_from_slice(&self.read32(REGION_CONFIG, off as u64)?.to_le_bytes());
+        }
+        cfg.truncate(len);
+        Ok(cfg)
+    }
+
+    /// VFIO_IOMMU_MAP_DMA: makes `size` bytes of this process's memory at `vaddr` readable and
+    /// writable for the device at I/O virtual address `iova` (pins the pages).
+    pub fn map_dma(&self, vaddr: u64, iova: u64, size: u64) -> Result<()> {
+        let mut b = [0u8; 32];
+        put32(&mut b, 0, 32);
+        put32(&mut b, 4, VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE);
+        put64(&mut b, 8, vaddr);
+        put64(&mut b, 16, iova);
+        put64(&mut b, 24, size);
+        sys::ioctl_buf(self.container.as_fd(), VFIO_IOMMU_MAP_DMA, &mut b).ctx(format_args!(
+            "VFIO_IOMMU_MAP_DMA(vaddr {vaddr:#x}, iova {iova:#x}, size {size:#x})"
+        ))?;
+        Ok(())
+    }
+
+    /// VFIO_IOMMU_UNMAP_DMA of `size` bytes at `iova`; returns the number of bytes unmapped.
+    pub fn unmap_dma(&self, iova: u64, size: u64) -> Result<u64> {
+        let mut b = [0u8; 24];
+        put32(&mut b, 0, 24);
+        put64(&mut b, 8, iova);
+        put64(&mut b, 16, size);
+        sys::ioctl_buf(self.container.as_fd(), VFIO_IOMMU_UNMAP_DMA, &mut b).ctx(format_args!(
+            "VFIO_IOMMU_UNMAP_DMA(iova {iova:#x}, size {size:#x})"
+        ))?;
+        Ok(le64(&b, 16))
     }
 
     /// Sets COMMAND bits (e.g. Bus Master, which MSI/MSI-X messages need) through the config
