@@ -229,3 +229,73 @@ fn bad_arguments_fail() {
             .starts_with("irqbridge ")
     );
 }
+
+#[test]
+fn vhost_user_serves_two_sockets_and_sigterm() {
+    use vhost::VhostBackend;
+    use vhost::vhost_user::Frontend;
+
+    let out = Command::new(BIN)
+        .args(["vhost-user", "--print-capabilities"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let caps: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(caps["type"].is_string(), "{caps}");
+
+    let dir = TempDir::new("vhost");
+    let a = dir.0.join("a.sock");
+    let b = dir.0.join("b.sock");
+    let child = Command::new(BIN)
+        .args(["vhost-user", "--socket-path"])
+        .arg(&a)
+        .arg("--socket-path")
+        .arg(&b)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Proc(child);
+    wait_for(&a, &mut child.0);
+    wait_for(&b, &mut child.0);
+    // Both sockets serve a real vhost-user frontend.
+    for sock in [&a, &b] {
+        let frontend = Frontend::connect(sock, 64).unwrap();
+        let features = frontend.get_features().unwrap();
+        assert_ne!(
+            features & (1 << 32),
+            0,
+            "VIRTIO_F_VERSION_1 offered: {features:#x}"
+        );
+    }
+    signal(&child.0, libc::SIGTERM);
+    assert!(wait_exit(&mut child.0).success());
+    assert!(!a.exists() && !b.exists(), "socket files removed on exit");
+
+    let status = Command::new(BIN)
+        .args(["vhost-user"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "no socket is an error");
+}
+
+/// The main job: `irqbridge demo` passes every scenario on /dev/kvm and says so in its table.
+#[test]
+fn demo_passes_every_scenario() {
+    if let Some(reason) = irqbridge_integration::kvm_unavailable_reason() {
+        eprintln!("SKIPPED: /dev/kvm not available ({reason})");
+        let out = Command::new(BIN).arg("demo").output().unwrap();
+        assert!(!out.status.success(), "demo without /dev/kvm must fail");
+        return;
+    }
+    let out = Command::new(BIN).arg("demo").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = stdout.lines().filter(|l| l.contains(" PASS ")).count();
+    assert_eq!(rows, 5, "{stdout}");
+    assert!(!stdout.contains(" FAIL "), "{stdout}");
+}
