@@ -12,8 +12,8 @@
 #           runs them again; then a second QEMU connects to the same, still running server
 #           and runs them a third time (the server keeps serving after a client disconnects).
 #   vhost   intel-iommu: `-chardev socket -device vhost-user-test-device-pci` connected to the
-#           event-channel backend (ci/vhost-backend: crates/irqbridge-vhost-user plus loopback
-#           links 1:5 2:70 3:700), one upcall (num_vqs 3, config_size 24); the guest binds the
+#           event-channel backend (`irqbridge vhost-user` with loopback links
+#           --link 1:5 --link 2:70 --link 3:700), one upcall (num_vqs 3, config_size 24); the guest binds the
 #           device to vfio-pci and runs scenario vhost-evtchn (INTx, exact upcall counts).
 #
 # Every QEMU run has a hard timeout. Fails on any FAIL line, a missing result or DONE line, a
@@ -25,15 +25,12 @@
 #      IRQBRIDGE_QEMU_TIMEOUT    seconds per QEMU run (default 240)
 #      IRQBRIDGE_QEMU_CASES      cases to run
 #      CARGO_TARGET_DIR          where the server is built (cargo's default otherwise)
-#      IRQBRIDGE_SERVER          a server binary to use instead of building bin/irqbridge (it is
-#                                run as `$IRQBRIDGE_SERVER vfio-user --socket-path PATH`)
-#      IRQBRIDGE_VHOST_BACKEND   a vhost-user backend to use instead of building ci/vhost-backend
-#                                (run with --socket-path PATH --upcalls 1 --virtio-id N
-#                                --link 1:5 --link 2:70 --link 3:700; it prints
-#                                IRQBRIDGE-VHOST-READY on stdout once the links exist)
-#      IRQBRIDGE_VHOST_VIRTIO_ID virtio device ID of the vhost case (default 21). QEMU 11.1 aborts
-#                                on an ID it has no name for (only 1-13, 16-41 and 45 work), so
-#                                the backend's default of 63 cannot be used.
+#      IRQBRIDGE_SERVER          an irqbridge binary to use instead of building bin/irqbridge (run
+#                                as `$IRQBRIDGE_SERVER vfio-user --socket-path PATH` and
+#                                `$IRQBRIDGE_SERVER vhost-user --socket-path PATH --link ...`)
+#      IRQBRIDGE_VHOST_VIRTIO_ID virtio device ID of the vhost case (default 21, the backend's
+#                                default). QEMU 11.1 aborts on an ID it has no name for (only
+#                                1-13, 16-41 and 45 work).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -69,7 +66,7 @@ KENV=$("$HERE/guest-kernel.sh" 2>/dev/null)
 # shellcheck disable=SC1090
 . "$KENV"
 SERVER=
-if [[ " $CASES " =~ \ (uio|vfio|reboot)\  ]]; then
+if [[ " $CASES " =~ \ (uio|vfio|reboot|vhost)\  ]]; then
     if [ -n "${IRQBRIDGE_SERVER:-}" ]; then
         SERVER=$IRQBRIDGE_SERVER
     else
@@ -79,21 +76,8 @@ if [[ " $CASES " =~ \ (uio|vfio|reboot)\  ]]; then
     fi
     [ -x "$SERVER" ] || die "no server binary at $SERVER"
 fi
-VHOST_BACKEND=
 VHOST_DEVICE=
 if [[ " $CASES " == *" vhost "* ]]; then
-    if [ -n "${IRQBRIDGE_VHOST_BACKEND:-}" ]; then
-        VHOST_BACKEND=$IRQBRIDGE_VHOST_BACKEND
-    else
-        log "building the vhost-user test backend (ci/vhost-backend)"
-        # Its own workspace: start from the repository's lock file so that it resolves the
-        # same versions (offline-capable) instead of the newest ones.
-        cp "$REPO/Cargo.lock" "$HERE/vhost-backend/Cargo.lock"
-        (cd "$HERE/vhost-backend" && CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target} \
-            nice cargo build --quiet)
-        VHOST_BACKEND=${CARGO_TARGET_DIR:-$REPO/target}/debug/irqbridge-ci-vhost-backend
-    fi
-    [ -x "$VHOST_BACKEND" ] || die "no vhost-user backend binary at $VHOST_BACKEND"
     # The generic device was vhost-user-device-pci before QEMU 10.2.
     for d in vhost-user-test-device-pci vhost-user-device-pci; do
         if "$HERE/qemu" -device help 2>/dev/null | grep -q "\"$d\""; then
@@ -143,18 +127,19 @@ start_server() {
     done
 }
 
-# start_vhost_backend NAME: starts the vhost-user backend on $OUT/NAME.sock and waits for its
-# ready line (sets SOCK and SERVER_PID, so that stop_server stops it).
+# start_vhost_backend NAME: starts `irqbridge vhost-user` on $OUT/NAME.sock and waits for the
+# socket, which it binds only after the links exist (sets SOCK and SERVER_PID, so that
+# stop_server stops it).
 start_vhost_backend() {
     local sock=$OUT/$1.sock log=$OUT/$1.server.log l links=()
     SOCK=$sock
     rm -f "$sock"
     for l in "${VHOST_LINKS[@]}"; do links+=(--link "$l"); done
-    RUST_LOG=${RUST_LOG:-info} "$VHOST_BACKEND" --socket-path "$SOCK" --upcalls "$VHOST_UPCALLS" \
+    RUST_LOG=${RUST_LOG:-info} "$SERVER" vhost-user --socket-path "$SOCK" --upcalls "$VHOST_UPCALLS" \
         --virtio-id "$VHOST_VIRTIO_ID" "${links[@]}" >"$log" 2>&1 &
     SERVER_PID=$!
     local deadline=$((SECONDS + 20))
-    until [ -S "$SOCK" ] && grep -q '^IRQBRIDGE-VHOST-READY' "$log"; do
+    until [ -S "$SOCK" ]; do
         if ! kill -0 "$SERVER_PID" 2>/dev/null; then
             tail -n 20 "$log" >&2
             SERVER_PID=

@@ -6,7 +6,7 @@
 //!                     [--no-intx] [--control-socket PATH]
 //! irqbridge control --socket PATH <command> [args]
 //! irqbridge vhost-user (--socket-path PATH ... | --fd N) [--ports N] [--upcalls N]
-//!                      [--virtio-id N] [--print-capabilities]
+//!                      [--virtio-id N] [--link [C.]A:[C.]B ...] [--print-capabilities]
 //! irqbridge demo [--json]
 //! irqbridge bench [--samples N] [--row ROW] [--json FILE] | --vhost-user
 //! ```
@@ -25,6 +25,7 @@ use irqbridge_vfio_user::pci::{
     DEFAULT_EVTCHN_PORTS, DEFAULT_MSIX_VECTORS, DeviceConfig, DeviceError, IrqbridgeDevice,
 };
 use irqbridge_vfio_user::server::{Server, StopHandle};
+use irqbridge_vhost_user::{ConnId, Endpoint};
 use log::{error, info};
 
 mod signals;
@@ -71,9 +72,36 @@ struct VhostUserArgs {
     /// Virtio device ID the frontend should present (not assigned by OASIS; see the ABI).
     #[arg(long, value_name = "N", default_value_t = irqbridge_vhost_user::abi::DEFAULT_VIRTIO_ID)]
     virtio_id: u16,
+    /// Link two ports before serving: `[C.]A:[C.]B` links port A of frontend C (the C-th
+    /// socket, `--fd` first; 0 when omitted) with port B, so a doorbell or SEND on one is an
+    /// event on the other. Repeatable.
+    #[arg(long, value_name = "[C.]A:[C.]B", value_parser = parse_link)]
+    link: Vec<(Endpoint, Endpoint)>,
     /// Print the backend capabilities as JSON (QEMU's vhost-user backend convention) and exit.
     #[arg(long)]
     print_capabilities: bool,
+}
+
+/// One side of `--link`: `[C.]P`.
+fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
+    let (conn, port) = match s.split_once('.') {
+        Some((c, p)) => (
+            c.parse()
+                .map_err(|_| format!("bad frontend number {c:?}"))?,
+            p,
+        ),
+        None => (0, s),
+    };
+    let port = port.parse().map_err(|_| format!("bad port {port:?}"))?;
+    Ok((ConnId(conn), port))
+}
+
+/// `--link [C.]A:[C.]B`.
+fn parse_link(s: &str) -> Result<(Endpoint, Endpoint), String> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected [C.]A:[C.]B, got {s:?}"))?;
+    Ok((parse_endpoint(a)?, parse_endpoint(b)?))
 }
 
 /// Arguments of `irqbridge demo`.
@@ -382,6 +410,7 @@ fn run_vhost_user(args: VhostUserArgs) -> Result<bool, CliError> {
         ports: args.ports,
         upcalls: args.upcalls,
         virtio_id: args.virtio_id,
+        links: args.link,
         ..BackendConfig::default()
     };
     let signals = signals::Signals::block().map_err(CliError::Signals)?;
@@ -483,6 +512,19 @@ mod tests {
             Command::VfioUser(a) => VfioUserConfig::try_from(a).map_err(|e| e.to_string()),
             c => panic!("unexpected {c:?}"),
         }
+    }
+
+    #[test]
+    fn vhost_user_links_parse() {
+        assert_eq!(parse_link("1:5"), Ok(((ConnId(0), 1), (ConnId(0), 5))));
+        assert_eq!(
+            parse_link("0.2:1.71"),
+            Ok(((ConnId(0), 2), (ConnId(1), 71)))
+        );
+        assert!(parse_link("5").is_err());
+        assert!(parse_link("a:1").is_err());
+        assert!(parse_link("1.x:2").is_err());
+        assert!(parse(&["vhost-user", "-s", "/tmp/x", "--link", "3"]).is_err());
     }
 
     #[test]

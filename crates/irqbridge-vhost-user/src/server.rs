@@ -58,6 +58,9 @@ pub struct BackendConfig {
     pub virtio_id: u16,
     /// Largest virtqueue size accepted (a power of two, 2..=32768).
     pub queue_size: u16,
+    /// Port links made before any socket is bound (`--link`), so a frontend never sees the
+    /// device without them: see [`Router::connect_interdomain`].
+    pub links: Vec<(Endpoint, Endpoint)>,
 }
 
 impl Default for BackendConfig {
@@ -69,6 +72,7 @@ impl Default for BackendConfig {
             upcalls: DEFAULT_UPCALLS,
             virtio_id: DEFAULT_VIRTIO_ID,
             queue_size: DEFAULT_QUEUE_SIZE,
+            links: Vec::new(),
         }
     }
 }
@@ -393,6 +397,9 @@ impl Server {
     /// [`Error::InvalidConfig`], [`Error::Listen`], or [`Error::Io`] (threads, eventfd).
     pub fn start(mut config: BackendConfig) -> Result<Server> {
         let backend = Backend::new(&config)?;
+        for (a, b) in &config.links {
+            backend.connect_interdomain(*a, *b)?;
+        }
         let mut listeners: Vec<(Listener, String)> = Vec::new();
         if let Some(fd) = config.listen_fd.take() {
             let raw = fd.as_raw_fd();
