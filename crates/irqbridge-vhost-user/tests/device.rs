@@ -58,9 +58,10 @@ fn config_space_features_and_queues() {
     let (_, tail) = fe
         .get_config(16, 16, VhostUserConfigFlags::empty(), &[0; 16])
         .unwrap();
+    let id = irqbridge_vhost_user::abi::DEFAULT_VIRTIO_ID.to_le_bytes();
     assert_eq!(
         &tail[..],
-        &[63, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        &[id[0], id[1], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
     );
     fe.set_config(0, VhostUserConfigFlags::WRITABLE, &[1, 2, 3, 4])
         .unwrap();
