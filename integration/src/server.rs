@@ -444,10 +444,11 @@ impl VfioUserDevice for MeteredDevice {
 
 /// A private temporary directory, removed (with its contents) on drop.
 #[derive(Debug)]
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new(tag: &str) -> Result<TempDir> {
+    /// Creates `irqbridge-TAG-PID-N` under `$XDG_RUNTIME_DIR` or the temporary directory.
+    pub(crate) fn new(tag: &str) -> Result<TempDir> {
         use std::sync::atomic::AtomicU32;
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let base = std::env::var_os("XDG_RUNTIME_DIR")

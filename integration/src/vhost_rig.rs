@@ -44,7 +44,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -60,6 +59,7 @@ use irqbridge_vhost_user::{Backend, BackendConfig, ConnId, Server};
 
 use crate::error::{Error, Result};
 use crate::layout::{FREE_RAM_GPA, LAPIC_GPA};
+use crate::server::TempDir;
 use crate::{Action, ExitStats, Guest, TestVm, VmOptions};
 
 /// Guest address of each VM's event-channel page.
@@ -166,41 +166,6 @@ impl Default for VhostRigOptions {
             ports: 1024,
             upcalls: 2,
             ram_size: VmOptions::default().ram_size,
-        }
-    }
-}
-
-/// A private temporary directory for the sockets, removed on drop.
-#[derive(Debug)]
-struct SocketDir(PathBuf);
-
-impl SocketDir {
-    fn new() -> Result<SocketDir> {
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        for _ in 0..16 {
-            let n = SEQ.fetch_add(1, Ordering::Relaxed);
-            let dir = base.join(format!("irqbridge-vhost-rig-{}-{n}", std::process::id()));
-            match std::fs::create_dir(&dir) {
-                Ok(()) => return Ok(SocketDir(dir)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(Error::Io(e)),
-            }
-        }
-        Err(Error::InvalidArgument(format!(
-            "no free temporary directory name under {}",
-            base.display()
-        )))
-    }
-}
-
-impl Drop for SocketDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            log::debug!("removing {}: {e}", self.0.display());
         }
     }
 }
@@ -577,7 +542,7 @@ pub struct VhostRig {
     server: Option<Server>,
     backend: Backend,
     options: VhostRigOptions,
-    _dir: SocketDir,
+    _dir: TempDir,
 }
 
 impl fmt::Debug for VhostRig {
@@ -607,7 +572,7 @@ impl VhostRig {
                 options.vms, options.upcalls
             )));
         }
-        let dir = SocketDir::new()?;
+        let dir = TempDir::new("vhost-rig")?;
         let sockets: Vec<PathBuf> = (0..options.vms)
             .map(|i| dir.0.join(format!("vm{i}.sock")))
             .collect();
