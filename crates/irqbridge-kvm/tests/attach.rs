@@ -1,47 +1,26 @@
 //! Attaching the real irqbridge server's PCI device to a KVM VM (no guest code runs: the
 //! interrupts are observed in the IOAPIC and LAPIC state KVM reports).
 
+mod common;
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::{ioapic_irr, irr_has, poll_until, vcpu_with_lapic, vm};
 use irqbridge_kvm::Error;
 use irqbridge_kvm::attach::{AttachConfig, AttachedDevice, GuestRam};
 use irqbridge_kvm::routing::{GsiRouter, IrqChip, Route, SharedGsiRouter};
 use irqbridge_vfio_user::pci::regs::*;
 use irqbridge_vfio_user::pci::{DeviceConfig, IrqbridgeDevice};
 use irqbridge_vfio_user::server::{Server, StopHandle};
-use kvm_bindings::{KVM_CAP_SPLIT_IRQCHIP, KVM_IRQCHIP_IOAPIC, kvm_enable_cap, kvm_irqchip};
-use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 const BAR_BASE: u64 = 0xd000_0000;
 const MAGIC: u32 = 0x6972_6262;
-
-fn vm(chip: IrqChip) -> Option<Arc<VmFd>> {
-    let kvm = match Kvm::new() {
-        Ok(kvm) => kvm,
-        Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm not available ({e})");
-            return None;
-        }
-    };
-    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-    match chip {
-        IrqChip::Full => vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP"),
-        IrqChip::Split => {
-            let mut cap = kvm_enable_cap {
-                cap: KVM_CAP_SPLIT_IRQCHIP,
-                ..Default::default()
-            };
-            cap.args[0] = 24;
-            vm.enable_cap(&cap).expect("KVM_ENABLE_CAP(SPLIT_IRQCHIP)");
-        }
-    }
-    Some(Arc::new(vm))
-}
 
 /// The irqbridge server on a socket in a private directory, serving in a thread.
 struct Rig {
@@ -100,14 +79,6 @@ fn memfd(size: u64) -> OwnedFd {
     fd
 }
 
-fn poll_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 fn read32(dev: &AttachedDevice, bar: u32, offset: u64) -> u32 {
     let mut b = [0u8; 4];
     dev.mmio_read(bar, offset, &mut b).expect("mmio read");
@@ -117,38 +88,6 @@ fn read32(dev: &AttachedDevice, bar: u32, offset: u64) -> u32 {
 fn write32(dev: &AttachedDevice, bar: u32, offset: u64, v: u32) {
     dev.mmio_write(bar, offset, &v.to_le_bytes())
         .expect("mmio write");
-}
-
-fn ioapic_irr(vm: &VmFd) -> u32 {
-    let mut chip = kvm_irqchip {
-        chip_id: KVM_IRQCHIP_IOAPIC,
-        ..Default::default()
-    };
-    vm.get_irqchip(&mut chip).expect("KVM_GET_IRQCHIP");
-    // SAFETY: KVM filled the IOAPIC variant, as chip_id asked.
-    unsafe { chip.chip.ioapic.irr }
-}
-
-fn vcpu_with_lapic(vm: &VmFd) -> VcpuFd {
-    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-    let mut lapic = vcpu.get_lapic().expect("KVM_GET_LAPIC");
-    for (i, b) in 0x1ffu32.to_le_bytes().iter().enumerate() {
-        lapic.regs[0xf0 + i] = *b as std::os::raw::c_char;
-    }
-    vcpu.set_lapic(&lapic).expect("KVM_SET_LAPIC");
-    vcpu
-}
-
-fn irr_has(vcpu: &VcpuFd, vector: u8) -> bool {
-    let lapic = vcpu.get_lapic().expect("KVM_GET_LAPIC");
-    let off = 0x200 + 0x10 * usize::from(vector / 32);
-    let word = u32::from_le_bytes([
-        lapic.regs[off] as u8,
-        lapic.regs[off + 1] as u8,
-        lapic.regs[off + 2] as u8,
-        lapic.regs[off + 3] as u8,
-    ]);
-    word & (1 << (vector % 32)) != 0
 }
 
 fn attach(vm: &Arc<VmFd>, router: &SharedGsiRouter, rig: &Rig, ram: &OwnedFd) -> AttachedDevice {

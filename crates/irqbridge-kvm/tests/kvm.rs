@@ -1,42 +1,20 @@
 //! Routing and irqfd wiring against the real /dev/kvm (no guest code runs).
 
+mod common;
+
 use std::io::ErrorKind;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
+use common::{ioapic_irr, irr_has, poll_until, vcpu_with_lapic, vm};
 use irqbridge_kvm::Error;
 use irqbridge_kvm::interrupt::{
     InterruptSourceConfig, InterruptSourceGroup, LegacyInterruptGroup, MsiInterruptGroup,
     MsiIrqSourceConfig,
 };
 use irqbridge_kvm::routing::{GsiRouter, IrqChip, Route, SharedGsiRouter};
-use kvm_bindings::{KVM_CAP_SPLIT_IRQCHIP, KVM_IRQCHIP_IOAPIC, kvm_enable_cap, kvm_irqchip};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_bindings::KVM_IRQCHIP_IOAPIC;
+use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
-
-/// A VM with the given irqchip, or `None` (after printing SKIPPED) without /dev/kvm.
-fn vm(chip: IrqChip) -> Option<Arc<VmFd>> {
-    let kvm = match Kvm::new() {
-        Ok(kvm) => kvm,
-        Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm not available ({e})");
-            return None;
-        }
-    };
-    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-    match chip {
-        IrqChip::Full => vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP"),
-        IrqChip::Split => {
-            let mut cap = kvm_enable_cap {
-                cap: KVM_CAP_SPLIT_IRQCHIP,
-                ..Default::default()
-            };
-            cap.args[0] = 24;
-            vm.enable_cap(&cap).expect("KVM_ENABLE_CAP(SPLIT_IRQCHIP)");
-        }
-    }
-    Some(Arc::new(vm))
-}
 
 fn router(vm: &Arc<VmFd>, chip: IrqChip) -> SharedGsiRouter {
     GsiRouter::new_shared(vm.clone(), chip)
@@ -58,50 +36,6 @@ fn msi(vector: u8) -> MsiIrqSourceConfig {
         data: u32::from(vector),
         devid: 0,
     }
-}
-
-/// vCPU 0 with its LAPIC software-enabled, so fixed MSIs land in its IRR.
-fn vcpu_with_lapic(vm: &VmFd) -> VcpuFd {
-    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-    let mut lapic = vcpu.get_lapic().expect("KVM_GET_LAPIC");
-    // Spurious-interrupt vector register (0xF0): bit 8 = APIC software enable.
-    let svr = 0x1ffu32.to_le_bytes();
-    for (i, b) in svr.iter().enumerate() {
-        lapic.regs[0xf0 + i] = *b as std::os::raw::c_char;
-    }
-    vcpu.set_lapic(&lapic).expect("KVM_SET_LAPIC");
-    vcpu
-}
-
-/// Whether `vector` is set in vCPU's LAPIC IRR (0x200 + 0x10 * (vector / 32)).
-fn irr_has(vcpu: &VcpuFd, vector: u8) -> bool {
-    let lapic = vcpu.get_lapic().expect("KVM_GET_LAPIC");
-    let off = 0x200 + 0x10 * usize::from(vector / 32);
-    let word = u32::from_le_bytes([
-        lapic.regs[off] as u8,
-        lapic.regs[off + 1] as u8,
-        lapic.regs[off + 2] as u8,
-        lapic.regs[off + 3] as u8,
-    ]);
-    word & (1 << (vector % 32)) != 0
-}
-
-fn poll_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn ioapic_irr(vm: &VmFd) -> u32 {
-    let mut chip = kvm_irqchip {
-        chip_id: KVM_IRQCHIP_IOAPIC,
-        ..Default::default()
-    };
-    vm.get_irqchip(&mut chip).expect("KVM_GET_IRQCHIP");
-    // SAFETY: KVM filled the IOAPIC variant, as chip_id asked.
-    unsafe { chip.chip.ioapic.irr }
 }
 
 #[test]

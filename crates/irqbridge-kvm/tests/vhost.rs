@@ -4,6 +4,8 @@
 //! eventfd, and observes the MSIs the backend's call signals inject in a (never run) vCPU's
 //! LAPIC IRR.
 
+mod common;
+
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
@@ -12,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use common::{irr_has, poll_until, vcpu_with_lapic, vm};
 use irqbridge_kvm::routing::{GsiRouter, IrqChip, Route, SharedGsiRouter};
 use irqbridge_kvm::vhost::{
     Datamatch, Error, GuestRam, KickConfig, Msi, QueueConfig, VIRTIO_F_VERSION_1,
@@ -21,7 +24,7 @@ use irqbridge_vhost_user::abi::{
     CONFIG_SIZE, ConfigSpace, Op, REPLY_SIZE, Reply, Request, Status, UpcallRecord,
 };
 use irqbridge_vhost_user::{BackendConfig, ConnId, Server};
-use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, VcpuFd, VmFd};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -35,41 +38,6 @@ const EVENT_VECTOR: u8 = 0x42;
 /// Default routes of the full irqchip (IOAPIC 24, PIC master 7, PIC slave 8).
 const DEFAULT_ROUTES: usize = 39;
 
-fn kvm_vm() -> Option<Arc<VmFd>> {
-    let kvm = match Kvm::new() {
-        Ok(kvm) => kvm,
-        Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm not available ({e})");
-            return None;
-        }
-    };
-    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-    vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
-    Some(Arc::new(vm))
-}
-
-fn vcpu_with_lapic(vm: &VmFd) -> VcpuFd {
-    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-    let mut lapic = vcpu.get_lapic().expect("KVM_GET_LAPIC");
-    for (i, b) in 0x1ffu32.to_le_bytes().iter().enumerate() {
-        lapic.regs[0xf0 + i] = *b as std::os::raw::c_char;
-    }
-    vcpu.set_lapic(&lapic).expect("KVM_SET_LAPIC");
-    vcpu
-}
-
-fn irr_has(vcpu: &VcpuFd, vector: u8) -> bool {
-    let lapic = vcpu.get_lapic().expect("KVM_GET_LAPIC");
-    let off = 0x200 + 0x10 * usize::from(vector / 32);
-    let word = u32::from_le_bytes([
-        lapic.regs[off] as u8,
-        lapic.regs[off + 1] as u8,
-        lapic.regs[off + 2] as u8,
-        lapic.regs[off + 3] as u8,
-    ]);
-    word & (1 << (vector % 32)) != 0
-}
-
 /// Forget every requested interrupt (as if the guest had taken them).
 fn clear_irr(vcpu: &VcpuFd) {
     let mut lapic = vcpu.get_lapic().expect("KVM_GET_LAPIC");
@@ -77,14 +45,6 @@ fn clear_irr(vcpu: &VcpuFd) {
         *b = 0;
     }
     vcpu.set_lapic(&lapic).expect("KVM_SET_LAPIC");
-}
-
-fn poll_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -311,7 +271,7 @@ struct Setup {
 }
 
 fn setup() -> Option<Setup> {
-    let vm = kvm_vm()?;
+    let vm = vm(IrqChip::Full)?;
     let router = GsiRouter::new_shared(vm.clone(), IrqChip::Full);
     Some(Setup {
         vm,
