@@ -48,22 +48,13 @@ use crate::shmem::EventChannelPage;
 use config::ConfigSpace;
 use regs::*;
 
-/// `VFIO_DEVICE_FLAGS_RESET`.
-const DEVICE_FLAGS_RESET: u32 = 1 << 0;
-/// `VFIO_DEVICE_FLAGS_PCI`.
-const DEVICE_FLAGS_PCI: u32 = 1 << 1;
-/// `VFIO_REGION_INFO_FLAG_READ`.
-const REGION_READ: u32 = 1 << 0;
-/// `VFIO_REGION_INFO_FLAG_WRITE`.
-const REGION_WRITE: u32 = 1 << 1;
-/// `VFIO_REGION_INFO_FLAG_MMAP`.
-const REGION_MMAP: u32 = 1 << 2;
-/// `VFIO_IRQ_INFO_EVENTFD`.
-const IRQ_INFO_EVENTFD: u32 = 1 << 0;
-/// `VFIO_IRQ_INFO_MASKABLE`.
-const IRQ_INFO_MASKABLE: u32 = 1 << 1;
-/// `VFIO_IRQ_INFO_AUTOMASKED`.
-const IRQ_INFO_AUTOMASKED: u32 = 1 << 2;
+// The VFIO flag values come from the wire format, under the short names used here.
+use crate::proto::{
+    VFIO_DEVICE_FLAGS_PCI as DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET as DEVICE_FLAGS_RESET,
+    VFIO_IRQ_INFO_AUTOMASKED as IRQ_INFO_AUTOMASKED, VFIO_IRQ_INFO_EVENTFD as IRQ_INFO_EVENTFD,
+    VFIO_IRQ_INFO_MASKABLE as IRQ_INFO_MASKABLE, VFIO_REGION_INFO_FLAG_MMAP as REGION_MMAP,
+    VFIO_REGION_INFO_FLAG_READ as REGION_READ, VFIO_REGION_INFO_FLAG_WRITE as REGION_WRITE,
+};
 
 /// Poll token of the doorbell ioeventfd.
 const TOKEN_DOORBELL: u64 = 1;
