@@ -46,6 +46,13 @@ source_id() {
     fi
 }
 
+# First line of `cloud-hypervisor --version`.
+version() {
+    local v
+    v=$("$BIN" --version 2>/dev/null) || return 1
+    echo "${v%%$'\n'*}"
+}
+
 WANT="recipe=$RECIPE ch=$(source_id "$CH_SRC")"
 PATCH=()
 if [ -n "${MICRO_HTTP_SRC:-}" ]; then
@@ -60,8 +67,8 @@ if [ -n "${MICRO_HTTP_SRC:-}" ]; then
     WANT="$WANT micro-http=$(source_id "$MICRO_HTTP_SRC")"
 fi
 
-if [ -x "$BIN" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$BIN" --version >/dev/null 2>&1; then
-    log "Cloud Hypervisor ready: $BIN ($("$BIN" --version))"
+if [ -x "$BIN" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && version >/dev/null; then
+    log "Cloud Hypervisor ready: $BIN ($(version))"
     exit 0
 fi
 
@@ -72,9 +79,13 @@ start=$(date +%s)
 if ! (cd "$CH_SRC" && nice cargo build "${PATCH[@]}" --release --bin cloud-hypervisor \
     --no-default-features --features kvm --target-dir "$DIR/target") >"$LOG" 2>&1; then
     tail -n 40 "$LOG" >&2
+    if [ ${#PATCH[@]} = 0 ] && grep -q micro-http "$LOG"; then
+        log "hint: cargo could not fetch the micro-http git dependency; set MICRO_HTTP_SRC to a" \
+            "checkout of $MICRO_HTTP_URL at the commit CH_SRC's Cargo.lock pins"
+    fi
     die "cargo build failed (log: $LOG)"
 fi
 install -m 755 "$DIR/target/release/cloud-hypervisor" "$BIN.new"
 mv "$BIN.new" "$BIN"
 echo "$WANT" >"$STAMP"
-log "built in $(($(date +%s) - start)) s: $BIN ($("$BIN" --version))"
+log "built in $(($(date +%s) - start)) s: $BIN ($(version))"
