@@ -248,6 +248,21 @@ static u32 ioapic_rd(u32 reg)
     return rd32(IOAPIC_BASE + 0x10);
 }
 
+static void lapic_init(void)
+{
+    outb(0x21, 0xff); /* mask both 8259s, if there are any */
+    outb(0xa1, 0xff);
+    wr32(LAPIC_BASE + 0x80, 0);     /* TPR */
+    wr32(LAPIC_BASE + 0xf0, 0x1ff); /* SVR: enabled, spurious vector 0xff */
+}
+
+static void ioapic_route(unsigned pin, unsigned vector, int masked)
+{
+    u32 apic_id = rd32(LAPIC_BASE + 0x20) >> 24;
+    ioapic_wr(0x11 + 2 * pin, apic_id << 24);
+    ioapic_wr(0x10 + 2 * pin, vector | (1u << 15) /* level, active high */ | (masked ? 1u << 16 : 0));
+}
+
 /* ---- interrupt handling ---- */
 struct frame {
     u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
@@ -395,6 +410,7 @@ static struct dcnt dcnt_read(void)
 
 /* ---- the device ---- */
 static unsigned slot;
+static u32 command_at_boot, msix_ctl_at_boot; /* as found, before this boot changed them */
 static unsigned intx_pin;
 static u32 bar_size[6];
 
@@ -453,6 +469,7 @@ static int scenario_enumerate(void)
 
     /* Decode off while the BARs are sized. */
     u32 cmd = cfg_rd(slot, 0x04) & 0xffff;
+    command_at_boot = cmd;
     cfg_wr(slot, 0x04, cmd & ~0x3u);
     u32 addr[6];
     for (unsigned i = 0; i < 6; i++) {
@@ -470,6 +487,7 @@ static int scenario_enumerate(void)
         if ((dw & 0xff) == 0x11) {
             caps_ok = (p == 0x40);
             mctl = dw >> 16;
+            msix_ctl_at_boot = mctl;
             table = cfg_rd(slot, p + 4);
             pba = cfg_rd(slot, p + 8);
         }
@@ -524,21 +542,47 @@ static void scenario_boot_state(void)
     u64 word = rd64(bar4 + 0x200 + 8 * 63);
     int bound = (st & 3) == 2 && (st >> 16) == MARK_VECTOR;
     int ok;
+    /* Config reads other than the BARs and the MSI-X table/PBA offsets come from the device
+       (CH forwards them), so COMMAND and Message Control show the device's own state. */
+    u32 enabled = msix_ctl_at_boot & MSIX_ENABLE;
     if (boot == 1) {
-        ok = st == 0 && word == 0;
+        ok = st == 0 && word == 0 && !enabled && command_at_boot == 0;
         result("boot-state", ok);
-        out("fresh device: doorbells=%u mark_port_status=%x mark_word=%x\n", (u64)doorbells,
-            (u64)st, word);
+        out("fresh device: doorbells=%u mark_port_status=%x mark_word=%x msix_ctl=%x command=%x\n",
+            (u64)doorbells, (u64)st, word, (u64)msix_ctl_at_boot, (u64)command_at_boot);
     } else {
-        int kept = bound && word == MARK_WORD;
-        int reset = st == 0 && word == 0;
-        ok = doorbells == DOORBELLS && (kept || reset);
+        /* Boot 1 ended with MSI-X enabled and COMMAND = memory | bus master. */
+        int kept = bound && word == MARK_WORD && enabled && command_at_boot == 0x6;
+        int reset = st == 0 && word == 0 && !enabled && command_at_boot == 0;
+        /* With the state kept, the device still has MSI-X enabled, so it suppresses INTx
+           (CH bound the INTx trigger at connect) until the guest clears the Enable bit;
+           clearing it with the line high fires INTx once. */
+        u64 runs_stale = 0, runs_cleared = 0;
+        if (kept) {
+            ioapic_route(intx_pin, VEC_INTX, 0);
+            set_action(VEC_INTX, ACT_EOI | ACT_DEASSERT_AFTER, 1, 0);
+            u64 c0 = counts[VEC_INTX];
+            wr32(bar0 + R_INTX_ASSERT, 1);
+            delay_ms(SETTLE_MS);
+            runs_stale = counts[VEC_INTX] - c0;
+            msix_ctl_write(0);
+            wait_count(VEC_INTX, c0 + 1, WAIT_MS);
+            delay_ms(SETTLE_MS);
+            runs_cleared = counts[VEC_INTX] - c0;
+            ioapic_route(intx_pin, VEC_INTX, 1);
+            set_action(VEC_INTX, 0, 0, 0);
+        }
+        ok = doorbells == DOORBELLS && (reset || (kept && runs_stale == 0 && runs_cleared == 1));
         result("reboot", ok);
-        out("device_state=%s doorbells=%u mark_port_status=%x mark_word=%x\n",
-            kept ? "kept" : reset ? "reset" : "inconsistent", (u64)doorbells, (u64)st, word);
+        out("device_state=%s doorbells=%u mark_port_status=%x mark_word=%x msix_ctl=%x "
+            "command=%x intx_runs_stale_msix=%u intx_runs_after_clearing=%u\n",
+            kept ? "kept" : reset ? "reset" : "inconsistent", (u64)doorbells, (u64)st, word,
+            (u64)msix_ctl_at_boot, (u64)command_at_boot, runs_stale, runs_cleared);
         out("INFO ch-reboot %s\n",
-            kept ? "reconnected without DEVICE_RESET: the device kept its guest-visible state"
-                 : reset ? "the device was reset (ports closed, page zeroed)"
+            kept ? "reconnected without DEVICE_RESET: the device kept its guest-visible state "
+                   "(ports, page, COMMAND, MSI-X Enable) while CH's own MSI-X state starts "
+                   "disabled: INTx stays suppressed until the guest clears MSI-X Enable"
+                 : reset ? "the device was reset (ports closed, page zeroed, MSI-X off)"
                          : "neither reset nor kept");
     }
     /* A known state whatever the previous boot left: MSI-X off, INTx low, ports closed. */
@@ -547,21 +591,6 @@ static void scenario_boot_state(void)
     wr32(bar0 + R_EVTCHN_CLOSE, MARK_PORT);
     for (unsigned i = 0; i < 4096 / 8; i++)
         wr64(bar4 + 8ul * i, 0);
-}
-
-static void lapic_init(void)
-{
-    outb(0x21, 0xff); /* mask both 8259s, if there are any */
-    outb(0xa1, 0xff);
-    wr32(LAPIC_BASE + 0x80, 0);     /* TPR */
-    wr32(LAPIC_BASE + 0xf0, 0x1ff); /* SVR: enabled, spurious vector 0xff */
-}
-
-static void ioapic_route(unsigned pin, unsigned vector, int masked)
-{
-    u32 apic_id = rd32(LAPIC_BASE + 0x20) >> 24;
-    ioapic_wr(0x11 + 2 * pin, apic_id << 24);
-    ioapic_wr(0x10 + 2 * pin, vector | (1u << 15) /* level, active high */ | (masked ? 1u << 16 : 0));
 }
 
 /* Scenario: INTx through CH's IOAPIC. */
@@ -920,6 +949,38 @@ static void scenario_evtchn(void)
     set_action(vb, ACT_EOI, 0, 0);
 }
 
+/* Scenario: INTx again after MSI-X is disabled: CH drops the MSI-X eventfds and binds the
+   INTx trigger again (SET_IRQS), the device stops suppressing INTx. Leaves MSI-X enabled. */
+static void scenario_intx_after_msix(void)
+{
+    struct dcnt d0 = dcnt_read();
+    msix_ctl_write(0);
+    ioapic_route(intx_pin, VEC_INTX, 0);
+    set_action(VEC_INTX, ACT_EOI | ACT_DEASSERT_AFTER, 1, 0);
+    u64 c0 = counts[VEC_INTX];
+    wr32(bar0 + R_INTX_ASSERT, 1);
+    wait_count(VEC_INTX, c0 + 1, WAIT_MS);
+    delay_ms(SETTLE_MS);
+    u64 runs = counts[VEC_INTX] - c0;
+    u32 level = rd32(bar0 + R_INTX_STATUS);
+    struct dcnt d1 = dcnt_read();
+    ioapic_route(intx_pin, VEC_INTX, 1);
+    set_action(VEC_INTX, 0, 0, 0);
+    msix_ctl_write(MSIX_ENABLE);
+    /* MSI-X works again after re-enabling (CH binds the vector eventfds again). */
+    u64 m0 = counts[VEC_MSIX0 + 1];
+    wr32(bar0 + R_MSIX_FIRE, 1);
+    wait_count(VEC_MSIX0 + 1, m0 + 1, WAIT_MS);
+    delay_ms(SETTLE_MS);
+    u64 msix_runs = counts[VEC_MSIX0 + 1] - m0;
+    int ok = runs == 1 && (level & 1) == 0 && d1.intx_triggers - d0.intx_triggers == 2 &&
+             d1.intx_unmasks - d0.intx_unmasks == 2 && msix_runs == 1 && msix_ctl_read() == (MSIX_ENABLE | (NVEC - 1));
+    result("intx-after-msix", ok);
+    out("intx_runs=%u status=%x dev_triggers=%u dev_unmasks=%u msix_runs_after_reenable=%u\n",
+        runs, (u64)level, (u64)(d1.intx_triggers - d0.intx_triggers),
+        (u64)(d1.intx_unmasks - d0.intx_unmasks), msix_runs);
+}
+
 /* Scenario: doorbells. CH has no ioeventfd offload (no GET_REGION_IO_FDS): each one is a
    trapped REGION_WRITE. */
 static void scenario_doorbell(void)
@@ -965,6 +1026,7 @@ void guest_main(u64 start_info)
     scenario_msix_device_mask();
     scenario_evtchn();
     scenario_doorbell();
+    scenario_intx_after_msix();
     scenario_quiet(start);
     if (boot == 1) {
         /* Marks that only a device reset removes, then an ACPI reset. */
