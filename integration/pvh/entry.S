@@ -1,5 +1,5 @@
 /*
- * PVH entry of the irqbridge Cloud Hypervisor guest (see README.md in this directory).
+ * PVH entry of the irqbridge Cloud Hypervisor guest (see docs/cloud-hypervisor.md).
  *
  * Cloud Hypervisor loads the ELF's PT_LOAD segments at their physical addresses and enters
  * the address in the XEN_ELFNOTE_PHYS32_ENTRY note in 32-bit protected mode, paging off,
