@@ -54,7 +54,9 @@ use irqbridge_vfio_user::proto::{
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::client::{Client, ClientConfig, DEFAULT_TIMEOUT, DeviceInfo, IoFd, IrqInfo};
+use crate::client::{
+    Client, ClientConfig, DEFAULT_TIMEOUT, DeviceInfo, Error as ClientError, IoFd, IrqInfo,
+};
 use crate::interrupt::{
     InterruptSourceGroup, LegacyInterruptGroup, MsiInterruptGroup, MsiIrqSourceConfig,
 };
@@ -582,7 +584,7 @@ impl AttachedDevice {
             let fds = match self.client().region_io_fds(bar) {
                 Ok(fds) => fds,
                 // Servers without io fds (QEMU never asks; libvfio-user may not implement it).
-                Err(Error::Remote { errno, .. })
+                Err(ClientError::Remote { errno, .. })
                     if matches!(
                         errno,
                         libc::ENOSYS | libc::EINVAL | libc::ENOTSUP | libc::ENOTTY | libc::ENOENT
@@ -591,7 +593,7 @@ impl AttachedDevice {
                     log::debug!("irqbridge-kvm: no io fds for BAR {bar} (errno {errno})");
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             for IoFd {
                 offset,
@@ -840,7 +842,7 @@ impl AttachedDevice {
     /// read with all-ones.
     pub fn mmio_read(&self, bar: u32, offset: u64, data: &mut [u8]) -> Result<()> {
         self.check_bar(bar)?;
-        self.client().region_read(bar, offset, data)
+        Ok(self.client().region_read(bar, offset, data)?)
     }
 
     /// A trapped guest write to `bar` (REGION_WRITE, posted unless configured otherwise).
@@ -892,10 +894,11 @@ impl AttachedDevice {
     fn forward_write(&self, region: u32, offset: u64, data: &[u8]) -> Result<()> {
         let mut client = self.client();
         if self.posted_writes {
-            client.region_write_posted(region, offset, data)
+            client.region_write_posted(region, offset, data)?;
         } else {
-            client.region_write(region, offset, data)
+            client.region_write(region, offset, data)?;
         }
+        Ok(())
     }
 
     /// A guest config-space read (REGION_READ of region 7).
@@ -904,8 +907,9 @@ impl AttachedDevice {
     ///
     /// [`Error::Remote`], transport errors.
     pub fn config_read(&self, offset: u64, data: &mut [u8]) -> Result<()> {
-        self.client()
-            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)
+        Ok(self
+            .client()
+            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)?)
     }
 
     /// A guest config-space write (REGION_WRITE of region 7, waiting for the reply). BAR
@@ -915,8 +919,9 @@ impl AttachedDevice {
     ///
     /// [`Error::Remote`], transport errors.
     pub fn config_write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.client()
-            .region_write(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)
+        Ok(self
+            .client()
+            .region_write(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)?)
     }
 
     /// The guest ended an INTx interrupt (EOI): SET_IRQS(INTx, UNMASK|NONE). Needed with a
@@ -929,8 +934,12 @@ impl AttachedDevice {
         if self.intx.is_none() {
             return Err(Error::Unsupported("INTx is not wired".into()));
         }
-        self.client()
-            .set_irqs_none(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_UNMASK, 0, 1)
+        Ok(self.client().set_irqs_none(
+            VFIO_PCI_INTX_IRQ_INDEX,
+            VFIO_IRQ_SET_ACTION_UNMASK,
+            0,
+            1,
+        )?)
     }
 
     /// DEVICE_RESET. Eventfd bindings survive on the device; the VMM resets its own view of
@@ -973,7 +982,7 @@ impl AttachedDevice {
 
     fn teardown(&mut self, polite: bool) -> Result<()> {
         let mut first: Option<Error> = None;
-        let mut note = |r: Result<()>| {
+        let mut note = |r: std::result::Result<(), Error>| {
             if let Err(e) = r {
                 log::warn!("irqbridge-kvm: detach: {e}");
                 first.get_or_insert(e);
@@ -989,29 +998,36 @@ impl AttachedDevice {
             // Deassign the irqfds (and free the GSIs) before the device lets go of the fds.
             drop(msix);
             if talk {
-                note(self.client().disable_irqs(VFIO_PCI_MSIX_IRQ_INDEX));
+                note(
+                    self.client()
+                        .disable_irqs(VFIO_PCI_MSIX_IRQ_INDEX)
+                        .map_err(Error::from),
+                );
             }
         }
         if let Some(intx) = self.intx.take() {
             // QEMU's order: mask on the device, deassign the irqfd (which de-asserts the
             // line), then disable the index (the device drops trigger and unmask fds).
             if talk {
-                note(self.client().set_irqs_none(
-                    VFIO_PCI_INTX_IRQ_INDEX,
-                    VFIO_IRQ_SET_ACTION_MASK,
-                    0,
-                    1,
-                ));
+                note(
+                    self.client()
+                        .set_irqs_none(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_MASK, 0, 1)
+                        .map_err(Error::from),
+                );
             }
             note(intx.disable());
             drop(intx);
             if talk {
-                note(self.client().disable_irqs(VFIO_PCI_INTX_IRQ_INDEX));
+                note(
+                    self.client()
+                        .disable_irqs(VFIO_PCI_INTX_IRQ_INDEX)
+                        .map_err(Error::from),
+                );
             }
         }
         for (gpa, size) in std::mem::take(&mut self.dma) {
             if talk {
-                note(self.client().dma_unmap(gpa, size));
+                note(self.client().dma_unmap(gpa, size).map_err(Error::from));
             }
         }
         first.map_or(Ok(()), Err)

@@ -16,7 +16,9 @@
 //! # Modules
 //!
 //! - [`client`]: the vfio-user client (VERSION, region/IRQ info, SET_IRQS, REGION_READ/WRITE,
-//!   DMA_MAP/UNMAP, RESET) with per-call timeouts and reply checking;
+//!   DMA_MAP/UNMAP, RESET) with per-call timeouts and reply checking; it lives in
+//!   `irqbridge-vfio-user` behind its `client` feature, the only part of that crate this one
+//!   builds (no device models, no `irqbridge-core`, no serde);
 //! - [`routing`]: [`GsiRouter`], the one owner of the VM's GSI routing table;
 //! - [`interrupt`]: the [`InterruptSourceGroup`] trait (Cloud Hypervisor's `vm-device` shape)
 //!   with [`MsiInterruptGroup`] and [`LegacyInterruptGroup`];
@@ -108,7 +110,9 @@
 #![deny(missing_docs)]
 
 pub mod attach;
-pub mod client;
+/// The vfio-user client, now `irqbridge_vfio_user::client` (re-exported so existing users
+/// keep compiling).
+pub use irqbridge_vfio_user::client;
 mod error;
 pub mod interrupt;
 pub mod mmap;

@@ -29,9 +29,8 @@
 
 #![deny(missing_docs)]
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
+use crate::json::{self, JsonError};
 
 /// Size of the message header.
 pub const HEADER_SIZE: usize = 16;
@@ -422,31 +421,26 @@ impl Header {
 }
 
 /// `migration` capability (legacy).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MigrationCapability {
     /// Migration page size.
     pub pgsize: u64,
     /// Maximum dirty bitmap size.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_bitmap_size: Option<u64>,
 }
 
 /// `twin_socket` capability.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TwinSocketCapability {
     /// Whether twin sockets are supported.
     pub supported: bool,
     /// In a reply: index of the twin socket in the reply's fds.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub fd_index: Option<u32>,
 }
 
 /// The capabilities object of VERSION (`{"capabilities":{...}}`). Missing keys take the spec
 /// defaults; unknown keys are ignored.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capabilities {
     /// File descriptors the sender of this object accepts per message.
     pub max_msg_fds: u32,
@@ -459,10 +453,8 @@ pub struct Capabilities {
     /// Most DMA mappings the sender of this object accepts.
     pub max_dma_maps: u64,
     /// Legacy migration capability.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationCapability>,
     /// Twin-socket capability.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub twin_socket: Option<TwinSocketCapability>,
 }
 
@@ -480,15 +472,71 @@ impl Default for Capabilities {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct CapabilitiesDoc {
-    #[serde(default)]
-    capabilities: Capabilities,
+/// An optional object member: `null` counts as absent (as with serde's `Option`).
+fn present(v: &json::Value) -> Option<&json::Value> {
+    (*v != json::Value::Null).then_some(v)
+}
+
+impl MigrationCapability {
+    fn from_value(v: &json::Value) -> std::result::Result<Self, JsonError> {
+        let mut m = MigrationCapability::default();
+        for (k, v) in v.members("migration")? {
+            match k.as_str() {
+                "pgsize" => m.pgsize = v.as_u64("pgsize")?,
+                "max_bitmap_size" => {
+                    m.max_bitmap_size = present(v).map(|v| v.as_u64(k)).transpose()?
+                }
+                _ => {}
+            }
+        }
+        Ok(m)
+    }
+}
+
+impl TwinSocketCapability {
+    fn from_value(v: &json::Value) -> std::result::Result<Self, JsonError> {
+        let mut t = TwinSocketCapability::default();
+        for (k, v) in v.members("twin_socket")? {
+            match k.as_str() {
+                "supported" => t.supported = v.as_bool(k)?,
+                "fd_index" => t.fd_index = present(v).map(|v| v.as_u32(k)).transpose()?,
+                _ => {}
+            }
+        }
+        Ok(t)
+    }
 }
 
 impl Capabilities {
+    fn from_value(v: &json::Value) -> std::result::Result<Self, JsonError> {
+        let mut c = Capabilities::default();
+        for (k, v) in v.members("capabilities")? {
+            match k.as_str() {
+                "max_msg_fds" => c.max_msg_fds = v.as_u32(k)?,
+                "max_data_xfer_size" => c.max_data_xfer_size = v.as_u64(k)?,
+                "write_multiple" => c.write_multiple = v.as_bool(k)?,
+                "pgsizes" => c.pgsizes = v.as_u64(k)?,
+                "max_dma_maps" => c.max_dma_maps = v.as_u64(k)?,
+                "migration" => {
+                    c.migration = present(v)
+                        .map(MigrationCapability::from_value)
+                        .transpose()?
+                }
+                "twin_socket" => {
+                    c.twin_socket = present(v)
+                        .map(TwinSocketCapability::from_value)
+                        .transpose()?
+                }
+                _ => {}
+            }
+        }
+        Ok(c)
+    }
+
     /// Parses the JSON text of a VERSION message. A missing JSON (empty slice, or just a NUL)
-    /// means all defaults; a trailing NUL is optional.
+    /// means all defaults; a trailing NUL is optional. Missing keys take the spec defaults,
+    /// unknown keys (of any shape) are ignored, `null` counts as absent for the optional
+    /// objects.
     ///
     /// # Errors
     /// [`Error::CapabilitiesNotText`] for non-UTF-8 text or an embedded NUL,
@@ -502,18 +550,46 @@ impl Capabilities {
         if text.trim().is_empty() {
             return Ok(Capabilities::default());
         }
-        let doc: CapabilitiesDoc = serde_json::from_str(text).map_err(Error::BadCapabilities)?;
-        Ok(doc.capabilities)
+        let doc = json::parse(text).map_err(Error::BadCapabilities)?;
+        let mut caps = Capabilities::default();
+        for (k, v) in doc.members("document").map_err(Error::BadCapabilities)? {
+            if k == "capabilities" {
+                caps = Capabilities::from_value(v).map_err(Error::BadCapabilities)?;
+            }
+        }
+        Ok(caps)
     }
 
-    /// Encodes `{"capabilities":{...}}` followed by a NUL.
+    /// Encodes `{"capabilities":{...}}` followed by a NUL (absent options are left out).
     pub fn to_json(&self) -> Vec<u8> {
-        let doc = CapabilitiesDoc {
-            capabilities: self.clone(),
-        };
-        // Serialising plain integers, booleans and options cannot fail; an empty document
-        // (all defaults) is the harmless fallback.
-        let mut v = serde_json::to_vec(&doc).unwrap_or_default();
+        use std::fmt::Write as _;
+        let mut s = String::with_capacity(160);
+        // Writing to a String cannot fail.
+        let _ = write!(
+            s,
+            r#"{{"capabilities":{{"max_msg_fds":{},"max_data_xfer_size":{},"write_multiple":{},"pgsizes":{},"max_dma_maps":{}"#,
+            self.max_msg_fds,
+            self.max_data_xfer_size,
+            self.write_multiple,
+            self.pgsizes,
+            self.max_dma_maps
+        );
+        if let Some(m) = &self.migration {
+            let _ = write!(s, r#","migration":{{"pgsize":{}"#, m.pgsize);
+            if let Some(b) = m.max_bitmap_size {
+                let _ = write!(s, r#","max_bitmap_size":{b}"#);
+            }
+            s.push('}');
+        }
+        if let Some(t) = &self.twin_socket {
+            let _ = write!(s, r#","twin_socket":{{"supported":{}"#, t.supported);
+            if let Some(i) = t.fd_index {
+                let _ = write!(s, r#","fd_index":{i}"#);
+            }
+            s.push('}');
+        }
+        s.push_str("}}");
+        let mut v = s.into_bytes();
         v.push(0);
         v
     }
