@@ -11,8 +11,12 @@
 //! - [`conn`]: framing over an AF_UNIX stream with SCM_RIGHTS, size and fd limits.
 //! - [`server`]: one client at a time in a single-threaded poll loop; validates every request
 //!   before a [`device::VfioUserDevice`] sees it; [`dma`] keeps the client's DMA mappings.
-//! - [`pci`]: the irqbridge test device (docs/device-abi.md) on the `irqbridge-core` models,
-//!   with its event-channel page in [`shmem`] and its external [`control`] socket.
+//! - [`pci`]: a reusable PCI function ([`pci::PciFunction`]): config space, BARs, the
+//!   capability list and the `irqbridge-core` interrupt models (INTx, MSI, MSI-X) around a
+//!   device that implements the small [`pci::PciDevice`] trait; see "Writing a device" there.
+//! - [`testdev`]: the irqbridge test device (docs/device-abi.md) built on it, with its
+//!   event-channel page in [`shmem`] and its external [`control`] socket (also reachable as
+//!   `pci::{IrqbridgeDevice, DeviceConfig, regs, ...}`).
 //!
 //! ```no_run
 //! use irqbridge_vfio_user::pci::{DeviceConfig, IrqbridgeDevice};
@@ -35,3 +39,4 @@ pub mod pci;
 pub mod proto;
 pub mod server;
 pub mod shmem;
+pub mod testdev;
