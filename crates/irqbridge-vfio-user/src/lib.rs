@@ -10,7 +10,7 @@
 //! | feature | modules | extra dependencies |
 //! |---|---|---|
 //! | (always) | [`proto`], [`conn`], [`error`] | `libc`, `vfio-bindings`, `vmm-sys-util` |
-//! | `server` (default) | `server`, `device`, `dma`, `pci`, `shmem`, `control` | `irqbridge-core`, `serde`, `serde_json` |
+//! | `server` (default) | `server`, `device`, `dma`, `pci`, `testdev`, `shmem`, `control` | `irqbridge-core`, `serde`, `serde_json` |
 //! | `client` (default) | `client` | none |
 //!
 //! A VMM-side user (the `irqbridge-kvm` plugin) takes
@@ -22,11 +22,18 @@
 //! - [`proto`]: every message as a parse/encode pair over little-endian bytes, for both the
 //!   server and the client.
 //! - [`conn`]: framing over an AF_UNIX stream with SCM_RIGHTS, size and fd limits.
-//! - `server`: one client at a time in a single-threaded poll loop; validates every request
-//!   before a `device::VfioUserDevice` sees it; `dma` keeps the client's DMA mappings.
-//! - `pci`: the irqbridge test device (docs/device-abi.md) on the `irqbridge-core` models,
-//!   with its event-channel page in `shmem` and its external `control` socket.
-//! - `client`: the VMM end: typed calls with per-call timeouts and reply checking.
+//! - `server` (feature `server`): one client at a time in a single-threaded poll loop;
+//!   validates every request before a `device::VfioUserDevice` sees it; `dma` keeps the
+//!   client's DMA mappings.
+//! - `pci` (feature `server`): a reusable PCI function (`pci::PciFunction`): config space,
+//!   BARs, the capability list and the `irqbridge-core` interrupt models (INTx, MSI, MSI-X)
+//!   around a device that implements the small `pci::PciDevice` trait; see "Writing a device"
+//!   there.
+//! - `testdev` (feature `server`): the irqbridge test device (docs/device-abi.md) built on it,
+//!   with its event-channel page in `shmem` and its external `control` socket (also reachable
+//!   as `pci::{IrqbridgeDevice, DeviceConfig, regs, ...}`).
+//! - `client` (feature `client`): the VMM end: typed calls with per-call timeouts and reply
+//!   checking.
 //!
 //! ```no_run
 //! # #[cfg(feature = "server")]
@@ -62,6 +69,8 @@ pub mod pci;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod shmem;
+#[cfg(feature = "server")]
+pub mod testdev;
 
 // The client role.
 #[cfg(feature = "client")]
