@@ -28,6 +28,9 @@ use irqbridge_vfio_user::pci::regs::{
     REG_EVTCHN_STATUS, REG_EVTCHN_UNMASK, REG_INTX_ASSERT, REG_INTX_DEASSERT, REG_INTX_STATUS,
     REG_MAGIC, REG_MSIX_FIRE, REGION_BAR0,
 };
+use irqbridge_vfio_user::pci::regs::{
+    REG_CNT_MSI_DROPPED, REG_CNT_MSI_PENDING, REG_CNT_MSI_TRIGGERS, REG_MSI_FIRE,
+};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -49,19 +52,6 @@ pub const EVTCHN_VECTOR: u8 = 0x70;
 /// Guest vector of MSI vector `i` in [`Scenario::Msi`] is `MSI_VECTOR_BASE + i` (Message
 /// Data = the base, aligned to 32 so the device's multiple-message rule adds `i`).
 pub const MSI_VECTOR_BASE: u8 = 0x80;
-
-/// BAR0 registers of the MSI additions (docs/device-abi.md).
-mod msi_regs {
-    /// MSI_FIRE: value = MSI vector index.
-    pub const REG_MSI_FIRE: u64 = 0x02c;
-    /// MSI vector eventfd writes.
-    pub const REG_CNT_MSI_TRIGGERS: u64 = 0x11c;
-    /// MSI events that set a pending bit instead of firing.
-    pub const REG_CNT_MSI_PENDING: u64 = 0x120;
-    /// MSI events dropped (disabled, beyond the enabled count, no eventfd).
-    pub const REG_CNT_MSI_DROPPED: u64 = 0x124;
-}
-use msi_regs::*;
 
 /// Settings of the scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -715,7 +705,9 @@ fn msi(rig: &Rig, opts: &ScenarioOptions) -> Result<Checked> {
     )?;
     Ok((
         format!(
-            "{n} vectors enabled by guest config writes (INTx off, SET_IRQS(MSI), routes              data+i), each fired once and run once; masked vector: pending bit, no run, one              run on unmask; after disable {n} events dropped, no run"
+            "{n} vectors enabled by guest config writes (INTx off, SET_IRQS(MSI), routes \
+             data+i), each fired once and run once; masked vector: pending bit, no run, one \
+             run on unmask; after disable {n} events dropped, no run"
         ),
         latency,
     ))
