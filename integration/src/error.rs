@@ -130,8 +130,14 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn plugin(op: &'static str) -> impl FnOnce(irqbridge_kvm::Error) -> Error {
-        move |source| Error::Plugin { op, source }
+    /// Also takes the client's errors (`irqbridge_kvm::client::Error`).
+    pub(crate) fn plugin<E: Into<irqbridge_kvm::Error>>(
+        op: &'static str,
+    ) -> impl FnOnce(E) -> Error {
+        move |source| Error::Plugin {
+            op,
+            source: source.into(),
+        }
     }
 
     pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {

@@ -7,7 +7,7 @@
 //!    fd (full in-kernel irqchip);
 //! 3. attaches the device with [`AttachedDevice::attach`]: guest RAM DMA-mapped, INTx on IOAPIC
 //!    pin [`RigOptions::intx_pin`] (level, resample irqfd), MSI-X vectors as irqfds on MSI
-//!    routes, the doorbell as an ioeventfd, BARs at fixed addresses ([`BAR0_GPA`],
+//!    routes, MSI vectors wired by the plugin as the guest writes the MSI capability, the doorbell as an ioeventfd, BARs at fixed addresses ([`BAR0_GPA`],
 //!    [`BAR2_GPA`], [`BAR4_GPA`]);
 //! 4. registers BAR0 and BAR2 as [`MmioHandler`]s that forward to the attachment (BAR2 writes
 //!    into the MSI-X table are mirrored into the vectors' MSI routes by the plugin), a
@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use irqbridge_kvm::attach::{AttachConfig, AttachedDevice, GuestRam, MsixLayout, NUM_BARS};
+use irqbridge_kvm::msi::MsiLayout;
 use irqbridge_kvm::routing::{GsiRouter, IrqChip, RoutingSink, SharedGsiRouter};
 use irqbridge_vfio_user::pci::DeviceConfig;
 use irqbridge_vfio_user::pci::regs::{
@@ -408,6 +409,77 @@ impl Rig {
             control |= MSIX_CONTROL_FUNCTION_MASK;
         }
         g.mmio_write32(at, (head & 0xffff) | (u32::from(control) << 16))
+    }
+
+    /// Where the MSI capability is.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Check`] if the plugin did not wire MSI.
+    pub fn msi_layout(&self) -> Result<MsiLayout> {
+        self.device()
+            .msi_layout()
+            .ok_or_else(|| Error::Check("the plugin did not wire MSI".into()))
+    }
+
+    /// The guest programs the MSI capability through the config window to deliver
+    /// `guest_vector` (+ the vector index, per the multiple-message rule) to APIC ID 0 and sets
+    /// the Mask Bits to `mask`: address, upper address, data, mask (dword stores; the plugin
+    /// sees every one as a forwarded config write). Message Control is left alone.
+    ///
+    /// # Errors
+    ///
+    /// As [`Guest::command`], [`Error::Check`] without MSI.
+    pub fn msi_program(&self, guest_vector: u8, mask: u32) -> Result<()> {
+        let l = self.msi_layout()?;
+        if !l.is_64bit || !l.per_vector_mask {
+            return Err(Error::Check(
+                "the MSI capability lacks a 64-bit address or per-vector masking".into(),
+            ));
+        }
+        let cap = CONFIG_GPA + l.cap_offset;
+        let g = self.guest();
+        g.mmio_write32(cap + 0x04, crate::layout::LAPIC_GPA as u32)?;
+        g.mmio_write32(cap + 0x08, 0)?;
+        g.mmio_write32(cap + 0x0c, u32::from(guest_vector))?;
+        g.mmio_write32(cap + 0x10, mask)
+    }
+
+    /// The guest writes MSI Message Control (Enable, Multiple Message Enable = log2 of
+    /// `vectors`) through the config window: a read-modify-write of the capability's first
+    /// dword.
+    ///
+    /// # Errors
+    ///
+    /// As [`Rig::msi_program`].
+    pub fn msi_set_control(&self, enable: bool, vectors: u32) -> Result<()> {
+        let at = CONFIG_GPA + self.msi_layout()?.cap_offset;
+        let g = self.guest();
+        let head = g.mmio_read32(at)?;
+        let mme = vectors.max(1).trailing_zeros().min(5);
+        let mut control = (head >> 16) & !0x71;
+        control |= (mme << 4) | u32::from(enable);
+        g.mmio_write32(at, (head & 0xffff) | (control << 16))
+    }
+
+    /// The guest writes the MSI Mask Bits.
+    ///
+    /// # Errors
+    ///
+    /// As [`Rig::msi_program`].
+    pub fn msi_set_mask(&self, mask: u32) -> Result<()> {
+        let at = CONFIG_GPA + self.msi_layout()?.cap_offset + 0x10;
+        self.guest().mmio_write32(at, mask)
+    }
+
+    /// The guest reads the MSI Pending Bits.
+    ///
+    /// # Errors
+    ///
+    /// As [`Rig::msi_program`].
+    pub fn msi_pending_bits(&self) -> Result<u32> {
+        let at = CONFIG_GPA + self.msi_layout()?.cap_offset + 0x14;
+        self.guest().mmio_read32(at)
     }
 
     /// Sets or clears COMMAND bit 10 (INTx disable) with the plugin's config-space write

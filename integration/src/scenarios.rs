@@ -6,6 +6,7 @@
 //! | [`Scenario::Intx`] | guest `INTX_ASSERT` → handler → EOI without de-assert → the line fires again; from the Nth run the handler writes `INTX_DEASSERT` before its EOI → exactly N runs and N trigger writes, then silence |
 //! | [`Scenario::IntxDisable`] | COMMAND bit 10 (plugin config write) holds an asserted line back; clearing it delivers it exactly once |
 //! | [`Scenario::Msix`] | table programmed by the guest through the plugin (routes mirrored), MSI-X enabled in config; each vector fires once; a masked vector sets its PBA bit and is delivered once on unmask; same with the function mask |
+//! | [`Scenario::Msi`] | the MSI capability programmed by the guest through the config window (the plugin turns the writes into routes, irqfds and SET_IRQS(MSI)); 4 vectors, each fired once and run once on its own guest vector; a masked vector shows its pending bit and runs exactly once on unmask; after the guest disables MSI no vector runs and the device drops and counts every event |
 //! | [`Scenario::EventChannels`] | a port masked by the guest in the shared page (no exit) stays pending; `EVTCHN_UNMASK` delivers it; every port of the device on one vector, each sent once and collected exactly once |
 //! | [`Scenario::Doorbells`] | N guest doorbell writes cause no MMIO exit and no REGION_WRITE, and the server counts exactly N |
 //!
@@ -27,6 +28,9 @@ use irqbridge_vfio_user::pci::regs::{
     REG_EVTCHN_STATUS, REG_EVTCHN_UNMASK, REG_INTX_ASSERT, REG_INTX_DEASSERT, REG_INTX_STATUS,
     REG_MAGIC, REG_MSIX_FIRE, REGION_BAR0,
 };
+use irqbridge_vfio_user::pci::regs::{
+    REG_CNT_MSI_DROPPED, REG_CNT_MSI_PENDING, REG_CNT_MSI_TRIGGERS, REG_MSI_FIRE,
+};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -45,6 +49,10 @@ pub const EVTCHN_MSIX_INDEX: u16 = 3;
 /// Guest vector of that table entry.
 pub const EVTCHN_VECTOR: u8 = 0x70;
 
+/// Guest vector of MSI vector `i` in [`Scenario::Msi`] is `MSI_VECTOR_BASE + i` (Message
+/// Data = the base, aligned to 32 so the device's multiple-message rule adds `i`).
+pub const MSI_VECTOR_BASE: u8 = 0x80;
+
 /// Settings of the scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScenarioOptions {
@@ -56,6 +64,8 @@ pub struct ScenarioOptions {
     pub intx_rounds: u64,
     /// MSI-X: table entries programmed and fired (at least 3).
     pub msix_vectors: u16,
+    /// MSI: vectors enabled and fired (a power of two, at least 2).
+    pub msi_vectors: u32,
     /// Event channels: ports of the device (all of them are bound and sent once).
     pub evtchn_ports: u32,
     /// Doorbells: guest writes.
@@ -71,6 +81,7 @@ impl Default for ScenarioOptions {
             timeout: Duration::from_secs(10),
             intx_rounds: 5,
             msix_vectors: 4,
+            msi_vectors: 4,
             evtchn_ports: evtchn::MAX_PORTS,
             doorbells: 1000,
             latency_samples: 0,
@@ -87,6 +98,8 @@ pub enum Scenario {
     IntxDisable,
     /// MSI-X vectors, per-vector mask, function mask, PBA.
     Msix,
+    /// MSI vectors from the guest's capability writes, per-vector mask, pending bits, disable.
+    Msi,
     /// Event channels over the shared page.
     EventChannels,
     /// Doorbells through the ioeventfd.
@@ -95,10 +108,11 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in demo order.
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Intx,
         Scenario::IntxDisable,
         Scenario::Msix,
+        Scenario::Msi,
         Scenario::EventChannels,
         Scenario::Doorbells,
     ];
@@ -109,6 +123,7 @@ impl Scenario {
             Scenario::Intx => "INTx level re-fire",
             Scenario::IntxDisable => "INTx COMMAND.10",
             Scenario::Msix => "MSI-X",
+            Scenario::Msi => "MSI",
             Scenario::EventChannels => "event channels",
             Scenario::Doorbells => "doorbells",
         }
@@ -147,6 +162,7 @@ impl Scenario {
             Scenario::Intx => intx(rig, opts)?,
             Scenario::IntxDisable => intx_disable(rig, opts)?,
             Scenario::Msix => msix(rig, opts)?,
+            Scenario::Msi => msi(rig, opts)?,
             Scenario::EventChannels => event_channels(rig, opts)?,
             Scenario::Doorbells => doorbells(rig, opts)?,
         };
@@ -521,6 +537,177 @@ fn msix(rig: &Rig, opts: &ScenarioOptions) -> Result<Checked> {
         format!(
             "{k} vectors programmed through BAR2 (routes mirrored), each fired once and run once; \
              masked vector: PBA set, no run, one run on unmask; same with the function mask"
+        ),
+        latency,
+    ))
+}
+
+fn msi_vector(i: u32) -> u8 {
+    MSI_VECTOR_BASE.wrapping_add(i as u8)
+}
+
+/// MSI counters of the device (BAR0, read by the guest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MsiCounters {
+    triggers: u32,
+    pending: u32,
+    dropped: u32,
+}
+
+fn msi_counters(rig: &Rig) -> Result<MsiCounters> {
+    Ok(MsiCounters {
+        triggers: rig.read_reg(REG_CNT_MSI_TRIGGERS)?,
+        pending: rig.read_reg(REG_CNT_MSI_PENDING)?,
+        dropped: rig.read_reg(REG_CNT_MSI_DROPPED)?,
+    })
+}
+
+/// MSI: enable through config writes, fire, per-vector mask and pending bits, disable.
+fn msi(rig: &Rig, opts: &ScenarioOptions) -> Result<Checked> {
+    let g = rig.guest();
+    let layout = rig.msi_layout()?;
+    let n = opts.msi_vectors.max(2).next_power_of_two();
+    if layout.vectors < n {
+        return Err(Error::Check(format!(
+            "the MSI scenario needs {n} vectors, the device offers {}",
+            layout.vectors
+        )));
+    }
+    let group = rig
+        .device()
+        .msi()
+        .ok_or_else(|| Error::Check("the plugin did not wire MSI".into()))?;
+    rig.msi_program(MSI_VECTOR_BASE, 0)?;
+    for i in 0..n {
+        expect_eq(
+            &format!("MSI vector {i} registered before the enable"),
+            group.is_registered(i),
+            Some(false),
+        )?;
+    }
+    let before = msi_counters(rig)?;
+    let set_irqs = rig.metrics().set_irqs;
+    rig.msi_set_control(true, n)?;
+    // INTx off, then SET_IRQS(MSI) with the vectors' eventfds.
+    expect_eq(
+        "SET_IRQS messages for the enable",
+        rig.metrics().set_irqs - set_irqs,
+        2,
+    )?;
+    for i in 0..n {
+        expect_eq(
+            &format!("MSI route of vector {i} set by the plugin"),
+            group.route(i).map(|r| (r.address(), r.data)),
+            Some((crate::layout::LAPIC_GPA, u32::from(MSI_VECTOR_BASE) + i)),
+        )?;
+    }
+    for i in 0..n {
+        rig.write_reg(REG_MSI_FIRE, i)?;
+        g.wait_count(msi_vector(i), 1, opts.timeout)?;
+    }
+    thread::sleep(opts.quiet);
+    for i in 0..n {
+        expect_eq(
+            &format!("runs of MSI vector {i}"),
+            g.count(msi_vector(i)),
+            1,
+        )?;
+    }
+    let fired = msi_counters(rig)?;
+    expect_eq("MSI eventfd writes", fired.triggers - before.triggers, n)?;
+
+    // Per-vector mask: the event is held (pending bit), delivered exactly once on unmask.
+    let v1 = msi_vector(1);
+    rig.msi_set_mask(0b10)?;
+    rig.write_reg(REG_MSI_FIRE, 1)?;
+    rig.write_reg(REG_MSI_FIRE, 1)?;
+    expect_quiet(g, v1, 1, opts, "runs of masked MSI vector 1")?;
+    expect_eq(
+        "MSI pending bits while masked",
+        rig.msi_pending_bits()?,
+        0b10,
+    )?;
+    rig.msi_set_mask(0)?;
+    expect_exactly(g, v1, 2, opts, "runs of MSI vector 1 after unmask")?;
+    expect_eq("MSI pending bits after unmask", rig.msi_pending_bits()?, 0)?;
+    let unmasked = msi_counters(rig)?;
+    expect_eq(
+        "MSI eventfd writes after the unmask",
+        unmasked.triggers - before.triggers,
+        n + 1,
+    )?;
+    expect_eq(
+        "MSI events held by the mask",
+        unmasked.pending - before.pending,
+        2,
+    )?;
+
+    // Disable: nothing runs, the device drops and counts every event; INTx is bound again.
+    let set_irqs = rig.metrics().set_irqs;
+    rig.msi_set_control(false, n)?;
+    if rig.options().intx_pin.is_some() {
+        expect_eq(
+            "SET_IRQS messages for the disable (MSI off, INTx trigger/mask/unmask fd/unmask)",
+            rig.metrics().set_irqs - set_irqs,
+            5,
+        )?;
+    }
+    for i in 0..n {
+        rig.write_reg(REG_MSI_FIRE, i)?;
+    }
+    thread::sleep(opts.quiet);
+    for i in 0..n {
+        let want = if i == 1 { 2 } else { 1 };
+        expect_eq(
+            &format!("runs of MSI vector {i} after the disable"),
+            g.count(msi_vector(i)),
+            want,
+        )?;
+    }
+    let after = msi_counters(rig)?;
+    expect_eq(
+        "MSI eventfd writes after the disable",
+        after.triggers - before.triggers,
+        n + 1,
+    )?;
+    expect_eq(
+        "MSI events dropped while disabled",
+        after.dropped - before.dropped,
+        n,
+    )?;
+
+    // Latency: enabled again with one vector; guest MSI_FIRE → handler done.
+    let v0 = msi_vector(0);
+    let latency = if opts.latency_samples > 0 {
+        rig.msi_set_control(true, 1)?;
+        let l = sample(
+            "guest MSI_FIRE → handler done",
+            opts.latency_samples,
+            || {
+                let c = g.count(v0);
+                let t0 = Instant::now();
+                rig.write_reg(REG_MSI_FIRE, 0)?;
+                g.wait_count(v0, c + 1, opts.timeout)?;
+                Ok(t0.elapsed())
+            },
+        )?;
+        rig.msi_set_control(false, 1)?;
+        l
+    } else {
+        None
+    };
+    expect_quiet(
+        g,
+        v0,
+        1 + opts.latency_samples as u64,
+        opts,
+        "runs of MSI vector 0 after the latency rounds",
+    )?;
+    Ok((
+        format!(
+            "{n} vectors enabled by guest config writes (INTx off, SET_IRQS(MSI), routes \
+             data+i), each fired once and run once; masked vector: pending bit, no run, one \
+             run on unmask; after disable {n} events dropped, no run"
         ),
         latency,
     ))

@@ -44,6 +44,11 @@ fn msix_vectors_masks_and_pba() {
 }
 
 #[test]
+fn msi_vectors_masks_pending_bits_and_disable() {
+    run(Scenario::Msi);
+}
+
+#[test]
 fn event_channels_mask_unmask_and_4096_ports() {
     run(Scenario::EventChannels);
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! irqbridge vfio-user --socket-path PATH [--fd N] [--msix-vectors N] [--evtchn-ports N]
-//!                     [--no-intx] [--control-socket PATH]
+//!                     [--msi-vectors N] [--no-intx] [--control-socket PATH]
 //! irqbridge control --socket PATH <command> [args]
 //! irqbridge vhost-user (--socket-path PATH ... | --fd N) [--ports N] [--upcalls N]
 //!                      [--virtio-id N] [--link [C.]A:[C.]B ...] [--print-capabilities]
@@ -149,6 +149,9 @@ struct VfioUserArgs {
     /// Number of event-channel ports (1..=4096).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_EVTCHN_PORTS)]
     evtchn_ports: u32,
+    /// Number of MSI vectors: 1, 2, 4, 8, 16 or 32; 0 = no MSI capability.
+    #[arg(long, value_name = "N", default_value_t = irqbridge_vfio_user::pci::regs::DEFAULT_MSI_VECTORS)]
+    msi_vectors: u8,
     /// Build the device without an INTx pin (INTERRUPT_PIN 0, INTx IRQ count 0).
     #[arg(long)]
     no_intx: bool,
@@ -226,6 +229,7 @@ impl TryFrom<VfioUserArgs> for VfioUserConfig {
             msix_vectors: a.msix_vectors,
             evtchn_ports: a.evtchn_ports,
             intx: !a.no_intx,
+            msi_vectors: a.msi_vectors,
         };
         device.validate().map_err(CliError::Device)?;
         Ok(VfioUserConfig {
@@ -545,6 +549,7 @@ mod tests {
             "2048",
             "--evtchn-ports=4096",
             "--no-intx",
+            "--msi-vectors=32",
             "--control-socket",
             "/tmp/c.sock",
         ])
@@ -555,7 +560,8 @@ mod tests {
             DeviceConfig {
                 msix_vectors: 2048,
                 evtchn_ports: 4096,
-                intx: false
+                intx: false,
+                msi_vectors: 32,
             }
         );
         assert_eq!(c.control_socket, Some("/tmp/c.sock".into()));
@@ -570,6 +576,8 @@ mod tests {
         assert!(vfio_user(&["vfio-user", "-s", "a", "--msix-vectors", "70000"]).is_err());
         assert!(vfio_user(&["vfio-user", "-s", "a", "--evtchn-ports", "4097"]).is_err());
         assert!(vfio_user(&["vfio-user", "-s", "a", "--evtchn-ports", "0"]).is_err());
+        assert!(vfio_user(&["vfio-user", "-s", "a", "--msi-vectors", "3"]).is_err());
+        assert!(vfio_user(&["vfio-user", "-s", "a", "--msi-vectors", "64"]).is_err());
         let e = vfio_user(&["vfio-user", "--fd", "-1"]).unwrap_err();
         assert!(e.contains("-1"), "{e}");
     }

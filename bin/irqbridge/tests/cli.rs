@@ -141,7 +141,7 @@ fn serve_control_and_sigterm() {
     let snap = c.request(&json!({"cmd":"snapshot"})).unwrap();
     assert_eq!(
         snap["snapshot"]["config"],
-        json!({"msix_vectors": 32, "evtchn_ports": 1024, "intx": false})
+        json!({"msix_vectors": 32, "evtchn_ports": 1024, "intx": false, "msi_vectors": 4})
     );
     let r = c.request(&json!({"cmd":"intx_assert"})).unwrap();
     assert_eq!(r["ok"], false, "no INTx pin: {r}");

@@ -8,6 +8,7 @@
 //!
 //! - [`IntxLine`]: the level-triggered, auto-masked INTx line with the VFIO semantics of
 //!   `vfio_pci_intrs.c` (mask, unmask with re-fire while asserted, COMMAND bit 10).
+//! - [`Msi`]: PCI MSI with per-vector mask and pending bits.
 //! - [`Msix`]: the PCI MSI-X table, the pending bit array and the per-vector masks.
 //! - [`EventChannels`]: Xen-style 2-level event channels over a page shared with the guest.
 //!
@@ -40,11 +41,13 @@
 pub mod error;
 pub mod evtchn;
 pub mod intx;
+pub mod msi;
 pub mod msix;
 pub mod notifier;
 
 pub use error::{Error, Result};
 pub use evtchn::{EventChannels, EvtchnState, EvtchnStats, PortState, SendOutcome, SharedWords};
 pub use intx::{IntxLine, IntxState, IntxStats};
+pub use msi::{Msi, MsiDelivery, MsiState, MsiStats};
 pub use msix::{Delivery, Msix, MsixEntry, MsixState, MsixStats};
 pub use notifier::{CountingNotifier, Notifier};

@@ -24,6 +24,16 @@
 //!    MSI route (committed before the write is forwarded, so an event the write unleashes
 //!    takes the new route). A vector the guest masks keeps its irqfd: the device holds the
 //!    event in its PBA and writes the irqfd once on unmask;
+//!
+//!    MSI ([`crate::msi`]): one eventfd and GSI per vector the capability offers, all masked
+//!    and unbound at attach. The guest's config writes to the MSI capability drive them:
+//!    on enable, routes for the enabled vectors (vector `i` sends Message Data with its low
+//!    bits replaced by `i`), irqfds for the unmasked ones, SET_IRQS(INTx, NONE|TRIGGER, 0, 0)
+//!    (the kernel binds MSI only with no other index bound) and SET_IRQS(MSI, TRIGGER|EVENTFD)
+//!    before the write is forwarded; a mask bit deassigns the vector's irqfd (events stay
+//!    pending and show in the Pending Bits, one injection on unmask); disable drops pending
+//!    events, unbinds MSI and binds INTx again. A device whose MSI was enabled before a
+//!    reconnect is wired again at attach;
 //! 6. doorbells: every ioeventfd of DEVICE_GET_REGION_IO_FDS becomes a `KVM_IOEVENTFD` at the
 //!    BAR's guest address + offset (with datamatch when given): guest writes reach the server
 //!    with no VM exit and no message;
@@ -48,17 +58,20 @@ use std::time::Duration;
 use irqbridge_vfio_user::proto::{
     KVM_IOEVENTFD_FLAG_PIO, SparseMmapArea, VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER,
     VFIO_IRQ_SET_ACTION_UNMASK, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
-    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_USER_F_DMA_REGION_READ, VFIO_USER_F_DMA_REGION_WRITE,
-    VFIO_USER_IO_FD_TYPE_IOEVENTFD,
+    VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_USER_F_DMA_REGION_READ,
+    VFIO_USER_F_DMA_REGION_WRITE, VFIO_USER_IO_FD_TYPE_IOEVENTFD,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::client::{Client, ClientConfig, DEFAULT_TIMEOUT, DeviceInfo, IoFd, IrqInfo};
+use crate::client::{
+    Client, ClientConfig, DEFAULT_TIMEOUT, DeviceInfo, Error as ClientError, IoFd, IrqInfo,
+};
 use crate::interrupt::{
     InterruptSourceGroup, LegacyInterruptGroup, MsiInterruptGroup, MsiIrqSourceConfig,
 };
 use crate::mmap::{MappedRegion, RegionMapping, page_size};
+use crate::msi::{self, MsiLayout, MsiRegs, PCI_CAP_ID_MSI};
 use crate::routing::{IrqChip, SharedGsiRouter};
 use crate::{Error, Result, eventfd_as_fd};
 
@@ -105,6 +118,8 @@ pub struct AttachConfig<'a> {
     pub guest_ram: Vec<GuestRam<'a>>,
     /// Wire MSI-X (if the device has it).
     pub msix: bool,
+    /// Wire MSI (if the device has it): vectors follow the guest's config writes.
+    pub msi: bool,
     /// Register the device's ioeventfds.
     pub ioeventfds: bool,
     /// mmap the mappable BARs.
@@ -126,6 +141,7 @@ impl Default for AttachConfig<'_> {
             bar_base: None,
             guest_ram: Vec::new(),
             msix: true,
+            msi: true,
             ioeventfds: true,
             mmap_bars: true,
             posted_writes: true,
@@ -258,6 +274,23 @@ struct Msix {
     shadow: Mutex<Vec<MsixShadow>>,
 }
 
+/// MSI: the group of `layout.vectors` vectors and the shadow of the guest's registers. The
+/// lock on `regs` is held across a whole config write (KVM steps and forwarding), so
+/// concurrent writes reach KVM and the device in the same order.
+struct Msi {
+    layout: MsiLayout,
+    group: MsiInterruptGroup,
+    regs: Mutex<MsiRegs>,
+}
+
+/// What the capability walk found.
+#[derive(Default)]
+struct Caps {
+    msix: Option<MsixLayout>,
+    /// Offset and Message Control of the MSI capability.
+    msi: Option<(u64, u16)>,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -279,6 +312,7 @@ pub struct AttachedDevice {
     dma: Vec<(u64, u64)>,
     intx: Option<LegacyInterruptGroup>,
     msix: Option<Msix>,
+    msi: Option<Msi>,
     ioevents: Vec<IoEvent>,
     mappings: Vec<RegionMapping>,
 }
@@ -291,6 +325,7 @@ impl fmt::Debug for AttachedDevice {
             .field("bar_gpas", &self.bar_gpas)
             .field("intx", &self.intx)
             .field("msix", &self.msix.as_ref().map(|m| (&m.layout, &m.group)))
+            .field("msi", &self.msi.as_ref().map(|m| (&m.layout, &m.group)))
             .field("ioevents", &self.ioevents.len())
             .field("mappings", &self.mappings)
             .finish()
@@ -383,6 +418,7 @@ impl AttachedDevice {
             dma: Vec::new(),
             intx: None,
             msix: None,
+            msi: None,
             ioevents: Vec::new(),
             mappings: Vec::new(),
         };
@@ -409,15 +445,27 @@ impl AttachedDevice {
             dev.wire_intx(&router, gsi)?;
         }
 
-        // 5. MSI-X.
+        // 5. MSI-X, then MSI.
+        let caps = if config.msix || config.msi {
+            dev.find_caps()?
+        } else {
+            Caps::default()
+        };
         if config.msix
             && let Some(count) = dev
                 .irq(VFIO_PCI_MSIX_IRQ_INDEX)
                 .map(|i| i.count)
                 .filter(|c| *c > 0)
-            && let Some(layout) = dev.find_msix()?
+            && let Some(layout) = caps.msix
         {
             dev.wire_msix(&router, layout, count)?;
+        }
+        if config.msi
+            && let Some(count) = dev.irq(VFIO_PCI_MSI_IRQ_INDEX).map(|i| i.count)
+            && let Some((offset, control)) = caps.msi
+            && let Some(layout) = MsiLayout::new(offset, control, count)
+        {
+            dev.wire_msi(&router, layout)?;
         }
 
         // 6. Doorbells.
@@ -441,78 +489,50 @@ impl AttachedDevice {
     }
 
     fn wire_intx(&mut self, router: &SharedGsiRouter, gsi: u32) -> Result<()> {
-        const INTX: u32 = VFIO_PCI_INTX_IRQ_INDEX;
         let group = LegacyInterruptGroup::new(self.vm.clone(), router.clone(), gsi)?;
-        let trigger = group.notifier(0).ok_or_else(|| {
-            Error::EventFd(std::io::Error::other("cannot duplicate the INTx eventfd"))
-        })?;
-        let mut client = lock(&self.client);
-        client.set_irq_eventfds(
-            INTX,
-            VFIO_IRQ_SET_ACTION_TRIGGER,
-            0,
-            &[Some(eventfd_as_fd(&trigger))],
-        )?;
-        match group.resample_notifier() {
-            Some(resample) => {
-                // Masked while KVM's side is built, so the device cannot trigger into it.
-                client.set_irqs_none(INTX, VFIO_IRQ_SET_ACTION_MASK, 0, 1)?;
-                // KVM_IRQFD with RESAMPLE: a trigger write asserts the GSI; the guest's EOI
-                // de-asserts it and signals `resample`.
-                group.enable()?;
-                self.intx = Some(group);
-                client.set_irq_eventfds(
-                    INTX,
-                    VFIO_IRQ_SET_ACTION_UNMASK,
-                    0,
-                    &[Some(eventfd_as_fd(&resample))],
-                )?;
-                client.set_irqs_none(INTX, VFIO_IRQ_SET_ACTION_UNMASK, 0, 1)?;
-            }
-            None => {
-                // Split irqchip: a plain irqfd on the route the VMM's IOAPIC gives `gsi`;
-                // EOIs come back through `eoi()`.
-                group.enable()?;
-                self.intx = Some(group);
-            }
-        }
-        Ok(())
+        let group = self.intx.insert(group);
+        bind_intx(&mut lock(&self.client), group)
     }
 
-    /// Walks the config-space capability list for MSI-X.
-    fn find_msix(&self) -> Result<Option<MsixLayout>> {
+    /// Walks the config-space capability list for MSI-X and MSI.
+    fn find_caps(&self) -> Result<Caps> {
         let read = |off: u64, len: usize| -> Result<u32> {
             let mut b = [0u8; 4];
             self.client()
                 .region_read(VFIO_PCI_CONFIG_REGION_INDEX, off, &mut b[..len])?;
             Ok(u32::from_le_bytes(b))
         };
+        let mut caps = Caps::default();
         if read(PCI_STATUS, 2)? as u16 & PCI_STATUS_CAP_LIST == 0 {
-            return Ok(None);
+            return Ok(caps);
         }
         let mut ptr = u64::from(read(PCI_CAPABILITY_LIST, 1)? as u8 & !3);
         for _ in 0..MAX_CAPS {
             if ptr < 0x40 {
-                return Ok(None);
+                return Ok(caps);
             }
             let head = read(ptr, 4)?;
-            if head as u8 == PCI_CAP_ID_MSIX {
-                let control = (head >> 16) as u16;
-                let table = read(ptr + 4, 4)?;
-                let pba = read(ptr + 8, 4)?;
-                return Ok(Some(MsixLayout {
-                    cap_offset: ptr,
-                    vectors: (control & 0x7ff) + 1,
-                    table_bar: table & 7,
-                    table_offset: u64::from(table & !7),
-                    pba_bar: pba & 7,
-                    pba_offset: u64::from(pba & !7),
-                }));
+            let control = (head >> 16) as u16;
+            match head as u8 {
+                PCI_CAP_ID_MSIX if caps.msix.is_none() => {
+                    let table = read(ptr + 4, 4)?;
+                    let pba = read(ptr + 8, 4)?;
+                    caps.msix = Some(MsixLayout {
+                        cap_offset: ptr,
+                        vectors: (control & 0x7ff) + 1,
+                        table_bar: table & 7,
+                        table_offset: u64::from(table & !7),
+                        pba_bar: pba & 7,
+                        pba_offset: u64::from(pba & !7),
+                    });
+                }
+                PCI_CAP_ID_MSI if caps.msi.is_none() => caps.msi = Some((ptr, control)),
+                _ => {}
             }
             ptr = u64::from((head >> 8) as u8 & !3);
         }
         log::warn!("irqbridge-kvm: config-space capability list does not end");
-        Ok(None)
+        Ok(caps)
     }
 
     fn wire_msix(
@@ -574,6 +594,49 @@ impl AttachedDevice {
         Ok(())
     }
 
+    fn wire_msi(&mut self, router: &SharedGsiRouter, layout: MsiLayout) -> Result<()> {
+        // Every vector starts masked (not registered); the guest's config writes decide.
+        let group = MsiInterruptGroup::new(self.vm.clone(), router.clone(), layout.vectors)?;
+        let device = self.read_msi_regs(&layout)?;
+        let msi = self.msi.insert(Msi {
+            layout,
+            group,
+            regs: Mutex::new(MsiRegs::default()),
+        });
+        // The device keeps its registers across reconnects: start from them. If the guest had
+        // MSI enabled, the device dropped our predecessor's eventfds with the connection;
+        // wire and bind again (nothing to forward).
+        let mut regs = lock(&msi.regs);
+        let mut off = device;
+        off.write(&layout, layout.cap_offset + 2, &[0, 0]);
+        *regs = off;
+        if device.enabled() {
+            let steps = msi::plan(&layout, &off, &device);
+            *regs = device;
+            run_msi_steps(
+                &mut lock(&self.client),
+                self.intx.as_ref(),
+                &msi.group,
+                &steps,
+                None,
+            )?;
+        } else {
+            *regs = device;
+        }
+        Ok(())
+    }
+
+    fn read_msi_regs(&self, layout: &MsiLayout) -> Result<MsiRegs> {
+        let mut image = [0u8; msi::MSI_CAP_MAX_SIZE];
+        let len = layout.size().min(image.len());
+        self.client().region_read(
+            VFIO_PCI_CONFIG_REGION_INDEX,
+            layout.cap_offset,
+            &mut image[..len],
+        )?;
+        Ok(MsiRegs::from_image(&image[..len]))
+    }
+
     fn fetch_ioevents(&mut self) -> Result<()> {
         for bar in 0..NUM_BARS as u32 {
             if self.regions.get(bar as usize).is_none_or(|r| r.size == 0) {
@@ -582,7 +645,7 @@ impl AttachedDevice {
             let fds = match self.client().region_io_fds(bar) {
                 Ok(fds) => fds,
                 // Servers without io fds (QEMU never asks; libvfio-user may not implement it).
-                Err(Error::Remote { errno, .. })
+                Err(ClientError::Remote { errno, .. })
                     if matches!(
                         errno,
                         libc::ENOSYS | libc::EINVAL | libc::ENOTSUP | libc::ENOTTY | libc::ENOENT
@@ -591,7 +654,7 @@ impl AttachedDevice {
                     log::debug!("irqbridge-kvm: no io fds for BAR {bar} (errno {errno})");
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             for IoFd {
                 offset,
@@ -757,6 +820,16 @@ impl AttachedDevice {
         self.msix.as_ref().map(|m| &m.group)
     }
 
+    /// The MSI vectors, if MSI is wired (vector `i` of the group is MSI vector `i`).
+    pub fn msi(&self) -> Option<&MsiInterruptGroup> {
+        self.msi.as_ref().map(|m| &m.group)
+    }
+
+    /// The MSI capability, if MSI is wired.
+    pub fn msi_layout(&self) -> Option<MsiLayout> {
+        self.msi.as_ref().map(|m| m.layout)
+    }
+
     /// Where the MSI-X table and PBA are, if MSI-X is wired.
     pub fn msix_layout(&self) -> Option<MsixLayout> {
         self.msix.as_ref().map(|m| m.layout)
@@ -840,7 +913,7 @@ impl AttachedDevice {
     /// read with all-ones.
     pub fn mmio_read(&self, bar: u32, offset: u64, data: &mut [u8]) -> Result<()> {
         self.check_bar(bar)?;
-        self.client().region_read(bar, offset, data)
+        Ok(self.client().region_read(bar, offset, data)?)
     }
 
     /// A trapped guest write to `bar` (REGION_WRITE, posted unless configured otherwise).
@@ -892,31 +965,81 @@ impl AttachedDevice {
     fn forward_write(&self, region: u32, offset: u64, data: &[u8]) -> Result<()> {
         let mut client = self.client();
         if self.posted_writes {
-            client.region_write_posted(region, offset, data)
+            client.region_write_posted(region, offset, data)?;
         } else {
-            client.region_write(region, offset, data)
+            client.region_write(region, offset, data)?;
         }
+        Ok(())
     }
 
-    /// A guest config-space read (REGION_READ of region 7).
+    /// A guest config-space read (REGION_READ of region 7). The MSI Pending Bits also show
+    /// the events the plugin holds for vectors it masked in KVM.
     ///
     /// # Errors
     ///
     /// [`Error::Remote`], transport errors.
     pub fn config_read(&self, offset: u64, data: &mut [u8]) -> Result<()> {
         self.client()
-            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)
+            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)?;
+        // MSI Pending Bits: events the plugin holds for vectors masked in KVM count too.
+        if let Some(msi) = &self.msi
+            && let Some(at) = msi.layout.pending_at()
+            && lock(&msi.regs).enabled()
+        {
+            let pending_off = msi.layout.cap_offset + at as u64;
+            let len = data.len() as u64;
+            if offset < pending_off + 4 && pending_off < offset.saturating_add(len) {
+                let mut bits = 0u32;
+                for v in 0..msi.group.len() {
+                    if msi.group.is_pending(v)? {
+                        bits |= 1 << v;
+                    }
+                }
+                let bytes = bits.to_le_bytes();
+                for (k, b) in data.iter_mut().enumerate() {
+                    let at = (offset + k as u64).checked_sub(pending_off);
+                    if let Some(p) = at.and_then(|a| bytes.get(a as usize)) {
+                        *b |= p;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A guest config-space write (REGION_WRITE of region 7, waiting for the reply). BAR
     /// registers are the VMM's to emulate: don't forward writes to them.
     ///
+    /// A write to the MSI capability also drives MSI ([`crate::msi`]): enabling it turns
+    /// INTx off on the device, commits a route per enabled vector (vector `i` sends Message
+    /// Data with its low bits replaced by `i`), registers the unmasked vectors' irqfds and
+    /// binds the eventfds (SET_IRQS(MSI)) before the write is forwarded; a mask bit deassigns
+    /// its vector's irqfd (events stay pending, one injection on unmask); disabling it
+    /// unbinds MSI, drops pending events and binds INTx again.
+    ///
     /// # Errors
     ///
-    /// [`Error::Remote`], transport errors.
+    /// [`Error::Remote`], [`Error::Kvm`] (MSI routes and irqfds), transport errors.
     pub fn config_write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.client()
-            .region_write(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)
+        if let Some(msi) = &self.msi {
+            let mut regs = lock(&msi.regs);
+            let mut new = *regs;
+            if new.write(&msi.layout, offset, data) {
+                let steps = msi::plan(&msi.layout, &regs, &new);
+                // The shadow follows the guest even if a step fails: the guest wrote it.
+                *regs = new;
+                return run_msi_steps(
+                    &mut self.client(),
+                    self.intx.as_ref(),
+                    &msi.group,
+                    &steps,
+                    Some((offset, data)),
+                );
+            }
+        }
+        Ok(self
+            .client()
+            .region_write(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)?)
     }
 
     /// The guest ended an INTx interrupt (EOI): SET_IRQS(INTx, UNMASK|NONE). Needed with a
@@ -929,8 +1052,12 @@ impl AttachedDevice {
         if self.intx.is_none() {
             return Err(Error::Unsupported("INTx is not wired".into()));
         }
-        self.client()
-            .set_irqs_none(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_UNMASK, 0, 1)
+        Ok(self.client().set_irqs_none(
+            VFIO_PCI_INTX_IRQ_INDEX,
+            VFIO_IRQ_SET_ACTION_UNMASK,
+            0,
+            1,
+        )?)
     }
 
     /// DEVICE_RESET. Eventfd bindings survive on the device; the VMM resets its own view of
@@ -949,6 +1076,20 @@ impl AttachedDevice {
                 msix.group.set_route(v as u32, None)?;
             }
             msix.group.set_gsi()?;
+        }
+        if let Some(msi) = &self.msi {
+            // The device's MSI is back to its reset state: follow it (nothing to forward).
+            let device = self.read_msi_regs(&msi.layout)?;
+            let mut regs = lock(&msi.regs);
+            let steps = msi::plan(&msi.layout, &regs, &device);
+            *regs = device;
+            run_msi_steps(
+                &mut self.client(),
+                self.intx.as_ref(),
+                &msi.group,
+                &steps,
+                None,
+            )?;
         }
         Ok(())
     }
@@ -973,7 +1114,7 @@ impl AttachedDevice {
 
     fn teardown(&mut self, polite: bool) -> Result<()> {
         let mut first: Option<Error> = None;
-        let mut note = |r: Result<()>| {
+        let mut note = |r: std::result::Result<(), Error>| {
             if let Err(e) = r {
                 log::warn!("irqbridge-kvm: detach: {e}");
                 first.get_or_insert(e);
@@ -985,33 +1126,52 @@ impl AttachedDevice {
         }
         self.ioevents.clear();
         let talk = polite && !self.client().is_broken();
+        if let Some(msi) = self.msi.take() {
+            let bound = lock(&msi.regs).enabled();
+            // Deassign the irqfds (and free the GSIs) before the device lets go of the fds.
+            drop(msi);
+            if talk && bound {
+                note(
+                    self.client()
+                        .disable_irqs(VFIO_PCI_MSI_IRQ_INDEX)
+                        .map_err(Error::from),
+                );
+            }
+        }
         if let Some(msix) = self.msix.take() {
             // Deassign the irqfds (and free the GSIs) before the device lets go of the fds.
             drop(msix);
             if talk {
-                note(self.client().disable_irqs(VFIO_PCI_MSIX_IRQ_INDEX));
+                note(
+                    self.client()
+                        .disable_irqs(VFIO_PCI_MSIX_IRQ_INDEX)
+                        .map_err(Error::from),
+                );
             }
         }
         if let Some(intx) = self.intx.take() {
             // QEMU's order: mask on the device, deassign the irqfd (which de-asserts the
             // line), then disable the index (the device drops trigger and unmask fds).
             if talk {
-                note(self.client().set_irqs_none(
-                    VFIO_PCI_INTX_IRQ_INDEX,
-                    VFIO_IRQ_SET_ACTION_MASK,
-                    0,
-                    1,
-                ));
+                note(
+                    self.client()
+                        .set_irqs_none(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_MASK, 0, 1)
+                        .map_err(Error::from),
+                );
             }
             note(intx.disable());
             drop(intx);
             if talk {
-                note(self.client().disable_irqs(VFIO_PCI_INTX_IRQ_INDEX));
+                note(
+                    self.client()
+                        .disable_irqs(VFIO_PCI_INTX_IRQ_INDEX)
+                        .map_err(Error::from),
+                );
             }
         }
         for (gpa, size) in std::mem::take(&mut self.dma) {
             if talk {
-                note(self.client().dma_unmap(gpa, size));
+                note(self.client().dma_unmap(gpa, size).map_err(Error::from));
             }
         }
         first.map_or(Ok(()), Err)
@@ -1023,6 +1183,97 @@ impl Drop for AttachedDevice {
         // Without detach(): undo the KVM side; the server cleans up when the socket closes.
         let _ = self.teardown(false);
     }
+}
+
+/// Carries out MSI steps in order ([`msi::plan`]); `forward` is the guest's config write.
+fn run_msi_steps(
+    client: &mut Client,
+    intx: Option<&LegacyInterruptGroup>,
+    group: &MsiInterruptGroup,
+    steps: &[msi::Step],
+    forward: Option<(u64, &[u8])>,
+) -> Result<()> {
+    use msi::Step;
+    for step in steps {
+        match *step {
+            Step::Route(i, config) => group.set_route(i, config)?,
+            Step::Commit => group.set_gsi()?,
+            Step::Mask(i, masked) => group.set_masked(i, masked)?,
+            Step::ClearPending(i) => group.clear_pending(i)?,
+            Step::DisableIntx => {
+                if let Some(intx) = intx {
+                    // The device first (it stops triggering), then KVM: deassigning the irqfd
+                    // also de-asserts a line it held.
+                    client.disable_irqs(VFIO_PCI_INTX_IRQ_INDEX)?;
+                    intx.disable()?;
+                }
+            }
+            Step::EnableIntx => {
+                if let Some(intx) = intx {
+                    bind_intx(client, intx)?;
+                }
+            }
+            Step::Bind(n) => {
+                let fds = group.notifiers()?;
+                let list: Vec<Option<BorrowedFd<'_>>> = fds
+                    .iter()
+                    .take(n as usize)
+                    .map(|f| Some(eventfd_as_fd(f)))
+                    .collect();
+                client.set_irq_eventfds(
+                    VFIO_PCI_MSI_IRQ_INDEX,
+                    VFIO_IRQ_SET_ACTION_TRIGGER,
+                    0,
+                    &list,
+                )?;
+            }
+            Step::Unbind => client.disable_irqs(VFIO_PCI_MSI_IRQ_INDEX)?,
+            Step::Forward => {
+                if let Some((offset, data)) = forward {
+                    client.region_write(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Binds INTx on the device side to `group` and makes sure its irqfd is registered, in
+/// QEMU's order (`vfio_intx_enable_kvm`, see the [module documentation](self)). Used at attach
+/// and again when the guest turns MSI off.
+fn bind_intx(client: &mut Client, group: &LegacyInterruptGroup) -> Result<()> {
+    const INTX: u32 = VFIO_PCI_INTX_IRQ_INDEX;
+    let trigger = group.notifier(0).ok_or_else(|| {
+        Error::EventFd(std::io::Error::other("cannot duplicate the INTx eventfd"))
+    })?;
+    client.set_irq_eventfds(
+        INTX,
+        VFIO_IRQ_SET_ACTION_TRIGGER,
+        0,
+        &[Some(eventfd_as_fd(&trigger))],
+    )?;
+    match group.resample_notifier() {
+        Some(resample) => {
+            // Masked while KVM's side is built, so the device cannot trigger into it.
+            client.set_irqs_none(INTX, VFIO_IRQ_SET_ACTION_MASK, 0, 1)?;
+            // KVM_IRQFD with RESAMPLE: a trigger write asserts the GSI; the guest's EOI
+            // de-asserts it and signals `resample`.
+            group.enable()?;
+            client.set_irq_eventfds(
+                INTX,
+                VFIO_IRQ_SET_ACTION_UNMASK,
+                0,
+                &[Some(eventfd_as_fd(&resample))],
+            )?;
+            client.set_irqs_none(INTX, VFIO_IRQ_SET_ACTION_UNMASK, 0, 1)?;
+        }
+        None => {
+            // Split irqchip: a plain irqfd on the route the VMM's IOAPIC gives the GSI; EOIs
+            // come back through `eoi()`.
+            group.enable()?;
+        }
+    }
+    Ok(())
 }
 
 /// Assigns or deassigns one ioeventfd at `addr`.

@@ -149,5 +149,32 @@ impl From<Error> for io::Error {
     }
 }
 
+impl From<irqbridge_vfio_user::client::Error> for Error {
+    /// The client's errors keep their variant (same names, same fields), so a match on
+    /// [`Error::Remote`] or [`Error::Timeout`] sees them as before the client moved.
+    fn from(e: irqbridge_vfio_user::client::Error) -> Error {
+        use irqbridge_vfio_user::client::Error as C;
+        match e {
+            C::Connect {
+                path,
+                timeout,
+                source,
+            } => Error::Connect {
+                path,
+                timeout,
+                source,
+            },
+            C::Io { command, source } => Error::Io { command, source },
+            C::Timeout { command, timeout } => Error::Timeout { command, timeout },
+            C::Disconnected { command } => Error::Disconnected { command },
+            C::ConnectionBroken { command } => Error::ConnectionBroken { command },
+            C::Remote { command, errno } => Error::Remote { command, errno },
+            C::Protocol { command, reason } => Error::Protocol { command, reason },
+            C::Fd(source) => Error::EventFd(source),
+            C::InvalidArgument(reason) => Error::InvalidArgument(reason),
+        }
+    }
+}
+
 /// The crate's result type.
 pub type Result<T> = std::result::Result<T, Error>;

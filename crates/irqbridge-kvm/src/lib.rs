@@ -8,6 +8,7 @@
 //! |---|---|
 //! | INTx (level) | trigger eventfd = KVM irqfd with `KVM_IRQFD_FLAG_RESAMPLE`; KVM's resample eventfd is the device's INTx UNMASK eventfd |
 //! | MSI-X | one eventfd per vector = KVM irqfd on an MSI-routed GSI; the device holds masked events in its PBA |
+//! | MSI | one eventfd per vector = KVM irqfd on an MSI-routed GSI, following the guest's writes to the MSI capability; masked vectors are deassigned and their events held (one injection on unmask) |
 //! | doorbells | the device's ioeventfds registered with `KVM_IOEVENTFD` at the BAR's address |
 //! | shared pages (BAR4) | the region's fd mmapped and installed by the VMM as a memory slot |
 //!
@@ -16,11 +17,16 @@
 //! # Modules
 //!
 //! - [`client`]: the vfio-user client (VERSION, region/IRQ info, SET_IRQS, REGION_READ/WRITE,
-//!   DMA_MAP/UNMAP, RESET) with per-call timeouts and reply checking;
+//!   DMA_MAP/UNMAP, RESET) with per-call timeouts and reply checking; it lives in
+//!   `irqbridge-vfio-user` behind its `client` feature, the only part of that crate this one
+//!   builds (no device models, no `irqbridge-core`, no serde);
 //! - [`routing`]: [`GsiRouter`], the one owner of the VM's GSI routing table;
 //! - [`interrupt`]: the [`InterruptSourceGroup`] trait (Cloud Hypervisor's `vm-device` shape)
 //!   with [`MsiInterruptGroup`] and [`LegacyInterruptGroup`];
-//! - [`mmap`]: owning mappings of device regions and the [`MappedRegion`] a VMM installs;
+//! - [`mmap`]: owning mappings of device regions (vm-memory `MmapRegion`s) and the
+//!   [`MappedRegion`] a VMM installs;
+//! - [`msi`]: the MSI capability's shadow registers and the ordered steps a config write
+//!   turns into;
 //! - [`attach`]: [`AttachedDevice`], which puts it all together;
 //! - [`vhost`]: [`VhostUserAttachment`], the vhost-user frontend path: a vhost-user device's
 //!   virtqueues started with their kicks as ioeventfds and their calls as MSI irqfds.
@@ -108,10 +114,13 @@
 #![deny(missing_docs)]
 
 pub mod attach;
-pub mod client;
+/// The vfio-user client, now `irqbridge_vfio_user::client` (re-exported so existing users
+/// keep compiling).
+pub use irqbridge_vfio_user::client;
 mod error;
 pub mod interrupt;
 pub mod mmap;
+pub mod msi;
 pub mod routing;
 #[cfg(test)]
 mod test_util;
@@ -125,6 +134,7 @@ pub use interrupt::{
     LegacyIrqSourceConfig, MsiInterruptGroup, MsiIrqSourceConfig,
 };
 pub use mmap::{MappedRegion, RegionMapping};
+pub use msi::{MsiLayout, MsiRegs};
 pub use routing::{GsiRouter, IrqChip, Route, RoutingSink, SharedGsiRouter};
 pub use vhost::{
     Datamatch, Error as VhostError, GuestRam as VhostGuestRam, KickConfig, Msi, QueueConfig,

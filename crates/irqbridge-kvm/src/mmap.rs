@@ -3,15 +3,19 @@
 //! The server sends the region's file with DEVICE_GET_REGION_INFO; the client maps each sparse
 //! area of it. The VMM then installs each mapping as a KVM memory slot at the BAR's guest
 //! address, so guest accesses to those pages touch the device's memory directly (no exit, no
-//! message). [`RegionMapping`] owns one such mmap and unmaps it on drop; [`MappedRegion`] is
-//! the plain description a VMM needs for `KVM_SET_USER_MEMORY_REGION`.
+//! message). [`RegionMapping`] owns one such mmap (a vm-memory [`MmapRegion`], which unmaps
+//! it on drop); [`MappedRegion`] is the plain description a VMM needs for
+//! `KVM_SET_USER_MEMORY_REGION`.
 
 use std::fmt;
+use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::AtomicU64;
 
 use kvm_bindings::kvm_userspace_memory_region;
+use vm_memory::FileOffset;
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder, MmapRegionError};
 
 use crate::{Error, Result};
 
@@ -48,8 +52,7 @@ impl MappedRegion {
 pub struct RegionMapping {
     region: u32,
     region_offset: u64,
-    addr: usize,
-    size: usize,
+    map: MmapRegion,
     gpa: Option<u64>,
 }
 
@@ -58,8 +61,8 @@ impl fmt::Debug for RegionMapping {
         f.debug_struct("RegionMapping")
             .field("region", &self.region)
             .field("region_offset", &format_args!("{:#x}", self.region_offset))
-            .field("host_addr", &format_args!("{:#x}", self.addr))
-            .field("size", &format_args!("{:#x}", self.size))
+            .field("host_addr", &format_args!("{:#x}", self.host_addr()))
+            .field("size", &format_args!("{:#x}", self.size()))
             .field("gpa", &self.gpa.map(|g| format!("{g:#x}")))
             .finish()
     }
@@ -91,33 +94,28 @@ impl RegionMapping {
         }
         let len = usize::try_from(size)
             .map_err(|_| Error::InvalidArgument(format!("region {region}: size {size:#x}")))?;
-        let off = libc::off_t::try_from(file_offset).map_err(|_| {
-            Error::InvalidArgument(format!("region {region}: offset {file_offset:#x}"))
-        })?;
-        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
-        // SAFETY: a new shared mapping at an address the kernel chooses; no existing memory is
-        // affected. The fd is valid for the call (borrowed). The result is checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Error::Mmap {
-                region,
-                source: io::Error::last_os_error(),
-            });
+        if libc::off_t::try_from(file_offset).is_err() {
+            return Err(Error::InvalidArgument(format!(
+                "region {region}: offset {file_offset:#x}"
+            )));
         }
+        let mmap_err = |source| Error::Mmap { region, source };
+        // The mapping keeps its own descriptor (vm-memory's FileOffset owns a File).
+        let file = File::from(fd.try_clone_to_owned().map_err(mmap_err)?);
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        let map = MmapRegionBuilder::new(len)
+            .with_file_offset(FileOffset::new(file, file_offset))
+            .with_mmap_prot(prot)
+            .with_mmap_flags(libc::MAP_SHARED)
+            .build()
+            .map_err(|e| match e {
+                MmapRegionError::Mmap(source) => mmap_err(source),
+                other => mmap_err(io::Error::new(io::ErrorKind::InvalidInput, other)),
+            })?;
         Ok(RegionMapping {
             region,
             region_offset,
-            addr: ptr as usize,
-            size: len,
+            map,
             gpa: None,
         })
     }
@@ -134,12 +132,12 @@ impl RegionMapping {
 
     /// Host virtual address of the mapping.
     pub fn host_addr(&self) -> u64 {
-        self.addr as u64
+        self.map.as_ptr() as u64
     }
 
     /// Length in bytes.
     pub fn size(&self) -> u64 {
-        self.size as u64
+        self.map.size() as u64
     }
 
     /// The guest physical address the VMM is to install it at, if known.
@@ -165,29 +163,14 @@ impl RegionMapping {
     /// the slot is installed). `None` if `offset` is unaligned or out of range.
     pub fn atomic_u64(&self, offset: u64) -> Option<&AtomicU64> {
         let offset = usize::try_from(offset).ok()?;
-        if offset % 8 != 0 || offset.checked_add(8)? > self.size {
+        if offset % 8 != 0 || offset.checked_add(8)? > self.map.size() {
             return None;
         }
         // SAFETY: the address is inside our live mapping (checked above), 8-byte aligned (the
         // mapping is page aligned and offset is a multiple of 8), and the mapping lives as
         // long as `&self`. AtomicU64 has the layout of u64 and tolerates concurrent access by
         // other processes through the shared mapping.
-        Some(unsafe { &*((self.addr + offset) as *const AtomicU64) })
-    }
-}
-
-impl Drop for RegionMapping {
-    fn drop(&mut self) {
-        // SAFETY: `addr`/`size` describe a mapping this value created and still owns; no
-        // reference into it outlives `self` (atomic_u64 borrows self).
-        let ret = unsafe { libc::munmap(self.addr as *mut libc::c_void, self.size) };
-        if ret != 0 {
-            log::warn!(
-                "irqbridge-kvm: munmap of region {} failed: {}",
-                self.region,
-                io::Error::last_os_error()
-            );
-        }
+        Some(unsafe { &*(self.map.as_ptr().add(offset) as *const AtomicU64) })
     }
 }
 

@@ -343,7 +343,7 @@ fn without_intx_gsi_or_msix_nothing_is_wired() {
     ));
     // Waited writes report the device's refusal (BAR1 is absent; region 8 is VGA, size 0).
     assert!(matches!(
-        dev.with_client(|c| c.region_write(8, 0, &[0u8; 4])),
+        dev.with_client(|c| c.region_write(8, 0, &[0u8; 4]).map_err(Error::from)),
         Err(Error::Remote { .. })
     ));
     assert_eq!(router.lock().unwrap().route_count(), 39);

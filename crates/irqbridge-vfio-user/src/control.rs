@@ -87,6 +87,11 @@ pub enum ControlRequest {
         /// The vector.
         vector: u32,
     },
+    /// An event on MSI vector `vector`.
+    MsiFire {
+        /// The vector.
+        vector: u32,
+    },
     /// Send an event on event-channel port `port`.
     EvtchnSend {
         /// The port.

@@ -98,7 +98,7 @@ pub enum Error {
     },
     /// The VERSION capabilities are not valid JSON of the expected shape.
     #[error("The VERSION capabilities are malformed.")]
-    BadCapabilities(#[source] serde_json::Error),
+    BadCapabilities(#[source] crate::json::JsonError),
     /// The VERSION capabilities are not UTF-8 or contain a NUL before the end.
     #[error("The VERSION capabilities are not a NUL-terminated UTF-8 string.")]
     CapabilitiesNotText,

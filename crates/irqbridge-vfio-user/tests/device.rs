@@ -140,7 +140,7 @@ fn identity_info_and_regions() {
 
     let irqs: Vec<_> = (0..5).map(|i| d.irq_info(i)).collect();
     let got: Vec<_> = irqs.iter().map(|i| (i.flags, i.count)).collect();
-    assert_eq!(got, vec![(7, 1), (1, 0), (3, 16), (1, 1), (1, 1)]);
+    assert_eq!(got, vec![(7, 1), (9, 4), (3, 16), (1, 1), (1, 1)]);
 
     let io = d.region_io_fds(0);
     assert_eq!(io.len(), 1);
@@ -151,7 +151,7 @@ fn identity_info_and_regions() {
 
     assert_eq!(bar0(&mut d, REG_MAGIC), MAGIC);
     assert_eq!(bar0(&mut d, REG_ABI_VERSION), 1);
-    assert_eq!(bar0(&mut d, REG_FEATURES), 7);
+    assert_eq!(bar0(&mut d, REG_FEATURES), 0xf);
     assert_eq!(bar0(&mut d, REG_MSIX_VECTORS), 16);
     assert_eq!(bar0(&mut d, REG_EVTCHN_PORTS), 1024);
 }
@@ -162,6 +162,7 @@ fn no_intx_and_other_sizes() {
         msix_vectors: 2048,
         evtchn_ports: 4096,
         intx: false,
+        msi_vectors: 0,
     };
     let mut d = IrqbridgeDevice::new(cfg).unwrap();
     assert_eq!(cfg_read(&mut d, PCI_INTERRUPT_PIN, 1), 0);
@@ -249,14 +250,14 @@ fn capability_walk() {
         caps.push((ptr, cfg_read(&mut d, ptr, 1) as u8));
         ptr = cfg_read(&mut d, ptr + 1, 1) as u64 & !3;
     }
-    assert_eq!(caps, vec![(0x40, PCI_CAP_ID_MSIX)]);
+    assert_eq!(caps, vec![(0x40, PCI_CAP_ID_MSIX), (0x50, PCI_CAP_ID_MSI)]);
     assert_eq!(cfg_read(&mut d, 0x42, 2), 15);
     let table = cfg_read(&mut d, 0x44, 4);
     assert_eq!((table & 7, table & !7), (2, 0));
     let pba = cfg_read(&mut d, 0x48, 4);
     assert_eq!((pba & 7, pba & !7), (2, 0x1000));
     // Dword read of the header: ID, next, control.
-    assert_eq!(cfg_read(&mut d, 0x40, 4), 0x000f_0011);
+    assert_eq!(cfg_read(&mut d, 0x40, 4), 0x000f_5011);
 }
 
 #[test]
@@ -276,9 +277,10 @@ fn config_space_byte_wise_and_read_only() {
             );
         }
     }
-    // Write all-ones everywhere byte by byte, except Message Control (tested elsewhere).
+    // Write all-ones everywhere byte by byte, except MSI-X Message Control and the MSI
+    // registers (tested elsewhere).
     for off in 0..4096u64 {
-        if off == 0x42 || off == 0x43 {
+        if off == 0x42 || off == 0x43 || (0x52..0x68).contains(&off) {
             continue;
         }
         d.region_write(REGION_CONFIG, off, &[0xff]).unwrap();

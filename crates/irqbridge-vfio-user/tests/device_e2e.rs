@@ -67,7 +67,7 @@ fn e2e_identity_regions_sizing_caps() {
         }
     }
     let irqs: Vec<_> = (0..5).map(|i| c.irq_info(i)).collect();
-    assert_eq!(irqs, vec![(7, 1), (1, 0), (3, 16), (1, 1), (1, 1)]);
+    assert_eq!(irqs, vec![(7, 1), (9, 4), (3, 16), (1, 1), (1, 1)]);
 
     assert_eq!(c.read(REGION_CONFIG, 0, 4), 0x7162_6972);
     assert_eq!(
@@ -81,7 +81,9 @@ fn e2e_identity_regions_sizing_caps() {
     let cap = c.read(REGION_CONFIG, PCI_CAPABILITY_LIST, 1);
     assert_eq!(cap, 0x40);
     assert_eq!(c.read(REGION_CONFIG, cap, 1), 0x11);
-    assert_eq!(c.read(REGION_CONFIG, cap + 1, 1), 0);
+    assert_eq!(c.read(REGION_CONFIG, cap + 1, 1), 0x50);
+    assert_eq!(c.read(REGION_CONFIG, 0x50, 2), 0x05);
+    assert_eq!(c.read(REGION_CONFIG, 0x52, 2), 0x184);
     assert_eq!(c.read(REGION_CONFIG, cap + 2, 2), 15);
     assert_eq!(c.read(REGION_CONFIG, cap + 4, 4), 2);
     assert_eq!(c.read(REGION_CONFIG, cap + 8, 4), 0x1002);
