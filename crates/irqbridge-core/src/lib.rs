@@ -47,4 +47,4 @@ pub use error::{Error, Result};
 pub use evtchn::{EventChannels, EvtchnState, EvtchnStats, PortState, SendOutcome, SharedWords};
 pub use intx::{IntxLine, IntxState, IntxStats};
 pub use msix::{Delivery, Msix, MsixEntry, MsixState, MsixStats};
-pub use notifier::{CountingNotifier, Notifier};
+pub use notifier::{CountingNotifier, Notifier, saturated_writes};

@@ -394,6 +394,31 @@ fn is_eventfd(fd: &OwnedFd) -> bool {
         .is_ok_and(|t| t.as_os_str() == "anon_inode:[eventfd]")
 }
 
+/// Sets `O_NONBLOCK` on an eventfd received from the peer, so that the server never waits on
+/// it: a write to a saturated counter fails with `EAGAIN` (counted as "already pending" by
+/// `irqbridge_core::notifier`) and a read of a zero counter returns at once.
+///
+/// The flag lives on the open file description, which the peer shares: its own copy of the
+/// eventfd becomes non-blocking too. That is acceptable for an eventfd: the flag only changes
+/// a read of a zero counter and a write of a saturated one, KVM's irqfd and ioeventfd paths
+/// never look at it, and the VMMs poll an eventfd before they read it. A peer could clear the
+/// flag again on its copy; it only hurts its own connection's interrupts then, and
+/// docs/reliability.md says what that costs.
+fn set_nonblocking(fd: &OwnedFd) -> Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a live descriptor we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(Error::Io(io::Error::last_os_error()));
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(Error::Io(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
 fn no_fds(command: Command, fds: &[OwnedFd]) -> Result<()> {
     if fds.is_empty() {
         Ok(())
@@ -964,6 +989,9 @@ impl Session {
         }
         if let Some(i) = fds.iter().position(|fd| !is_eventfd(fd)) {
             return Err(Error::NotEventfd { index: i });
+        }
+        for fd in &fds {
+            set_nonblocking(fd)?;
         }
         let irq_data = match data {
             VFIO_IRQ_SET_DATA_NONE => IrqData::None,
