@@ -2,6 +2,7 @@
 //! client process, the server runs as it is deployed. After each attack the server must still
 //! answer, serve a fresh client, and end on SIGTERM.
 
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use irqbridge_vfio_user::pci::regs::{
     REG_MSIX_FIRE, REGION_BAR0, REGION_CONFIG,
 };
 use irqbridge_vfio_user::proto::{
-    Capabilities, Command as Cmd, DeviceInfoMsg, RegionAccess, RegionData, SetIrqsRequest,
+    self, Capabilities, Command as Cmd, DeviceInfoMsg, RegionAccess, RegionData, SetIrqsRequest,
     VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, Version,
 };
 use serde_json::json;
@@ -288,5 +289,131 @@ fn saturated_blocking_eventfds_never_block_the_server() {
     assert_eq!(c2.info().num_irqs, 5);
     assert_eq!(c2.read32(REGION_BAR0, REG_MAGIC), MAGIC);
     drop(c2);
+    server.terminate();
+}
+
+/// Control clients that pile up requests and never read a reply: device service (REGION_READ
+/// round trips) is not delayed, the stuck clients are dropped after the control write timeout,
+/// and the control socket serves the next client.
+#[test]
+fn control_clients_that_never_read_do_not_delay_requests() {
+    let server = Server::start("ctlstall", &[]);
+    let mut c = server.client();
+    let mut stuck = Vec::new();
+    for _ in 0..2 {
+        let mut s = UnixStream::connect(&server.ctl).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Snapshots are large replies; far more than the socket buffers hold.
+        let mut burst = Vec::new();
+        for _ in 0..64 {
+            burst.extend_from_slice(b"{\"cmd\":\"snapshot\"}\n");
+        }
+        s.write_all(&burst).unwrap();
+        stuck.push(s);
+    }
+    let t0 = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut n = 0;
+    while t0.elapsed() < Duration::from_secs(3) {
+        let t = Instant::now();
+        assert_eq!(c.read32(REGION_BAR0, REG_MAGIC), MAGIC);
+        worst = worst.max(t.elapsed());
+        n += 1;
+    }
+    eprintln!("{n} REGION_READs beside two stuck control clients, worst {worst:?}");
+    // Before the fix one reply blocked the only server thread for up to 2 s per stuck client.
+    assert!(
+        worst < Duration::from_millis(500),
+        "REGION_READ waited {worst:?} behind the control socket"
+    );
+    // The stuck clients are dropped: reading now finds the end of the stream after whatever
+    // replies the server had managed to write.
+    for mut s in stuck {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut sink = vec![0u8; 1 << 16];
+        loop {
+            match s.read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("a stuck control client was never dropped: {e}"),
+            }
+        }
+    }
+    let mut ctl = server.control();
+    let r = ctl.request(&json!({"cmd": "counters"})).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    drop(c);
+    server.terminate();
+}
+
+/// A vfio-user client that sends its message one byte every 0.8 s is dropped when the 5 s
+/// per-message deadline passes (not kept forever because every single read is quick), and the
+/// client waiting behind it is served.
+#[test]
+fn trickling_client_is_dropped_at_the_message_deadline() {
+    let server = Server::start("trickle", &[]);
+    let mut slow = UnixStream::connect(&server.vu).unwrap();
+    let v = Version {
+        major: 0,
+        minor: 0,
+        capabilities: Capabilities::default(),
+    }
+    .encode();
+    let mut msg = proto::Header::command(1, Cmd::Version, v.len())
+        .encode()
+        .to_vec();
+    msg.extend_from_slice(&v);
+    // The next client connects now and waits in the backlog.
+    let next = std::thread::spawn({
+        let path = server.vu.clone();
+        move || {
+            let conn = Connection::new(UnixStream::connect(&path).unwrap());
+            conn.set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut c = Client { conn };
+            let v = Version {
+                major: 0,
+                minor: 0,
+                capabilities: Capabilities::default(),
+            };
+            c.conn.request(Cmd::Version, &v.encode(), &[]).unwrap();
+            let served = Instant::now();
+            assert_eq!(c.read32(REGION_BAR0, REG_MAGIC), MAGIC);
+            served
+        }
+    });
+    let start = Instant::now();
+    let mut dropped = None;
+    for b in &msg {
+        if slow.write_all(std::slice::from_ref(b)).is_err() {
+            dropped = Some(start.elapsed());
+            break;
+        }
+        // A reset shows up on the next write, or as the end of the stream here.
+        slow.set_read_timeout(Some(Duration::from_millis(800)))
+            .unwrap();
+        let mut one = [0u8; 1];
+        match slow.read(&mut one) {
+            Ok(0) => {
+                dropped = Some(start.elapsed());
+                break;
+            }
+            Ok(_) => panic!("a reply to a message that never finished"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => {
+                dropped = Some(start.elapsed());
+                break;
+            }
+        }
+    }
+    let dropped = dropped.expect("the trickling client was never dropped");
+    eprintln!("trickling client dropped after {dropped:?}");
+    assert!(
+        dropped >= Duration::from_secs(4) && dropped < Duration::from_secs(9),
+        "dropped after {dropped:?}, the deadline is 5 s"
+    );
+    let served = next.join().unwrap();
+    assert!(served >= start + Duration::from_secs(4));
     server.terminate();
 }

@@ -46,7 +46,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_IN_FLIGHT: usize = 32;
 /// Requests run per device-thread event, so a burst of control requests cannot hold the
 /// device long.
-pub const MAX_RUN_PER_EVENT: usize = 16;
+pub const MAX_RUN_PER_EVENT: usize = 4;
 /// Default timeout of [`ControlClient`] requests.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -132,7 +132,8 @@ struct Pending {
 #[derive(Debug)]
 struct Done {
     client: u64,
-    line: Vec<u8>,
+    /// Serialized by the I/O thread, off the device lock.
+    reply: Value,
     close_after: bool,
 }
 
@@ -287,7 +288,7 @@ impl ControlServer {
             };
             done.push(Done {
                 client: p.client,
-                line: reply_line(&reply),
+                reply,
                 close_after: p.close_after,
             });
         }
@@ -428,7 +429,7 @@ impl IoThread {
                 if c.out.is_empty() {
                     c.progress = Instant::now();
                 }
-                c.out.extend_from_slice(&d.line);
+                c.out.extend_from_slice(&reply_line(&d.reply));
                 c.in_flight = c.in_flight.saturating_sub(1);
                 if d.close_after {
                     c.close_when_done = true;
