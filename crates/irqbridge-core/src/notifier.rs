@@ -2,6 +2,15 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Writes that found their eventfd's counter saturated (see [`saturated_writes`]).
+static SATURATED_WRITES: AtomicU64 = AtomicU64::new(0);
+
+/// How many [`EventFd`] notifications, process-wide, found the counter saturated and were
+/// counted as already pending instead of written.
+pub fn saturated_writes() -> u64 {
+    SATURATED_WRITES.load(Ordering::Relaxed)
+}
+
 use vmm_sys_util::eventfd::EventFd;
 
 /// Something that can be signalled when an interrupt fires.
@@ -19,8 +28,20 @@ pub trait Notifier: Send + Sync + std::fmt::Debug {
 
 impl Notifier for EventFd {
     /// Adds 1 to the eventfd counter.
+    ///
+    /// An eventfd taken from a peer is non-blocking (the vfio-user server sets `O_NONBLOCK`
+    /// when it receives one), so a write to a counter at its maximum (`0xffff_ffff_ffff_fffe`)
+    /// fails with `EAGAIN` instead of waiting for the peer to read. A saturated counter means
+    /// the interrupt is already pending: the write is counted ([`saturated_writes`]) and
+    /// reported as delivered.
     fn notify(&self) -> std::io::Result<()> {
-        self.write(1)
+        match self.write(1) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                SATURATED_WRITES.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            r => r,
+        }
     }
 }
 
@@ -81,6 +102,19 @@ mod tests {
         n.notify().unwrap();
         assert_eq!(fd.read().unwrap(), 3);
         assert!(fd.read().is_err(), "counter must be drained");
+    }
+
+    #[test]
+    fn saturated_eventfd_counts_as_pending() {
+        let fd = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        fd.write(0xffff_ffff_ffff_fffe).unwrap();
+        let before = saturated_writes();
+        fd.notify().unwrap();
+        fd.notify().unwrap();
+        assert!(saturated_writes() >= before + 2);
+        assert_eq!(fd.read().unwrap(), 0xffff_ffff_ffff_fffe);
+        fd.notify().unwrap();
+        assert_eq!(fd.read().unwrap(), 1);
     }
 }
 

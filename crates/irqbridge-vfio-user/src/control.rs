@@ -4,27 +4,32 @@
 //! requests such as `{"cmd":"msix_fire","vector":3}`; each gets exactly one JSON line back,
 //! `{"ok":true,...}` or `{"ok":false,"error":"..."}`, in order.
 //!
-//! [`ControlServer`] is passive: it is attached to an
-//! [`IrqbridgeDevice`](crate::pci::IrqbridgeDevice), whose
-//! [`poll_fds`](crate::device::VfioUserDevice::poll_fds) include the listening socket and every
-//! client, so requests run on the vfio-user server thread between protocol messages, with no
-//! locking. [`ControlClient`] is a small blocking client for the CLI and tests.
+//! [`ControlServer`] does its socket I/O on a thread of its own (accepting, reading lines,
+//! writing replies; non-blocking, with bounded buffers), so a slow or stuck client never delays
+//! device service. It is attached to an [`IrqbridgeDevice`](crate::pci::IrqbridgeDevice), whose
+//! [`poll_fds`](crate::device::VfioUserDevice::poll_fds) include an eventfd that is readable
+//! while requests wait: the requests themselves run on the vfio-user server's device thread,
+//! in order, and their replies go back to the I/O thread. [`ControlClient`] is a small blocking
+//! client for the CLI and tests.
 
 #![deny(missing_docs)]
 
+use std::collections::VecDeque;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-
-use crate::pci::poll_now;
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 /// Longest request line in bytes (without the newline); a longer line gets an error reply and
 /// the client is disconnected.
@@ -34,8 +39,14 @@ pub const MAX_CLIENTS: usize = 16;
 /// Longest reply line [`ControlClient`] accepts (a snapshot of the largest device is a few
 /// hundred KiB).
 pub const MAX_REPLY_LINE: usize = 16 << 20;
-/// How long the server waits for a client to take a reply before disconnecting it.
+/// How long the server waits for a client to take any of its replies before disconnecting it.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests of one client queued or running at once; its socket is not read beyond that until
+/// replies go out (this bounds what a client that never reads can make the server hold).
+const MAX_IN_FLIGHT: usize = 32;
+/// Requests run per device-thread event, so a burst of control requests cannot hold the
+/// device long.
+pub const MAX_RUN_PER_EVENT: usize = 4;
 /// Default timeout of [`ControlClient`] requests.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -112,26 +123,66 @@ pub enum ControlRequest {
     Reset,
 }
 
+/// A request handed from the I/O thread to the device thread, with the reply already made
+/// for a line that did not parse (so that replies stay in order).
 #[derive(Debug)]
-struct Client {
-    id: u64,
-    stream: UnixStream,
-    buf: Vec<u8>,
+struct Pending {
+    client: u64,
+    request: Result<ControlRequest, Value>,
+    /// Close the client once this reply is out (an over-long line).
+    close_after: bool,
 }
 
-/// The listening control socket and its clients.
+/// A reply line on its way back to the I/O thread.
+#[derive(Debug)]
+struct Done {
+    client: u64,
+    /// Serialized by the I/O thread, off the device lock.
+    reply: Value,
+    close_after: bool,
+}
+
+/// What the I/O thread and the device thread share.
+#[derive(Debug)]
+struct Shared {
+    /// Requests in arrival order (per client, and overall).
+    requests: Mutex<VecDeque<Pending>>,
+    /// Replies not yet picked up by the I/O thread.
+    replies: Mutex<Vec<Done>>,
+    /// Readable while requests wait: the device polls it.
+    ready: EventFd,
+    /// Wakes the I/O thread (replies to send, or quit).
+    wake_io: EventFd,
+    quit: AtomicBool,
+    clients: AtomicUsize,
+}
+
+/// The listening control socket. Its socket I/O runs on a thread of its own: accepting,
+/// reading request lines and writing replies, all non-blocking with bounded buffers, so a
+/// client that sends slowly or never reads its replies costs nothing to anybody else. The
+/// requests themselves run on the device's thread: [`ControlServer::poll_fds`] is an eventfd
+/// that is readable while requests wait, and [`ControlServer::handle_event`] runs them.
 #[derive(Debug)]
 pub struct ControlServer {
-    listener: UnixListener,
     /// Path and inode of the socket file we created, removed on drop.
     owned_path: Option<(PathBuf, u64, u64)>,
-    clients: Vec<Client>,
-    next_id: u64,
+    shared: Arc<Shared>,
+    io_thread: Option<JoinHandle<()>>,
 }
 
 fn is_stale_socket(path: &Path) -> bool {
     fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
         && UnixStream::connect(path).is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn reply_line(v: &Value) -> Vec<u8> {
+    let mut line = serde_json::to_vec(v).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    line.push(b'\n');
+    line
 }
 
 impl ControlServer {
@@ -140,7 +191,8 @@ impl ControlServer {
     ///
     /// # Errors
     ///
-    /// [`ControlError::Bind`] if the socket cannot be created.
+    /// [`ControlError::Bind`] if the socket cannot be created, [`ControlError::Io`] if its
+    /// thread cannot be started.
     pub fn bind(path: impl AsRef<Path>) -> Result<Self, ControlError> {
         let path = path.as_ref();
         let bind_err = |source| ControlError::Bind {
@@ -164,18 +216,37 @@ impl ControlServer {
     }
 
     /// Wraps a listening socket (for example one inherited from a parent); nothing is removed
-    /// on drop.
+    /// on drop. Starts the I/O thread.
     ///
     /// # Errors
     ///
-    /// [`ControlError::Io`] if the socket cannot be made non-blocking.
+    /// [`ControlError::Io`] if the socket cannot be made non-blocking or the thread or its
+    /// eventfds cannot be created.
     pub fn from_listener(listener: UnixListener) -> Result<Self, ControlError> {
         listener.set_nonblocking(true).map_err(ControlError::Io)?;
-        Ok(ControlServer {
+        let efd = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(ControlError::Io);
+        let shared = Arc::new(Shared {
+            requests: Mutex::new(VecDeque::new()),
+            replies: Mutex::new(Vec::new()),
+            ready: efd()?,
+            wake_io: efd()?,
+            quit: AtomicBool::new(false),
+            clients: AtomicUsize::new(0),
+        });
+        let io = IoThread {
             listener,
-            owned_path: None,
+            shared: Arc::clone(&shared),
             clients: Vec::new(),
             next_id: 0,
+        };
+        let io_thread = std::thread::Builder::new()
+            .name("control-io".into())
+            .spawn(move || io.run())
+            .map_err(ControlError::Io)?;
+        Ok(ControlServer {
+            owned_path: None,
+            shared,
+            io_thread: Some(io_thread),
         })
     }
 
@@ -186,44 +257,229 @@ impl ControlServer {
 
     /// Number of connected clients.
     pub fn num_clients(&self) -> usize {
-        self.clients.len()
+        self.shared.clients.load(Ordering::Relaxed)
     }
 
-    /// The fds to poll for readability: the listener with token `base`, client `id` with
-    /// `base + 1 + id`.
+    /// The fd to poll for readability, with token `base`: readable while requests wait.
     pub(crate) fn poll_fds(&self, base: u64) -> Vec<(BorrowedFd<'_>, u64)> {
-        let mut v = vec![(self.listener.as_fd(), base)];
-        v.extend(self.clients.iter().map(|c| {
-            (
-                c.stream.as_fd(),
-                base.saturating_add(1).saturating_add(c.id),
-            )
-        }));
-        v
+        // SAFETY: the eventfd lives in `shared` as long as `self`, to which the borrow is
+        // tied.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.shared.ready.as_raw_fd()) };
+        vec![(fd, base)]
     }
 
-    /// The fd with token `base + token` is readable: accept clients or serve a client's
-    /// complete request lines with `exec`.
+    /// The fd with token `base + token` is readable: run up to [`MAX_RUN_PER_EVENT`] waiting
+    /// requests with `exec` and hand their replies to the I/O thread. Never blocks.
     pub(crate) fn handle_event(
         &mut self,
         token: u64,
         exec: &mut dyn FnMut(&ControlRequest) -> Value,
     ) {
-        if token == 0 {
-            self.accept_all();
+        if token != 0 {
             return;
         }
-        let id = token - 1;
-        let Some(pos) = self.clients.iter().position(|c| c.id == id) else {
-            return;
-        };
-        let keep = self
-            .clients
-            .get_mut(pos)
-            .is_some_and(|c| Self::serve_client(c, exec));
-        if !keep {
-            let c = self.clients.swap_remove(pos);
-            debug!("control: client {} disconnected", c.id);
+        let _ = self.shared.ready.read();
+        let mut done = Vec::new();
+        for _ in 0..MAX_RUN_PER_EVENT {
+            let Some(p) = lock(&self.shared.requests).pop_front() else {
+                break;
+            };
+            let reply = match &p.request {
+                Ok(req) => {
+                    debug!("control: client {}: {req:?}", p.client);
+                    exec(req)
+                }
+                Err(v) => v.clone(),
+            };
+            done.push(Done {
+                client: p.client,
+                reply,
+                close_after: p.close_after,
+            });
+        }
+        if !lock(&self.shared.requests).is_empty() {
+            // More than one round's worth: come back after the other fds had a turn.
+            let _ = self.shared.ready.write(1);
+        }
+        if !done.is_empty() {
+            lock(&self.shared.replies).extend(done);
+            let _ = self.shared.wake_io.write(1);
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.shared.quit.store(true, Ordering::SeqCst);
+        let _ = self.shared.wake_io.write(1);
+        if let Some(t) = self.io_thread.take() {
+            let _ = t.join();
+        }
+        if let Some((path, dev, ino)) = &self.owned_path {
+            // Only remove the file if it is still the socket we created.
+            if fs::symlink_metadata(path).is_ok_and(|m| m.dev() == *dev && m.ino() == *ino) {
+                let _ = fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// One connected control client, as the I/O thread keeps it.
+#[derive(Debug)]
+struct Client {
+    id: u64,
+    stream: UnixStream,
+    /// Received bytes not yet forming a whole line.
+    inbuf: Vec<u8>,
+    /// Reply bytes not yet written.
+    out: Vec<u8>,
+    /// Requests handed to the device thread whose replies are not in `out` yet.
+    in_flight: usize,
+    /// When a write last made progress (or `out` became non-empty).
+    progress: Instant,
+    /// No more requests are read: the peer closed its side, or the last one was refused.
+    read_done: bool,
+    /// Close once everything owed has been written.
+    close_when_done: bool,
+}
+
+impl Client {
+    fn finished(&self) -> bool {
+        self.close_when_done && self.in_flight == 0 && self.out.is_empty()
+    }
+}
+
+/// The control socket's I/O thread.
+struct IoThread {
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    clients: Vec<Client>,
+    next_id: u64,
+}
+
+impl IoThread {
+    fn run(mut self) {
+        let mut pfds: Vec<libc::pollfd> = Vec::new();
+        while !self.shared.quit.load(Ordering::SeqCst) {
+            pfds.clear();
+            for fd in [self.shared.wake_io.as_raw_fd(), self.listener.as_raw_fd()] {
+                pfds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            let mut timeout = -1i32;
+            for c in &self.clients {
+                let mut events = 0;
+                if !c.read_done && c.in_flight < MAX_IN_FLIGHT {
+                    events |= libc::POLLIN;
+                }
+                if !c.out.is_empty() {
+                    events |= libc::POLLOUT;
+                    let left = WRITE_TIMEOUT.saturating_sub(c.progress.elapsed());
+                    let ms = i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX);
+                    timeout = if timeout < 0 { ms } else { timeout.min(ms) };
+                }
+                // A client with nothing to wait for is left out (poll ignores a negative fd),
+                // so that a hang-up it reports cannot make this loop spin.
+                pfds.push(libc::pollfd {
+                    fd: if events == 0 {
+                        -1
+                    } else {
+                        c.stream.as_raw_fd()
+                    },
+                    events,
+                    revents: 0,
+                });
+            }
+            // SAFETY: `pfds` is a live, correctly sized array of pollfd.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    warn!("control: poll failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+            if pfds.first().is_some_and(|p| p.revents != 0) {
+                let _ = self.shared.wake_io.read();
+                self.take_replies();
+            }
+            // Clients first (their pollfds follow the two fixed ones), then new ones.
+            let revents: Vec<i16> = pfds.iter().skip(2).map(|p| p.revents).collect();
+            let mut queued = false;
+            for (c, ev) in self.clients.iter_mut().zip(revents) {
+                if ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && !c.read_done {
+                    queued |= read_requests(c, &self.shared);
+                }
+            }
+            if queued {
+                let _ = self.shared.ready.write(1);
+            }
+            if pfds.get(1).is_some_and(|p| p.revents != 0) {
+                self.accept_all();
+            }
+            self.flush_and_reap();
+        }
+    }
+
+    /// Moves finished replies into their clients' output buffers.
+    fn take_replies(&mut self) {
+        let done = std::mem::take(&mut *lock(&self.shared.replies));
+        for d in done {
+            // A reply for a client that has gone is dropped.
+            if let Some(c) = self.clients.iter_mut().find(|c| c.id == d.client) {
+                if c.out.is_empty() {
+                    c.progress = Instant::now();
+                }
+                c.out.extend_from_slice(&reply_line(&d.reply));
+                c.in_flight = c.in_flight.saturating_sub(1);
+                if d.close_after {
+                    c.close_when_done = true;
+                }
+            }
+        }
+    }
+
+    /// Writes what each client can take, and drops the clients that are done, broken, or have
+    /// not taken any of their replies for [`WRITE_TIMEOUT`].
+    fn flush_and_reap(&mut self) {
+        let before = self.clients.len();
+        self.clients.retain_mut(|c| {
+            while !c.out.is_empty() {
+                match c.stream.write(&c.out) {
+                    Ok(0) => return false,
+                    Ok(n) => {
+                        c.out.drain(..n.min(c.out.len()));
+                        c.progress = Instant::now();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        debug!("control: client {}: reply failed: {e}", c.id);
+                        return false;
+                    }
+                }
+            }
+            if !c.out.is_empty() && c.progress.elapsed() >= WRITE_TIMEOUT {
+                warn!(
+                    "control: client {} has not read its replies for {WRITE_TIMEOUT:?}; dropping it",
+                    c.id
+                );
+                return false;
+            }
+            if c.finished() {
+                debug!("control: client {} disconnected", c.id);
+                return false;
+            }
+            true
+        });
+        if self.clients.len() != before {
+            self.shared
+                .clients
+                .store(self.clients.len(), Ordering::Relaxed);
         }
     }
 
@@ -231,20 +487,18 @@ impl ControlServer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if let Err(e) = stream
-                        .set_nonblocking(false)
-                        .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
-                    {
+                    if let Err(e) = stream.set_nonblocking(true) {
                         warn!("control: cannot set up a client socket: {e}");
                         continue;
                     }
                     if self.clients.len() >= MAX_CLIENTS {
                         warn!("control: too many clients, refusing one");
+                        // Best effort: the socket is non-blocking and fresh, so this either
+                        // fits in its buffer or is lost.
                         let mut s = stream;
-                        let _ = write_line(
-                            &mut s,
+                        let _ = s.write(&reply_line(
                             &json!({ "ok": false, "error": "too many control clients" }),
-                        );
+                        ));
                         continue;
                     }
                     let id = self.next_id;
@@ -253,8 +507,16 @@ impl ControlServer {
                     self.clients.push(Client {
                         id,
                         stream,
-                        buf: Vec::new(),
+                        inbuf: Vec::new(),
+                        out: Vec::new(),
+                        in_flight: 0,
+                        progress: Instant::now(),
+                        read_done: false,
+                        close_when_done: false,
                     });
+                    self.shared
+                        .clients
+                        .store(self.clients.len(), Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -265,79 +527,83 @@ impl ControlServer {
             }
         }
     }
-
-    /// Reads what is available and answers every complete line. Returns false when the client
-    /// must be dropped.
-    fn serve_client(c: &mut Client, exec: &mut dyn FnMut(&ControlRequest) -> Value) -> bool {
-        match poll_now(c.stream.as_fd()) {
-            Ok(ev) if ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 => {}
-            Ok(_) => return true,
-            Err(_) => return false,
-        }
-        let mut chunk = [0u8; 4096];
-        let n = match c.stream.read(&mut chunk) {
-            Ok(0) => return false,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
-            Err(_) => return false,
-        };
-        c.buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-        while let Some(nl) = c.buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = c.buf.drain(..=nl).collect();
-            let line = line.get(..nl).unwrap_or_default();
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.len() > MAX_REQUEST_LINE {
-                return Self::refuse_long_line(c);
-            }
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let reply = match serde_json::from_slice::<ControlRequest>(line) {
-                Ok(req) => {
-                    debug!("control: client {}: {req:?}", c.id);
-                    exec(&req)
-                }
-                Err(e) => json!({ "ok": false, "error": format!("bad request: {e}") }),
-            };
-            if let Err(e) = write_line(&mut c.stream, &reply) {
-                debug!("control: client {}: reply failed: {e}", c.id);
-                return false;
-            }
-        }
-        if c.buf.len() > MAX_REQUEST_LINE {
-            return Self::refuse_long_line(c);
-        }
-        true
-    }
-
-    fn refuse_long_line(c: &mut Client) -> bool {
-        warn!(
-            "control: client {} sent a line over {MAX_REQUEST_LINE} bytes",
-            c.id
-        );
-        let _ = write_line(
-            &mut c.stream,
-            &json!({ "ok": false, "error": format!("request line longer than {MAX_REQUEST_LINE} bytes") }),
-        );
-        false
-    }
 }
 
-impl Drop for ControlServer {
-    fn drop(&mut self) {
-        if let Some((path, dev, ino)) = &self.owned_path {
-            // Only remove the file if it is still the socket we created.
-            if fs::symlink_metadata(path).is_ok_and(|m| m.dev() == *dev && m.ino() == *ino) {
-                let _ = fs::remove_file(path);
-            }
+/// Reads what a client has sent (one bounded read) and queues its complete request lines.
+/// Returns whether anything was queued.
+fn read_requests(c: &mut Client, shared: &Shared) -> bool {
+    let mut chunk = [0u8; 4096];
+    let n = match c.stream.read(&mut chunk) {
+        Ok(0) => {
+            // The peer closed its side: answer what it asked, then close.
+            c.read_done = true;
+            c.close_when_done = true;
+            return false;
         }
+        Ok(n) => n,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+            ) =>
+        {
+            return false;
+        }
+        Err(e) => {
+            debug!("control: client {}: read failed: {e}", c.id);
+            c.read_done = true;
+            c.close_when_done = true;
+            return false;
+        }
+    };
+    c.inbuf
+        .extend_from_slice(chunk.get(..n).unwrap_or_default());
+    let mut queue = Vec::new();
+    while let Some(nl) = c.inbuf.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = c.inbuf.drain(..=nl).collect();
+        let line = line.get(..nl).unwrap_or_default();
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.len() > MAX_REQUEST_LINE {
+            queue.push(refuse_long_line(c));
+            break;
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let request = serde_json::from_slice::<ControlRequest>(line)
+            .map_err(|e| json!({ "ok": false, "error": format!("bad request: {e}") }));
+        queue.push(Pending {
+            client: c.id,
+            request,
+            close_after: false,
+        });
     }
+    if !c.read_done && c.inbuf.len() > MAX_REQUEST_LINE {
+        queue.push(refuse_long_line(c));
+    }
+    if queue.is_empty() {
+        return false;
+    }
+    c.in_flight = c.in_flight.saturating_add(queue.len());
+    lock(&shared.requests).extend(queue);
+    true
 }
 
-fn write_line(stream: &mut UnixStream, v: &Value) -> io::Result<()> {
-    let mut line = serde_json::to_vec(v).map_err(io::Error::other)?;
-    line.push(b'\n');
-    stream.write_all(&line)
+/// The error reply for an over-long line; the client is closed after it.
+fn refuse_long_line(c: &mut Client) -> Pending {
+    warn!(
+        "control: client {} sent a line over {MAX_REQUEST_LINE} bytes",
+        c.id
+    );
+    c.read_done = true;
+    c.inbuf.clear();
+    Pending {
+        client: c.id,
+        request: Err(
+            json!({ "ok": false, "error": format!("request line longer than {MAX_REQUEST_LINE} bytes") }),
+        ),
+        close_after: true,
+    }
 }
 
 /// A blocking control-socket client.
@@ -481,19 +747,28 @@ mod tests {
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let mut client = ControlClient::connect(&path).unwrap();
-        server.handle_event(0, &mut |_| json!({"ok": true}));
-        assert_eq!(server.num_clients(), 1);
-        let mut seen = Vec::new();
         client
             .send_raw(b"{\"cmd\":\"counters\"}\n\n{bad\n{\"cmd\":\"reset\"}")
             .unwrap();
-        // Serve until the three replies are there.
-        let token = server.poll_fds(0).get(1).unwrap().1;
-        server.handle_event(token, &mut |r| {
-            seen.push(*r);
-            json!({"ok": true})
-        });
+        // Serve as the device thread would: wait for the ready fd, run what is queued.
+        let mut seen = Vec::new();
+        let ready = server.poll_fds(0)[0].0.as_raw_fd();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.len() < 2 && Instant::now() < deadline {
+            let mut p = libc::pollfd {
+                fd: ready,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut p, 1, 100) };
+            server.handle_event(0, &mut |r| {
+                seen.push(*r);
+                json!({"ok": true})
+            });
+        }
         assert_eq!(seen, vec![ControlRequest::Counters, ControlRequest::Reset]);
+        assert_eq!(server.num_clients(), 1);
         assert_eq!(client.read_reply().unwrap(), json!({"ok": true}));
         let bad = client.read_reply().unwrap();
         assert_eq!(bad["ok"], false);

@@ -108,9 +108,12 @@ pub struct SetIrqs {
 
 /// A device served over vfio-user.
 ///
-/// All methods run on the server thread. Errors are positive errno values that the server sends
-/// back in an error reply; the server keeps serving after any of them.
-pub trait VfioUserDevice {
+/// The server shares the device between two threads behind a mutex (hence `Send`): the
+/// connection thread calls the request methods, the device thread
+/// [`VfioUserDevice::handle_fd_event`]; never two methods at once. Errors are positive errno
+/// values that the server sends back in an error reply; the server keeps serving after any of
+/// them.
+pub trait VfioUserDevice: Send {
     /// DEVICE_GET_INFO.
     fn device_info(&self) -> DeviceInfo;
     /// DEVICE_GET_REGION_INFO; `index < num_regions`.
@@ -129,11 +132,14 @@ pub trait VfioUserDevice {
     fn reset(&mut self) -> Result<(), Errno>;
     /// The client went away: drop every fd it gave (trigger and unmask eventfds); keep state.
     fn client_disconnected(&mut self);
-    /// Extra fds the server loop polls for readability on the device's behalf (unmask
-    /// eventfds, doorbell ioeventfds, a control socket...), each with a token of the device's
-    /// choosing. Asked again after every message and every event, so it may change.
+    /// Extra fds the server's device thread polls for readability on the device's behalf
+    /// (unmask eventfds, doorbell ioeventfds, a control socket...), each with a token of the
+    /// device's choosing. Asked again after every event and after every message except
+    /// REGION_READ, REGION_WRITE and WRITE_MULTI (the hot path, which must not change the
+    /// set), and after a client leaves.
     fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, u64)>;
-    /// One of [`VfioUserDevice::poll_fds`] is readable (or hung up).
+    /// One of [`VfioUserDevice::poll_fds`] is readable (or hung up). May come spuriously (an
+    /// fd replaced while the device thread was polling it): read the fds without blocking.
     fn handle_fd_event(&mut self, token: u64);
     /// A DMA_MAP was accepted; `fd` is the mapping's file if the client sent one. The server
     /// keeps its own DMA table; a device that does not DMA can ignore this.

@@ -1012,11 +1012,18 @@ impl RegionInfoReply {
     }
 
     /// The bare 32-byte reply for a request whose `argsz` is too small: `argsz` = size needed,
-    /// no capabilities, no CAPS flag.
+    /// no capabilities, `cap_offset` 0, and the CAPS flag kept if the full reply has
+    /// capabilities (as vfio-pci does: it sets CAPS whenever capabilities exist and only fills
+    /// `cap_offset` when they fit, so a client learns that it must ask again).
     pub fn truncated(&self) -> Self {
+        let caps = if self.caps.is_empty() {
+            0
+        } else {
+            VFIO_REGION_INFO_FLAG_CAPS
+        };
         RegionInfoReply {
             argsz: len_u32(self.needed()),
-            flags: self.flags & !VFIO_REGION_INFO_FLAG_CAPS,
+            flags: (self.flags & !VFIO_REGION_INFO_FLAG_CAPS) | caps,
             index: self.index,
             cap_offset: 0,
             size: self.size,
@@ -1903,7 +1910,7 @@ mod tests {
         assert_eq!(tb.len(), 32);
         let tp = RegionInfoReply::parse(&tb).unwrap();
         assert_eq!(tp.argsz, 80);
-        assert_eq!(tp.flags & VFIO_REGION_INFO_FLAG_CAPS, 0);
+        assert_ne!(tp.flags & VFIO_REGION_INFO_FLAG_CAPS, 0);
         assert_eq!(tp.cap_offset, 0);
         assert!(tp.is_truncated());
         assert!(!p.is_truncated());

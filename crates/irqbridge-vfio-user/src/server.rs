@@ -36,7 +36,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawF
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use log::{debug, info, warn};
@@ -60,10 +61,6 @@ use crate::proto::{
     WriteMultiRequest,
 };
 
-/// Messages handled in a row from what one read brought in, before the stop eventfd and the
-/// device's fds are looked at again.
-const MAX_BATCH: usize = 32;
-
 /// Server limits and timeouts.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -72,8 +69,11 @@ pub struct ServerConfig {
     /// Most DMA mappings per client (the VERSION reply offers the smaller of this and the
     /// client's value).
     pub max_dma_maps: u32,
-    /// How long the rest of a started message may take to arrive, and how long a reply may
-    /// block; a client that stalls longer is dropped.
+    /// A deadline per message: once a message has begun to arrive, all of it must be there
+    /// within this time, and a reply must be taken by the client within about this time
+    /// (each blocked `sendmsg` waits at most this long, and a reply is given up once this
+    /// long has passed since it began). A client that stalls longer is dropped. Waiting for
+    /// the next message is not limited: an idle client stays connected.
     pub io_timeout: Duration,
 }
 
@@ -87,18 +87,50 @@ impl Default for ServerConfig {
     }
 }
 
+/// What [`StopHandle`] shares with the server.
+#[derive(Debug)]
+struct StopState {
+    /// Readable once a stop is requested; consumed by the connection loop when it returns.
+    efd: EventFd,
+    /// A second handle on the connected client's socket, so that a stop can `shutdown(2)` it
+    /// and end a blocking `recvmsg`/`sendmsg` of the connection thread.
+    client: Mutex<Option<UnixStream>>,
+}
+
 /// Ends [`Server::run`] from another thread or a signal handler thread.
 #[derive(Clone, Debug)]
-pub struct StopHandle(Arc<EventFd>);
+pub struct StopHandle(Arc<StopState>);
 
 impl StopHandle {
-    /// Asks the server loop to return.
+    /// Asks the server loop to return: wakes the device thread and the accept wait, and shuts
+    /// the connected client's socket down so that a blocked receive or reply returns at once.
     ///
     /// # Errors
     /// The eventfd write failed (cannot happen short of an exhausted counter).
     pub fn stop(&self) -> io::Result<()> {
-        self.0.write(1)
+        self.0.efd.write(1)?;
+        if let Some(s) = lock(&self.0.client).as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        Ok(())
     }
+}
+
+/// Locks a mutex, going on with the data of a poisoned one (a panic on another thread of the
+/// server is already fatal; the state it guards stays usable).
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// True if `fd` is readable now.
+fn readable_now(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; timeout 0 never blocks.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 }
 }
 
 /// A vfio-user server on a listening socket.
@@ -107,9 +139,14 @@ pub struct Server {
     listener: UnixListener,
     /// Path, device and inode of the socket this server bound (removed on drop).
     bound: Option<(PathBuf, u64, u64)>,
-    stop: Arc<EventFd>,
+    stop: Arc<StopState>,
+    /// Wakes the device thread when the device's poll set may have changed.
+    wake: EventFd,
     config: ServerConfig,
 }
+
+/// The device as both server threads share it.
+type SharedDevice<'a> = Mutex<&'a mut dyn VfioUserDevice>;
 
 /// Reply body and descriptors borrowed from the device.
 struct Reply<'d> {
@@ -250,7 +287,11 @@ impl Server {
         Ok(Server {
             listener,
             bound: None,
-            stop: Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?),
+            stop: Arc::new(StopState {
+                efd: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
+                client: Mutex::new(None),
+            }),
+            wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
             config: ServerConfig::default(),
         })
     }
@@ -279,45 +320,59 @@ impl Server {
 
     /// Serves clients one after the other until stopped.
     ///
+    /// Two threads share the device behind a mutex: the calling thread serves the client's
+    /// socket in blocking I/O (one `recvmsg` and one `sendmsg` per request), and a second
+    /// thread polls the device's own fds ([`VfioUserDevice::poll_fds`]) and the stop eventfd.
+    ///
     /// # Errors
-    /// Only failures of the loop itself (poll on the server's own descriptors). Client faults
-    /// end that client's session, never `run`.
+    /// Only failures of the loop itself (poll on the server's own descriptors, no thread).
+    /// Client faults end that client's session, never `run`.
     pub fn run(&mut self, device: &mut dyn VfioUserDevice) -> Result<()> {
-        let mut session: Option<Session> = None;
-        // Reused every round: (fd, token) of the device's fds, and the pollfd array.
-        let mut dev_fds: Vec<(RawFd, u64)> = Vec::new();
-        let mut pfds: Vec<libc::pollfd> = Vec::new();
+        let quit = AtomicBool::new(false);
+        let shared: SharedDevice<'_> = Mutex::new(device);
+        let this: &Server = self;
+        let wake = &this.wake;
+        let _ = wake.read();
+        std::thread::scope(|scope| {
+            let poller = std::thread::Builder::new()
+                .name("vfio-user-dev".into())
+                .spawn_scoped(scope, || device_loop(&shared, &this.stop.efd, wake, &quit))?;
+            let r = this.connection_loop(&shared, wake);
+            quit.store(true, Ordering::SeqCst);
+            let _ = wake.write(1);
+            let p = poller
+                .join()
+                .unwrap_or_else(|_| Err(Error::Io(io::Error::other("the device thread panicked"))));
+            r.and(p)
+        })
+    }
+
+    /// Serves one connected client on the calling thread until it leaves, without polling
+    /// the device's fds; for tests and fuzzing. The device hears
+    /// [`VfioUserDevice::client_disconnected`] at the end.
+    pub fn serve_stream(device: &mut dyn VfioUserDevice, stream: UnixStream, config: ServerConfig) {
+        let shared: SharedDevice<'_> = Mutex::new(device);
+        match Session::new(stream, config) {
+            Ok(mut s) => {
+                let r = s.serve(&shared, None);
+                log_session_end(r);
+                s.end(&shared);
+            }
+            Err(e) => warn!("vfio-user: cannot set up the client socket: {e}"),
+        }
+    }
+
+    /// Waits for a client (or a stop), serves it to the end, and again.
+    fn connection_loop(&self, device: &SharedDevice<'_>, wake: &EventFd) -> Result<()> {
         loop {
-            dev_fds.clear();
-            dev_fds.extend(
-                device
-                    .poll_fds()
-                    .iter()
-                    .map(|(fd, token)| (fd.as_raw_fd(), *token)),
-            );
-            let main_fd = match &session {
-                Some(s) => s.conn.as_fd().as_raw_fd(),
-                None => self.listener.as_raw_fd(),
-            };
-            pfds.clear();
-            pfds.extend(
-                [self.stop.as_raw_fd(), main_fd]
-                    .into_iter()
-                    .chain(dev_fds.iter().map(|(fd, _)| *fd))
-                    .map(|fd| libc::pollfd {
-                        fd,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    }),
-            );
-            // Messages already read from the socket are not seen by poll: only look at the
-            // other fds then.
-            let buffered = session
-                .as_ref()
-                .is_some_and(|s| s.conn.has_buffered_message());
-            let timeout = if buffered { 0 } else { -1 };
-            // SAFETY: `pfds` is a live, correctly sized array of pollfd.
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
+            let mut pfds =
+                [self.stop.efd.as_raw_fd(), self.listener.as_raw_fd()].map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            // SAFETY: `pfds` is a live array of two pollfd.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -327,49 +382,121 @@ impl Server {
             }
             if pfds[0].revents != 0 {
                 // Consume the stop request so that a later `run` serves again.
-                let _ = self.stop.read();
-                if let Some(s) = session.take() {
-                    info!("vfio-user: stopping; dropping the client");
-                    s.end(device);
-                }
+                let _ = self.stop.efd.read();
                 return Ok(());
             }
-            for ((_, token), p) in dev_fds.iter().zip(&pfds[2..]) {
-                if p.revents != 0 {
-                    device.handle_fd_event(*token);
-                }
-            }
-            if pfds[1].revents == 0 && !buffered {
+            if pfds[1].revents == 0 {
                 continue;
             }
-            match session.as_mut() {
-                None => match self.listener.accept() {
-                    Ok((stream, _)) => match Session::new(stream, self.config.clone()) {
-                        Ok(s) => {
-                            info!("vfio-user: client connected");
-                            session = Some(s);
-                        }
-                        Err(e) => warn!("vfio-user: cannot set up the client socket: {e}"),
-                    },
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        warn!("vfio-user: accept failed: {e}");
-                        // Avoid spinning on a persistent failure (e.g. EMFILE).
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                },
-                Some(s) => {
-                    if let Err(e) = s.handle_some(device) {
-                        match e {
-                            Error::Disconnected => info!("vfio-user: client disconnected"),
-                            e => warn!("vfio-user: dropping the client: {e}"),
-                        }
-                        if let Some(s) = session.take() {
-                            s.end(device);
-                        }
-                    }
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
                 }
+                Err(e) => {
+                    warn!("vfio-user: accept failed: {e}");
+                    // Avoid spinning on a persistent failure (e.g. EMFILE).
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            let handle = match stream.try_clone() {
+                Ok(h) => h,
+                Err(e) => {
+                    warn!("vfio-user: cannot set up the client socket: {e}");
+                    continue;
+                }
+            };
+            let mut session = match Session::new(stream, self.config.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("vfio-user: cannot set up the client socket: {e}");
+                    continue;
+                }
+            };
+            info!("vfio-user: client connected");
+            *lock(&self.stop.client) = Some(handle);
+            // A stop that came before the handle was published did not shut it down: look.
+            let r = if readable_now(self.stop.efd.as_raw_fd()) {
+                Err(Error::Disconnected)
+            } else {
+                session.serve(device, Some(wake))
+            };
+            *lock(&self.stop.client) = None;
+            log_session_end(r);
+            session.end(device);
+            let _ = wake.write(1);
+        }
+    }
+}
+
+fn log_session_end(r: Result<()>) {
+    match r {
+        Ok(()) | Err(Error::Disconnected) => info!("vfio-user: client disconnected"),
+        Err(e) => warn!("vfio-user: dropping the client: {e}"),
+    }
+}
+
+/// The device thread: polls the stop eventfd, the wake eventfd (the poll set changed) and the
+/// device's fds, and hands the device its events. Returns when `quit` is set or a stop is
+/// requested.
+fn device_loop(
+    device: &SharedDevice<'_>,
+    stop: &EventFd,
+    wake: &EventFd,
+    quit: &AtomicBool,
+) -> Result<()> {
+    // Reused every round: (fd, token) of the device's fds, and the pollfd array.
+    let mut dev_fds: Vec<(RawFd, u64)> = Vec::new();
+    let mut pfds: Vec<libc::pollfd> = Vec::new();
+    loop {
+        if quit.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        dev_fds.clear();
+        {
+            let dev = lock(device);
+            dev_fds.extend(
+                dev.poll_fds()
+                    .iter()
+                    .map(|(fd, token)| (fd.as_raw_fd(), *token)),
+            );
+        }
+        pfds.clear();
+        pfds.extend(
+            [stop.as_raw_fd(), wake.as_raw_fd()]
+                .into_iter()
+                .chain(dev_fds.iter().map(|(fd, _)| *fd))
+                .map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                }),
+        );
+        // SAFETY: `pfds` is a live, correctly sized array of pollfd.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::Io(e));
+        }
+        if pfds.first().is_some_and(|p| p.revents != 0) || quit.load(Ordering::SeqCst) {
+            // Left for the connection loop to consume.
+            return Ok(());
+        }
+        if pfds.get(1).is_some_and(|p| p.revents != 0) {
+            let _ = wake.read();
+        }
+        for ((_, token), p) in dev_fds.iter().zip(pfds.iter().skip(2)) {
+            if p.revents != 0 {
+                lock(device).handle_fd_event(*token);
             }
         }
     }
@@ -392,6 +519,31 @@ impl Drop for Server {
 fn is_eventfd(fd: &OwnedFd) -> bool {
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .is_ok_and(|t| t.as_os_str() == "anon_inode:[eventfd]")
+}
+
+/// Sets `O_NONBLOCK` on an eventfd received from the peer, so that the server never waits on
+/// it: a write to a saturated counter fails with `EAGAIN` (counted as "already pending" by
+/// `irqbridge_core::notifier`) and a read of a zero counter returns at once.
+///
+/// The flag lives on the open file description, which the peer shares: its own copy of the
+/// eventfd becomes non-blocking too. That is acceptable for an eventfd: the flag only changes
+/// a read of a zero counter and a write of a saturated one, KVM's irqfd and ioeventfd paths
+/// never look at it, and the VMMs poll an eventfd before they read it. A peer could clear the
+/// flag again on its copy; it only hurts its own connection's interrupts then, and
+/// docs/reliability.md says what that costs.
+fn set_nonblocking(fd: &OwnedFd) -> Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a live descriptor we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(Error::Io(io::Error::last_os_error()));
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(Error::Io(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 fn no_fds(command: Command, fds: &[OwnedFd]) -> Result<()> {
@@ -432,7 +584,9 @@ impl Session {
         stream.set_nonblocking(false)?;
         let mut conn = Connection::new(stream);
         conn.set_max_data_xfer_size(config.max_data_xfer_size);
-        conn.set_read_timeout(Some(config.io_timeout))?;
+        // No SO_RCVTIMEO: waiting for the next message is not limited, the rest of a started
+        // one is (the deadline is per message).
+        conn.set_message_timeout(Some(config.io_timeout));
         conn.set_write_timeout(Some(config.io_timeout))?;
         Ok(Session {
             conn,
@@ -444,29 +598,29 @@ impl Session {
     }
 
     /// Drops the client: unmap its DMA, tell the device.
-    fn end(mut self, device: &mut dyn VfioUserDevice) {
-        for m in self.dma.unmap_all() {
-            device.dma_unmap(m.iova(), m.size());
+    fn end(self, device: &SharedDevice<'_>) {
+        let Session { conn, mut dma, .. } = self;
+        // The socket first: by the time the device hears of it, nothing of the client is open.
+        drop(conn);
+        let maps = dma.unmap_all();
+        let mut dev = lock(device);
+        for m in &maps {
+            dev.dma_unmap(m.iova(), m.size());
         }
-        device.client_disconnected();
+        drop(maps);
+        dev.client_disconnected();
     }
 
-    /// Handles the message that made the socket readable and then those that came with it in
-    /// the same read (a client that pipelines, e.g. posted writes), at most
-    /// [`MAX_BATCH`] before the loop looks at its other fds again. `Err` means the session is
-    /// over.
-    fn handle_some(&mut self, device: &mut dyn VfioUserDevice) -> Result<()> {
-        for _ in 0..MAX_BATCH {
-            self.handle_one(device)?;
-            if !self.conn.has_buffered_message() {
-                break;
-            }
+    /// Serves messages until the session ends (the `Err` says why). `wake` is written when a
+    /// message may have changed the device's poll set.
+    fn serve(&mut self, device: &SharedDevice<'_>, wake: Option<&EventFd>) -> Result<()> {
+        loop {
+            self.handle_one(device, wake)?;
         }
-        Ok(())
     }
 
     /// Receives and handles one message. `Err` means the session is over.
-    fn handle_one(&mut self, device: &mut dyn VfioUserDevice) -> Result<()> {
+    fn handle_one(&mut self, device: &SharedDevice<'_>, wake: Option<&EventFd>) -> Result<()> {
         let msg = match self.conn.recv() {
             Ok(m) => m,
             Err(e @ (Error::MessageTooSmall { header, .. } | Error::TooManyFds { header, .. })) => {
@@ -486,19 +640,47 @@ impl Session {
             );
             return Ok(());
         }
+        // Region accesses are the hot path and never change the device's poll set (see
+        // `VfioUserDevice::poll_fds`); anything else may, so the device thread looks again.
+        let region_access = [
+            Command::RegionRead as u16,
+            Command::RegionWrite as u16,
+            Command::RegionWriteMulti as u16,
+        ]
+        .contains(&header.command);
         let result = if header.is_command() {
-            self.dispatch(msg, device)
+            let mut dev = lock(device);
+            // The device is only locked while the message is handled: the reply goes out
+            // after, with duplicates of any descriptors it lends.
+            self.dispatch(msg, &mut **dev).and_then(|r| {
+                let fds = r
+                    .fds
+                    .iter()
+                    .map(|fd| fd.try_clone_to_owned())
+                    .collect::<io::Result<Vec<OwnedFd>>>()
+                    .map_err(|e| {
+                        warn!("vfio-user: cannot duplicate a reply descriptor: {e}");
+                        Error::Device(e.raw_os_error().unwrap_or(libc::EMFILE))
+                    })?;
+                Ok((r.body, fds))
+            })
         } else {
             Err(Error::InvalidField {
                 what: "message type",
                 value: header.message_type().into(),
             })
         };
+        if !region_access {
+            if let Some(w) = wake {
+                let _ = w.write(1);
+            }
+        }
         match result {
-            Ok(reply) => {
+            Ok((body, fds)) => {
                 if !header.no_reply() {
+                    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
                     self.conn
-                        .send(&header.reply(reply.body.len()), &reply.body, &reply.fds)?;
+                        .send(&header.reply(body.len()), &body, &borrowed)?;
                 }
                 Ok(())
             }
@@ -965,6 +1147,9 @@ impl Session {
         if let Some(i) = fds.iter().position(|fd| !is_eventfd(fd)) {
             return Err(Error::NotEventfd { index: i });
         }
+        for fd in &fds {
+            set_nonblocking(fd)?;
+        }
         let irq_data = match data {
             VFIO_IRQ_SET_DATA_NONE => IrqData::None,
             VFIO_IRQ_SET_DATA_BOOL => IrqData::Bool(req.data.iter().map(|&b| b != 0).collect()),
@@ -1167,7 +1352,7 @@ mod tests {
 
     #[test]
     fn pipelined_messages_are_all_handled_in_order() {
-        const POSTED: u32 = 2 * MAX_BATCH as u32 + 5;
+        const POSTED: u32 = 69;
         let dir = std::env::temp_dir().join(format!("vfu-pipe-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();

@@ -27,6 +27,29 @@ use device_util::*;
 const TRIGGER_FD: u32 = VFIO_IRQ_SET_ACTION_TRIGGER | VFIO_IRQ_SET_DATA_EVENTFD;
 const UNMASK_FD: u32 = VFIO_IRQ_SET_ACTION_UNMASK | VFIO_IRQ_SET_DATA_EVENTFD;
 
+/// Waits until the server has read `fd` (its counter is 0 again). The server handles the
+/// device's fds on a thread of its own, in parallel with the client's messages; the device
+/// reads an fd and acts on it under one lock, so a request sent after this sees the effect.
+fn drained(fd: &EventFd) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        if unsafe { libc::poll(&mut p, 1, 0) } == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never read the eventfd"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 fn efd() -> EventFd {
     EventFd::new(EFD_NONBLOCK).unwrap()
 }
@@ -150,6 +173,7 @@ fn e2e_intx_trigger_unmask_and_command_bit_10() {
     // Deassert, EOI: quiet and unmasked.
     c.write(REGION_BAR0, REG_INTX_DEASSERT, 4, 1);
     resample.write(1).unwrap();
+    drained(&resample);
     assert_eq!(c.read(REGION_BAR0, REG_INTX_STATUS, 4), 0, "barrier");
     assert_eq!(take(&trig), 0);
     assert_eq!(take(&resample), 0, "the server drained the resample fd");
@@ -168,6 +192,7 @@ fn e2e_intx_trigger_unmask_and_command_bit_10() {
     assert_eq!(wait_count(&trig), 1);
     c.write(REGION_BAR0, REG_INTX_DEASSERT, 4, 1);
     resample.write(1).unwrap();
+    drained(&resample);
     assert_eq!(c.read(REGION_BAR0, REG_CNT_INTX_TRIGGERS, 4), 3);
     assert_eq!(c.read(REGION_BAR0, REG_CNT_INTX_UNMASKS, 4), 5);
     // Disable the index.
@@ -323,6 +348,7 @@ fn e2e_doorbell_ioeventfd() {
     for _ in 0..5 {
         bell.write(1).unwrap();
     }
+    drained(&bell);
     assert_eq!(c.read(REGION_BAR0, REG_DOORBELL_COUNT, 4), 5);
     c.write(REGION_BAR0, REG_DOORBELL, 4, 0);
     assert_eq!(c.read(REGION_BAR0, REG_DOORBELL_COUNT, 4), 6);
