@@ -14,21 +14,15 @@
 //! The server runs in the foreground, logs to stderr (`RUST_LOG`, default `info`) and shuts down
 //! cleanly on SIGTERM or SIGINT, removing the socket files it created.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use irqbridge_vfio_user::control::{ControlClient, ControlRequest, ControlServer};
-use irqbridge_vfio_user::pci::{
-    DEFAULT_EVTCHN_PORTS, DEFAULT_MSIX_VECTORS, DeviceConfig, DeviceError, IrqbridgeDevice,
-};
-use irqbridge_vfio_user::server::{Server, StopHandle};
+use irqbridge::daemon::{self, Listen, VfioUserConfig};
+use irqbridge_vfio_user::control::{ControlClient, ControlRequest};
+use irqbridge_vfio_user::pci::{DEFAULT_EVTCHN_PORTS, DEFAULT_MSIX_VECTORS, DeviceConfig};
 use irqbridge_vhost_user::{ConnId, Endpoint};
-use log::{error, info};
-
-mod signals;
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -138,7 +132,7 @@ struct BenchArgs {
 #[derive(Debug, Args)]
 struct VfioUserArgs {
     /// Listen for the VMM on this unix socket (created with mode 0600, removed on exit).
-    #[arg(short = 's', long, value_name = "PATH", required_unless_present = "fd")]
+    #[arg(short = 's', long, value_name = "PATH")]
     socket_path: Option<PathBuf>,
     /// Serve on this already listening unix socket inherited from the parent.
     #[arg(long, value_name = "N", conflicts_with = "socket_path")]
@@ -157,53 +151,21 @@ struct VfioUserArgs {
     control_socket: Option<PathBuf>,
 }
 
-/// Where the vfio-user server listens.
-#[derive(Debug, PartialEq, Eq)]
-enum Listen {
-    /// Bind a new socket at this path.
-    Path(PathBuf),
-    /// Use this inherited listening socket.
-    Fd(RawFd),
-}
-
-/// Validated configuration of `irqbridge vfio-user`.
-#[derive(Debug, PartialEq, Eq)]
-struct VfioUserConfig {
-    listen: Listen,
-    device: DeviceConfig,
-    control_socket: Option<PathBuf>,
-}
-
 /// Errors of the command line tool.
 #[derive(Debug, thiserror::Error)]
 enum CliError {
-    /// Neither or both of --socket-path and --fd.
-    #[error("Exactly one of --socket-path and --fd is required.")]
-    Listen,
-    /// A negative or unusable --fd.
-    #[error("--fd {0} is not an open listening unix socket.")]
-    BadFd(RawFd),
-    /// The device configuration is out of range.
-    #[error("Invalid device options.")]
-    Device(#[source] DeviceError),
-    /// The vfio-user server failed.
-    #[error("vfio-user server failed.")]
-    Server(#[source] irqbridge_vfio_user::error::Error),
+    /// The daemon (listener adoption, servers, signals) failed.
+    #[error(transparent)]
+    Daemon(#[from] irqbridge::Error),
     /// The control socket failed.
     #[error("Control socket failed.")]
     Control(#[source] irqbridge_vfio_user::control::ControlError),
-    /// Signal handling could not be set up.
-    #[error("Failed to set up signal handling.")]
-    Signals(#[source] std::io::Error),
     /// The demo or the benchmark could not run (no /dev/kvm, setup failure).
     #[error("Cannot run on this machine.")]
     Integration(#[source] irqbridge_integration::Error),
     /// An unknown benchmark row.
     #[error("Unknown benchmark row {0:?} (expected msix, intx, doorbell or region-read).")]
     BenchRow(String),
-    /// `irqbridge vhost-user` without a socket.
-    #[error("At least one --socket-path or --fd is required.")]
-    NoListener,
     /// The vhost-user backend failed.
     #[error("vhost-user backend failed.")]
     VhostUser(#[source] irqbridge_vhost_user::Error),
@@ -216,18 +178,15 @@ impl TryFrom<VfioUserArgs> for VfioUserConfig {
     type Error = CliError;
 
     fn try_from(a: VfioUserArgs) -> Result<Self, CliError> {
-        let listen = match (a.socket_path, a.fd) {
-            (Some(p), None) => Listen::Path(p),
-            (None, Some(fd)) if fd >= 0 => Listen::Fd(fd),
-            (None, Some(fd)) => return Err(CliError::BadFd(fd)),
-            _ => return Err(CliError::Listen),
-        };
+        let listen = Listen::from_args(a.socket_path, a.fd)?;
         let device = DeviceConfig {
             msix_vectors: a.msix_vectors,
             evtchn_ports: a.evtchn_ports,
             intx: !a.no_intx,
         };
-        device.validate().map_err(CliError::Device)?;
+        device
+            .validate()
+            .map_err(|e| CliError::Daemon(irqbridge::Error::Device(e)))?;
         Ok(VfioUserConfig {
             listen,
             device,
@@ -300,87 +259,6 @@ impl From<ControlCommand> for ControlRequest {
     }
 }
 
-/// Adopts an inherited fd after checking that it is an open, listening unix socket.
-fn adopt_listener(fd: RawFd) -> Result<UnixListener, CliError> {
-    // SAFETY: F_GETFD only inspects the descriptor table entry; no memory is involved.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(CliError::BadFd(fd));
-    }
-    let mut domain: libc::c_int = 0;
-    let mut accepting: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `domain` and `len` are valid for writes of one c_int / socklen_t.
-    let r1 = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&mut domain as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    let mut len2 = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: as above.
-    let r2 = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut accepting as *mut libc::c_int).cast(),
-            &mut len2,
-        )
-    };
-    if r1 != 0 || r2 != 0 || domain != libc::AF_UNIX || accepting == 0 {
-        return Err(CliError::BadFd(fd));
-    }
-    // SAFETY: the descriptor is open (checked above) and was handed to this process for the
-    // server to own; nothing else in the process uses it.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // Keep it from leaking into children.
-    // SAFETY: F_SETFD on an open descriptor we own.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    Ok(UnixListener::from(owned))
-}
-
-fn run_vfio_user(cfg: VfioUserConfig) -> Result<(), CliError> {
-    // Block SIGTERM/SIGINT before any other thread exists, so that only the signal thread
-    // receives them.
-    let signals = signals::Signals::block().map_err(CliError::Signals)?;
-    let mut device = IrqbridgeDevice::new(cfg.device).map_err(CliError::Device)?;
-    if let Some(path) = &cfg.control_socket {
-        let control = ControlServer::bind(path).map_err(CliError::Control)?;
-        info!("irqbridge: control socket at {}", path.display());
-        device.attach_control(control);
-    }
-    let mut server = match &cfg.listen {
-        Listen::Path(p) => Server::bind(p).map_err(CliError::Server)?,
-        Listen::Fd(fd) => Server::from_listener(adopt_listener(*fd)?).map_err(CliError::Server)?,
-    };
-    match &cfg.listen {
-        Listen::Path(p) => info!("irqbridge: vfio-user server listening on {}", p.display()),
-        Listen::Fd(fd) => info!("irqbridge: vfio-user server listening on fd {fd}"),
-    }
-    info!(
-        "irqbridge: device: {} MSI-X vectors, {} event-channel ports, INTx {}",
-        cfg.device.msix_vectors,
-        cfg.device.evtchn_ports,
-        if cfg.device.intx { "on" } else { "off" }
-    );
-    let stop: StopHandle = server.stop_handle();
-    signals.spawn_waiter(move |sig| {
-        info!("irqbridge: signal {sig}, shutting down");
-        if let Err(e) = stop.stop() {
-            error!("irqbridge: cannot stop the server: {e}");
-        }
-    });
-    let result = server.run(&mut device);
-    info!("irqbridge: counters at exit: {:?}", device.counters());
-    // Dropping the server and the device removes the socket files they created.
-    drop(server);
-    drop(device);
-    result.map_err(CliError::Server)
-}
-
 fn run_control(args: ControlArgs) -> Result<bool, CliError> {
     let mut client = ControlClient::connect(&args.socket).map_err(CliError::Control)?;
     let reply = client
@@ -391,36 +269,20 @@ fn run_control(args: ControlArgs) -> Result<bool, CliError> {
 }
 
 fn run_vhost_user(args: VhostUserArgs) -> Result<bool, CliError> {
-    use irqbridge_vhost_user::{BackendConfig, Server as VhostServer, print_capabilities};
+    use irqbridge_vhost_user::{BackendConfig, print_capabilities};
     if args.print_capabilities {
         print!("{}", print_capabilities());
         return Ok(true);
     }
-    let listen_fd = match args.fd {
-        Some(fd) if fd >= 0 => Some(OwnedFd::from(adopt_listener(fd)?)),
-        Some(fd) => return Err(CliError::BadFd(fd)),
-        None => None,
-    };
-    if listen_fd.is_none() && args.socket_path.is_empty() {
-        return Err(CliError::NoListener);
-    }
     let config = BackendConfig {
         sockets: args.socket_path,
-        listen_fd,
         ports: args.ports,
         upcalls: args.upcalls,
         virtio_id: args.virtio_id,
         links: args.link,
         ..BackendConfig::default()
     };
-    let signals = signals::Signals::block().map_err(CliError::Signals)?;
-    let server = VhostServer::start(config).map_err(CliError::VhostUser)?;
-    let stop = server.stop_handle();
-    signals.spawn_waiter(move |sig| {
-        info!("irqbridge: signal {sig}, shutting down");
-        stop.stop();
-    });
-    server.wait().map_err(CliError::VhostUser)?;
+    daemon::run_vhost_user(config, args.fd)?;
     Ok(true)
 }
 
@@ -482,7 +344,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::VfioUser(args) => VfioUserConfig::try_from(args)
-            .and_then(run_vfio_user)
+            .and_then(|c| daemon::run_vfio_user(c).map_err(CliError::from))
             .map(|()| true),
         Command::Control(args) => run_control(args),
         Command::VhostUser(args) => run_vhost_user(args),
@@ -605,20 +467,5 @@ mod tests {
         }
         assert!(parse(&["control", "--socket", "x", "msix-fire"]).is_err());
         assert!(parse(&["control", "counters"]).is_err());
-    }
-
-    #[test]
-    fn adopt_listener_checks_the_fd() {
-        assert!(adopt_listener(-1).is_err());
-        // A pipe is not a socket.
-        let mut p = [0; 2];
-        // SAFETY: `p` has room for two fds.
-        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
-        assert!(matches!(adopt_listener(p[0]), Err(CliError::BadFd(_))));
-        // SAFETY: closing the pipe we created (adopt_listener did not take it).
-        unsafe {
-            libc::close(p[0]);
-            libc::close(p[1]);
-        }
     }
 }
