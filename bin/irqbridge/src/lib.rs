@@ -18,6 +18,7 @@
 
 pub mod daemon;
 pub mod listen;
+pub mod logging;
 pub mod signals;
 
 pub use daemon::Error;

@@ -1,33 +1,53 @@
-//! `irqbridge`: serve the irqbridge interrupt test device over vfio-user, or talk to its
-//! control socket.
+//! `irqbridge`: serve the irqbridge interrupt devices over vfio-user and vhost-user, talk to
+//! the control socket, run the demo and the benchmark.
 //!
-//! ```text
-//! irqbridge vfio-user --socket-path PATH [--fd N] [--msix-vectors N] [--evtchn-ports N]
-//!                     [--no-intx] [--control-socket PATH]
-//! irqbridge control --socket PATH <command> [args]
-//! irqbridge vhost-user (--socket-path PATH ... | --fd N) [--ports N] [--upcalls N]
-//!                      [--virtio-id N] [--link [C.]A:[C.]B ...] [--print-capabilities]
-//! irqbridge demo [--json]
-//! irqbridge bench [--samples N] [--row ROW] [--json FILE] | --vhost-user
-//! ```
+//! This file only parses the command line (clap) and calls the `irqbridge` library
+//! (`src/lib.rs`: listener adoption, socket activation, signals, run loops) or the integration
+//! crate (demo, bench). The long help of every subcommand is in `help.rs`; `irqbridge man` and
+//! `irqbridge completions SHELL` are generated from the same definitions.
 //!
-//! The server runs in the foreground, logs to stderr (`RUST_LOG`, default `info`) and shuts down
-//! cleanly on SIGTERM or SIGINT, removing the socket files it created.
+//! Exit status: 0 success, 1 failure, 2 usage error (clap's own errors and ours alike, printed
+//! in clap's style and naming the option at fault).
 
+use std::ffi::OsString;
+use std::io::Write;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::builder::PossibleValuesParser;
+use clap::builder::TypedValueParser;
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use irqbridge::daemon::{self, Listen, VfioUserConfig};
 use irqbridge_vfio_user::control::{ControlClient, ControlRequest};
 use irqbridge_vfio_user::pci::{DEFAULT_EVTCHN_PORTS, DEFAULT_MSIX_VECTORS, DeviceConfig};
 use irqbridge_vhost_user::{ConnId, Endpoint};
+use log::LevelFilter;
+
+mod help;
 
 /// Command line.
 #[derive(Debug, Parser)]
-#[command(name = "irqbridge", version, about, propagate_version = true)]
+#[command(
+    name = "irqbridge",
+    version,
+    about,
+    long_about = help::MAIN_ABOUT,
+    after_long_help = help::MAIN_AFTER,
+    propagate_version = true
+)]
 struct Cli {
+    /// Log level on stderr. Overrides RUST_LOG, which otherwise applies (env_logger filter
+    /// syntax); the default is info for the servers and warn for demo and bench.
+    #[arg(
+        long,
+        global = true,
+        value_name = "LEVEL",
+        value_parser = PossibleValuesParser::new(["off", "error", "warn", "info", "debug", "trace"])
+            .map(|s| s.parse::<LevelFilter>().unwrap_or(LevelFilter::Info))
+    )]
+    log_level: Option<LevelFilter>,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,16 +55,34 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the irqbridge PCI test device (docs/device-abi.md) over vfio-user.
+    #[command(long_about = help::VFIO_USER_ABOUT, after_long_help = help::VFIO_USER_AFTER)]
     VfioUser(VfioUserArgs),
     /// Send one request to a running device's control socket and print the JSON reply.
+    #[command(long_about = help::CONTROL_ABOUT, after_long_help = help::CONTROL_AFTER)]
     Control(ControlArgs),
     /// Serve the event-channel device (docs/evtchn-virtio.md) as a vhost-user backend.
+    #[command(long_about = help::VHOST_USER_ABOUT, after_long_help = help::VHOST_USER_AFTER)]
     VhostUser(VhostUserArgs),
-    /// Run every interrupt scenario end to end: device server + test VMM + bare-metal guest on
-    /// /dev/kvm. Prints a table; exits non-zero if a scenario fails or /dev/kvm is missing.
+    /// Run every interrupt scenario end to end on /dev/kvm and print a table.
+    #[command(long_about = help::DEMO_ABOUT, after_long_help = help::DEMO_AFTER)]
     Demo(DemoArgs),
     /// Benchmark the interrupt paths against baselines measured in the same run.
+    #[command(long_about = help::BENCH_ABOUT, after_long_help = help::BENCH_AFTER)]
     Bench(BenchArgs),
+    /// Print a shell completion script.
+    #[command(long_about = help::COMPLETIONS_ABOUT, after_long_help = help::COMPLETIONS_AFTER)]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page.
+    #[command(long_about = help::MAN_ABOUT, after_long_help = help::MAN_AFTER)]
+    Man {
+        /// Write irqbridge.1 and one irqbridge-COMMAND.1 per subcommand into this directory
+        /// instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Arguments of `irqbridge vhost-user`.
@@ -58,20 +96,38 @@ struct VhostUserArgs {
     #[arg(long, value_name = "N")]
     fd: Option<RawFd>,
     /// Event-channel ports per frontend (1..=4096).
-    #[arg(long, value_name = "N", default_value_t = irqbridge_core::evtchn::EVTCHN_DEFAULT_PORTS)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = irqbridge_core::evtchn::EVTCHN_DEFAULT_PORTS,
+        value_parser = clap::value_parser!(u32)
+            .range(1..=i64::from(irqbridge_core::evtchn::EVTCHN_MAX_PORTS))
+    )]
     ports: u32,
-    /// Upcalls (event queues) per frontend.
-    #[arg(long, value_name = "N", default_value_t = irqbridge_vhost_user::DEFAULT_UPCALLS)]
+    /// Upcalls (event queues) per frontend (1..=62).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = irqbridge_vhost_user::DEFAULT_UPCALLS,
+        value_parser = clap::value_parser!(u16)
+            .range(1..=i64::from(irqbridge_vhost_user::abi::MAX_UPCALLS))
+    )]
     upcalls: u16,
     /// Virtio device ID the frontend should present (not assigned by OASIS; see the ABI).
-    #[arg(long, value_name = "N", default_value_t = irqbridge_vhost_user::abi::DEFAULT_VIRTIO_ID)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = irqbridge_vhost_user::abi::DEFAULT_VIRTIO_ID,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
     virtio_id: u16,
     /// Link two ports before serving: `[C.]A:[C.]B` links port A of frontend C (the C-th
     /// socket, `--fd` first; 0 when omitted) with port B, so a doorbell or SEND on one is an
     /// event on the other. Repeatable.
     #[arg(long, value_name = "[C.]A:[C.]B", value_parser = parse_link)]
     link: Vec<(Endpoint, Endpoint)>,
-    /// Print the backend capabilities as JSON (QEMU's vhost-user backend convention) and exit.
+    /// Print the backend capabilities as JSON (QEMU's vhost-user backend convention) and exit;
+    /// every other option is ignored then.
     #[arg(long)]
     print_capabilities: bool,
 }
@@ -113,8 +169,12 @@ struct BenchArgs {
     /// 1, 64 and 4096 ports; interdomain doorbell against a direct eventfd write).
     #[arg(long, conflicts_with = "row")]
     vhost_user: bool,
-    /// Samples per measured path.
-    #[arg(long, value_name = "N")]
+    /// Samples per measured path (at least 1).
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
     samples: Option<usize>,
     /// Run one row only: msix, intx, doorbell or region-read.
     #[arg(long, value_name = "ROW")]
@@ -164,7 +224,7 @@ enum CliError {
     #[error("Cannot run on this machine.")]
     Integration(#[source] irqbridge_integration::Error),
     /// An unknown benchmark row.
-    #[error("Unknown benchmark row {0:?} (expected msix, intx, doorbell or region-read).")]
+    #[error("--row {0:?} is not a benchmark row (expected msix, intx, doorbell or region-read).")]
     BenchRow(String),
     /// The vhost-user backend failed.
     #[error("vhost-user backend failed.")]
@@ -172,6 +232,20 @@ enum CliError {
     /// Writing the benchmark JSON failed.
     #[error("Cannot write {0}.")]
     WriteJson(PathBuf, #[source] std::io::Error),
+    /// Writing a completion script or man page failed.
+    #[error("Cannot write the output.")]
+    Output(#[source] std::io::Error),
+}
+
+impl CliError {
+    /// Whether the command line is at fault (exit status 2, printed in clap's style).
+    fn is_usage(&self) -> bool {
+        match self {
+            CliError::Daemon(e) => e.is_usage(),
+            CliError::BenchRow(_) => true,
+            _ => false,
+        }
+    }
 }
 
 impl TryFrom<VfioUserArgs> for VfioUserConfig {
@@ -322,26 +396,162 @@ fn run_bench(args: BenchArgs) -> Result<bool, CliError> {
     Ok(report.all_met())
 }
 
-fn print_error(e: &dyn std::error::Error) {
-    eprintln!("irqbridge: {e}");
+/// The messages of an error and its sources, outermost first.
+fn error_chain(e: &dyn std::error::Error) -> Vec<String> {
+    let mut v = vec![e.to_string()];
     let mut cur = e.source();
     while let Some(s) = cur {
-        eprintln!("  caused by: {s}");
+        v.push(s.to_string());
         cur = s.source();
     }
+    v
+}
+
+/// Replaces the names of `cmd`'s argument fields (`msix_vectors`) in `msg` with their flags
+/// (`--msix-vectors`), so that a message from a library names what the user typed.
+fn name_flags(msg: &str, cmd: &clap::Command) -> String {
+    let mut out = msg.to_string();
+    for arg in cmd.get_arguments() {
+        let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else {
+            continue;
+        };
+        // Plain words ("ports", "fd") are English too; only snake_case names are fields.
+        if !id.contains('_') {
+            continue;
+        }
+        let mut result = String::with_capacity(out.len());
+        let mut rest = out.as_str();
+        while let Some(i) = rest.find(id) {
+            let before = rest[..i].chars().next_back();
+            let after = rest[i + id.len()..].chars().next();
+            let word =
+                |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '-');
+            result.push_str(&rest[..i]);
+            if word(before) || word(after) {
+                result.push_str(id);
+            } else {
+                result.push_str("--");
+                result.push_str(long);
+            }
+            rest = &rest[i + id.len()..];
+        }
+        result.push_str(rest);
+        out = result;
+    }
+    out
+}
+
+/// Prints an error and returns the exit status: usage errors in clap's style with the
+/// subcommand's usage line (status 2), failures as `error:` plus their causes (status 1).
+fn report_error(e: &CliError, subcommand: Option<&str>) -> ExitCode {
+    let mut root = Cli::command();
+    root.build();
+    let cmd = subcommand
+        .and_then(|s| root.find_subcommand(s))
+        .unwrap_or(&root)
+        .clone();
+    let chain: Vec<String> = error_chain(e).iter().map(|m| name_flags(m, &cmd)).collect();
+    if e.is_usage() {
+        // The innermost message says what is wrong with the value; the outer ones only where.
+        let msg = chain.last().cloned().unwrap_or_default();
+        let mut cmd = cmd;
+        let _ = cmd.error(ErrorKind::ValueValidation, msg).print();
+        return ExitCode::from(2);
+    }
+    let mut stderr = std::io::stderr().lock();
+    let mut lines = chain.iter();
+    if let Some(first) = lines.next() {
+        let _ = writeln!(stderr, "error: {first}");
+    }
+    for cause in lines {
+        let _ = writeln!(stderr, "  caused by: {cause}");
+    }
+    ExitCode::FAILURE
+}
+
+/// The subcommand a raw command line names (the first word that is not an option or the value
+/// of `--log-level`), for the checks that must run before clap parses anything.
+fn raw_subcommand(args: &[OsString]) -> Option<&str> {
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let a = a.to_str()?;
+        if a == "--log-level" {
+            it.next();
+        } else if !a.starts_with('-') {
+            return Some(a);
+        }
+    }
+    None
+}
+
+/// The command line, with `vhost-user` inserted when the program runs as `vhost-user-*`: the
+/// name QEMU's backend program conventions give vhost-user backends (docs/vhost-user/).
+fn command_line() -> Vec<OsString> {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    let invoked_as = args
+        .first()
+        .map(std::path::Path::new)
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    if invoked_as.starts_with("vhost-user-") {
+        args.insert(1, "vhost-user".into());
+    }
+    args
+}
+
+fn run_completions(shell: clap_complete::Shell) -> Result<bool, CliError> {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "irqbridge", &mut out);
+    std::io::stdout()
+        .write_all(&out)
+        .map_err(CliError::Output)?;
+    Ok(true)
+}
+
+fn run_man(dir: Option<PathBuf>) -> Result<bool, CliError> {
+    let cmd = Cli::command();
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).map_err(CliError::Output)?;
+            clap_mangen::generate_to(cmd, &dir).map_err(CliError::Output)?;
+        }
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .map_err(CliError::Output)?;
+            std::io::stdout()
+                .write_all(&out)
+                .map_err(CliError::Output)?;
+        }
+    }
+    Ok(true)
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // The demo and the benchmark print their own report; the servers they start in-process
-    // only log what goes wrong unless RUST_LOG says otherwise.
-    let default_filter = match cli.command {
-        Command::Demo(_) | Command::Bench(_) => "warn",
-        _ => "info",
+    let args = command_line();
+    // QEMU's backend conventions: --print-capabilities ignores every other option, so it is
+    // answered before clap could reject one.
+    if raw_subcommand(&args) == Some("vhost-user")
+        && args.iter().any(|a| a == "--print-capabilities")
+    {
+        print!("{}", irqbridge_vhost_user::print_capabilities());
+        return ExitCode::SUCCESS;
+    }
+    let matches = Cli::command().get_matches_from(args);
+    let subcommand = matches.subcommand_name().map(str::to_owned);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
-        .target(env_logger::Target::Stderr)
-        .init();
+    // The demo and the benchmark print their own report; the servers they start in-process
+    // only log what goes wrong unless asked otherwise.
+    let default_level = match cli.command {
+        Command::Demo(_) | Command::Bench(_) => LevelFilter::Warn,
+        _ => LevelFilter::Info,
+    };
+    irqbridge::logging::init(cli.log_level, default_level);
     let result = match cli.command {
         Command::VfioUser(args) => VfioUserConfig::try_from(args)
             .and_then(|c| daemon::run_vfio_user(c).map_err(CliError::from))
@@ -350,14 +560,13 @@ fn main() -> ExitCode {
         Command::VhostUser(args) => run_vhost_user(args),
         Command::Demo(args) => run_demo(args),
         Command::Bench(args) => run_bench(args),
+        Command::Completions { shell } => run_completions(shell),
+        Command::Man { dir } => run_man(dir),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            print_error(&e);
-            ExitCode::FAILURE
-        }
+        Err(e) => report_error(&e, subcommand.as_deref()),
     }
 }
 
@@ -467,5 +676,48 @@ mod tests {
         }
         assert!(parse(&["control", "--socket", "x", "msix-fire"]).is_err());
         assert!(parse(&["control", "counters"]).is_err());
+    }
+
+    #[test]
+    fn field_names_become_flags() {
+        let mut root = Cli::command();
+        root.build();
+        let cmd = root.find_subcommand("vfio-user").unwrap();
+        assert_eq!(
+            name_flags("msix_vectors 0 is not in 1..=2048", cmd),
+            "--msix-vectors 0 is not in 1..=2048"
+        );
+        assert_eq!(
+            name_flags("evtchn_ports 5000, msix_vectors 2", cmd),
+            "--evtchn-ports 5000, --msix-vectors 2"
+        );
+        // Only whole words, and plain English stays.
+        assert_eq!(name_flags("my_msix_vectors x", cmd), "my_msix_vectors x");
+        assert_eq!(name_flags("fd 3 socket", cmd), "fd 3 socket");
+    }
+
+    #[test]
+    fn raw_subcommand_skips_options() {
+        let v = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            raw_subcommand(&v(&["irqbridge", "vhost-user", "-s", "x"])),
+            Some("vhost-user")
+        );
+        assert_eq!(
+            raw_subcommand(&v(&["irqbridge", "--log-level", "debug", "vhost-user"])),
+            Some("vhost-user")
+        );
+        assert_eq!(raw_subcommand(&v(&["irqbridge", "--version"])), None);
+        assert_eq!(
+            raw_subcommand(&v(&["irqbridge", "bench", "vhost-user"])),
+            Some("bench")
+        );
+    }
+
+    #[test]
+    fn usage_errors_are_told_apart() {
+        assert!(CliError::BenchRow("x".into()).is_usage());
+        assert!(CliError::Daemon(irqbridge::Error::BadFd(3)).is_usage());
+        assert!(!CliError::Output(std::io::Error::other("x")).is_usage());
     }
 }
