@@ -1,39 +1,53 @@
-//! `irqbridge`: serve the irqbridge interrupt test device over vfio-user, or talk to its
-//! control socket.
+//! `irqbridge`: serve the irqbridge interrupt devices over vfio-user and vhost-user, talk to
+//! the control socket, run the demo and the benchmark.
 //!
-//! ```text
-//! irqbridge vfio-user --socket-path PATH [--fd N] [--msix-vectors N] [--evtchn-ports N]
-//!                     [--msi-vectors N] [--no-intx] [--control-socket PATH]
-//! irqbridge control --socket PATH <command> [args]
-//! irqbridge vhost-user (--socket-path PATH ... | --fd N) [--ports N] [--upcalls N]
-//!                      [--virtio-id N] [--link [C.]A:[C.]B ...] [--print-capabilities]
-//! irqbridge demo [--json]
-//! irqbridge bench [--samples N] [--row ROW] [--json FILE] | --vhost-user
-//! ```
+//! This file only parses the command line (clap) and calls the `irqbridge` library
+//! (`src/lib.rs`: listener adoption, socket activation, signals, run loops) or the integration
+//! crate (demo, bench). The long help of every subcommand is in `help.rs`; `irqbridge man` and
+//! `irqbridge completions SHELL` are generated from the same definitions.
 //!
-//! The server runs in the foreground, logs to stderr (`RUST_LOG`, default `info`) and shuts down
-//! cleanly on SIGTERM or SIGINT, removing the socket files it created.
+//! Exit status: 0 success, 1 failure, 2 usage error (clap's own errors and ours alike, printed
+//! in clap's style and naming the option at fault).
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
-use irqbridge_vfio_user::control::{ControlClient, ControlRequest, ControlServer};
-use irqbridge_vfio_user::pci::{
-    DEFAULT_EVTCHN_PORTS, DEFAULT_MSIX_VECTORS, DeviceConfig, DeviceError, IrqbridgeDevice,
-};
-use irqbridge_vfio_user::server::{Server, StopHandle};
+use clap::builder::PossibleValuesParser;
+use clap::builder::TypedValueParser;
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use irqbridge::daemon::{self, Listen, VfioUserConfig};
+use irqbridge_vfio_user::control::{ControlClient, ControlRequest};
+use irqbridge_vfio_user::pci::{DEFAULT_EVTCHN_PORTS, DEFAULT_MSIX_VECTORS, DeviceConfig};
 use irqbridge_vhost_user::{ConnId, Endpoint};
-use log::{error, info};
+use log::LevelFilter;
 
-mod signals;
+mod help;
 
 /// Command line.
 #[derive(Debug, Parser)]
-#[command(name = "irqbridge", version, about, propagate_version = true)]
+#[command(
+    name = "irqbridge",
+    version,
+    about,
+    long_about = help::MAIN_ABOUT,
+    after_long_help = help::MAIN_AFTER,
+    propagate_version = true
+)]
 struct Cli {
+    /// Log level on stderr. Overrides RUST_LOG, which otherwise applies (env_logger filter
+    /// syntax); the default is info for the servers and warn for demo and bench.
+    #[arg(
+        long,
+        global = true,
+        value_name = "LEVEL",
+        value_parser = PossibleValuesParser::new(["off", "error", "warn", "info", "debug", "trace"])
+            .map(|s| s.parse::<LevelFilter>().unwrap_or(LevelFilter::Info))
+    )]
+    log_level: Option<LevelFilter>,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,16 +55,34 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the irqbridge PCI test device (docs/device-abi.md) over vfio-user.
+    #[command(long_about = help::VFIO_USER_ABOUT, after_long_help = help::VFIO_USER_AFTER)]
     VfioUser(VfioUserArgs),
     /// Send one request to a running device's control socket and print the JSON reply.
+    #[command(long_about = help::CONTROL_ABOUT, after_long_help = help::CONTROL_AFTER)]
     Control(ControlArgs),
     /// Serve the event-channel device (docs/evtchn-virtio.md) as a vhost-user backend.
+    #[command(long_about = help::VHOST_USER_ABOUT, after_long_help = help::VHOST_USER_AFTER)]
     VhostUser(VhostUserArgs),
-    /// Run every interrupt scenario end to end: device server + test VMM + bare-metal guest on
-    /// /dev/kvm. Prints a table; exits non-zero if a scenario fails or /dev/kvm is missing.
+    /// Run every interrupt scenario end to end on /dev/kvm and print a table.
+    #[command(long_about = help::DEMO_ABOUT, after_long_help = help::DEMO_AFTER)]
     Demo(DemoArgs),
     /// Benchmark the interrupt paths against baselines measured in the same run.
+    #[command(long_about = help::BENCH_ABOUT, after_long_help = help::BENCH_AFTER)]
     Bench(BenchArgs),
+    /// Print a shell completion script.
+    #[command(long_about = help::COMPLETIONS_ABOUT, after_long_help = help::COMPLETIONS_AFTER)]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page.
+    #[command(long_about = help::MAN_ABOUT, after_long_help = help::MAN_AFTER)]
+    Man {
+        /// Write irqbridge.1 and one irqbridge-COMMAND.1 per subcommand into this directory
+        /// instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Arguments of `irqbridge vhost-user`.
@@ -64,20 +96,38 @@ struct VhostUserArgs {
     #[arg(long, value_name = "N")]
     fd: Option<RawFd>,
     /// Event-channel ports per frontend (1..=4096).
-    #[arg(long, value_name = "N", default_value_t = irqbridge_core::evtchn::EVTCHN_DEFAULT_PORTS)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = irqbridge_core::evtchn::EVTCHN_DEFAULT_PORTS,
+        value_parser = clap::value_parser!(u32)
+            .range(1..=i64::from(irqbridge_core::evtchn::EVTCHN_MAX_PORTS))
+    )]
     ports: u32,
-    /// Upcalls (event queues) per frontend.
-    #[arg(long, value_name = "N", default_value_t = irqbridge_vhost_user::DEFAULT_UPCALLS)]
+    /// Upcalls (event queues) per frontend (1..=62).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = irqbridge_vhost_user::DEFAULT_UPCALLS,
+        value_parser = clap::value_parser!(u16)
+            .range(1..=i64::from(irqbridge_vhost_user::abi::MAX_UPCALLS))
+    )]
     upcalls: u16,
     /// Virtio device ID the frontend should present (not assigned by OASIS; see the ABI).
-    #[arg(long, value_name = "N", default_value_t = irqbridge_vhost_user::abi::DEFAULT_VIRTIO_ID)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = irqbridge_vhost_user::abi::DEFAULT_VIRTIO_ID,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
     virtio_id: u16,
     /// Link two ports before serving: `[C.]A:[C.]B` links port A of frontend C (the C-th
     /// socket, `--fd` first; 0 when omitted) with port B, so a doorbell or SEND on one is an
     /// event on the other. Repeatable.
     #[arg(long, value_name = "[C.]A:[C.]B", value_parser = parse_link)]
     link: Vec<(Endpoint, Endpoint)>,
-    /// Print the backend capabilities as JSON (QEMU's vhost-user backend convention) and exit.
+    /// Print the backend capabilities as JSON (QEMU's vhost-user backend convention) and exit;
+    /// every other option is ignored then.
     #[arg(long)]
     print_capabilities: bool,
 }
@@ -119,8 +169,12 @@ struct BenchArgs {
     /// 1, 64 and 4096 ports; interdomain doorbell against a direct eventfd write).
     #[arg(long, conflicts_with = "row")]
     vhost_user: bool,
-    /// Samples per measured path.
-    #[arg(long, value_name = "N")]
+    /// Samples per measured path (at least 1).
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
     samples: Option<usize>,
     /// Run one row only: msix, intx, doorbell or region-read.
     #[arg(long, value_name = "ROW")]
@@ -138,7 +192,7 @@ struct BenchArgs {
 #[derive(Debug, Args)]
 struct VfioUserArgs {
     /// Listen for the VMM on this unix socket (created with mode 0600, removed on exit).
-    #[arg(short = 's', long, value_name = "PATH", required_unless_present = "fd")]
+    #[arg(short = 's', long, value_name = "PATH")]
     socket_path: Option<PathBuf>,
     /// Serve on this already listening unix socket inherited from the parent.
     #[arg(long, value_name = "N", conflicts_with = "socket_path")]
@@ -160,78 +214,57 @@ struct VfioUserArgs {
     control_socket: Option<PathBuf>,
 }
 
-/// Where the vfio-user server listens.
-#[derive(Debug, PartialEq, Eq)]
-enum Listen {
-    /// Bind a new socket at this path.
-    Path(PathBuf),
-    /// Use this inherited listening socket.
-    Fd(RawFd),
-}
-
-/// Validated configuration of `irqbridge vfio-user`.
-#[derive(Debug, PartialEq, Eq)]
-struct VfioUserConfig {
-    listen: Listen,
-    device: DeviceConfig,
-    control_socket: Option<PathBuf>,
-}
-
 /// Errors of the command line tool.
 #[derive(Debug, thiserror::Error)]
 enum CliError {
-    /// Neither or both of --socket-path and --fd.
-    #[error("Exactly one of --socket-path and --fd is required.")]
-    Listen,
-    /// A negative or unusable --fd.
-    #[error("--fd {0} is not an open listening unix socket.")]
-    BadFd(RawFd),
-    /// The device configuration is out of range.
-    #[error("Invalid device options.")]
-    Device(#[source] DeviceError),
-    /// The vfio-user server failed.
-    #[error("vfio-user server failed.")]
-    Server(#[source] irqbridge_vfio_user::error::Error),
+    /// The daemon (listener adoption, servers, signals) failed.
+    #[error(transparent)]
+    Daemon(#[from] irqbridge::Error),
     /// The control socket failed.
     #[error("Control socket failed.")]
     Control(#[source] irqbridge_vfio_user::control::ControlError),
-    /// Signal handling could not be set up.
-    #[error("Failed to set up signal handling.")]
-    Signals(#[source] std::io::Error),
     /// The demo or the benchmark could not run (no /dev/kvm, setup failure).
     #[error("Cannot run on this machine.")]
     Integration(#[source] irqbridge_integration::Error),
     /// An unknown benchmark row.
-    #[error("Unknown benchmark row {0:?} (expected msix, intx, doorbell or region-read).")]
+    #[error("--row {0:?} is not a benchmark row (expected msix, intx, doorbell or region-read).")]
     BenchRow(String),
-    /// `irqbridge vhost-user` without a socket.
-    #[error("At least one --socket-path or --fd is required.")]
-    NoListener,
     /// The vhost-user backend failed.
     #[error("vhost-user backend failed.")]
     VhostUser(#[source] irqbridge_vhost_user::Error),
     /// Writing the benchmark JSON failed.
     #[error("Cannot write {0}.")]
     WriteJson(PathBuf, #[source] std::io::Error),
+    /// Writing a completion script or man page failed.
+    #[error("Cannot write the output.")]
+    Output(#[source] std::io::Error),
+}
+
+impl CliError {
+    /// Whether the command line is at fault (exit status 2, printed in clap's style).
+    fn is_usage(&self) -> bool {
+        match self {
+            CliError::Daemon(e) => e.is_usage(),
+            CliError::BenchRow(_) => true,
+            _ => false,
+        }
+    }
 }
 
 impl TryFrom<VfioUserArgs> for VfioUserConfig {
     type Error = CliError;
 
     fn try_from(a: VfioUserArgs) -> Result<Self, CliError> {
-        let listen = match (a.socket_path, a.fd) {
-            (Some(p), None) => Listen::Path(p),
-            (None, Some(fd)) if fd >= 0 => Listen::Fd(fd),
-            (None, Some(fd)) => return Err(CliError::BadFd(fd)),
-            _ => return Err(CliError::Listen),
-        };
+        let listen = Listen::from_args(a.socket_path, a.fd)?;
         let device = DeviceConfig {
             msix_vectors: a.msix_vectors,
             evtchn_ports: a.evtchn_ports,
             intx: !a.no_intx,
             msi_vectors: a.msi_vectors,
         };
-        device.validate().map_err(CliError::Device)?;
+        device
+            .validate()
+            .map_err(|e| CliError::Daemon(irqbridge::Error::Device(e)))?;
         Ok(VfioUserConfig {
             listen,
             device,
@@ -304,87 +337,6 @@ impl From<ControlCommand> for ControlRequest {
     }
 }
 
-/// Adopts an inherited fd after checking that it is an open, listening unix socket.
-fn adopt_listener(fd: RawFd) -> Result<UnixListener, CliError> {
-    // SAFETY: F_GETFD only inspects the descriptor table entry; no memory is involved.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(CliError::BadFd(fd));
-    }
-    let mut domain: libc::c_int = 0;
-    let mut accepting: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `domain` and `len` are valid for writes of one c_int / socklen_t.
-    let r1 = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&mut domain as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    let mut len2 = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: as above.
-    let r2 = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut accepting as *mut libc::c_int).cast(),
-            &mut len2,
-        )
-    };
-    if r1 != 0 || r2 != 0 || domain != libc::AF_UNIX || accepting == 0 {
-        return Err(CliError::BadFd(fd));
-    }
-    // SAFETY: the descriptor is open (checked above) and was handed to this process for the
-    // server to own; nothing else in the process uses it.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // Keep it from leaking into children.
-    // SAFETY: F_SETFD on an open descriptor we own.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    Ok(UnixListener::from(owned))
-}
-
-fn run_vfio_user(cfg: VfioUserConfig) -> Result<(), CliError> {
-    // Block SIGTERM/SIGINT before any other thread exists, so that only the signal thread
-    // receives them.
-    let signals = signals::Signals::block().map_err(CliError::Signals)?;
-    let mut device = IrqbridgeDevice::new(cfg.device).map_err(CliError::Device)?;
-    if let Some(path) = &cfg.control_socket {
-        let control = ControlServer::bind(path).map_err(CliError::Control)?;
-        info!("irqbridge: control socket at {}", path.display());
-        device.attach_control(control);
-    }
-    let mut server = match &cfg.listen {
-        Listen::Path(p) => Server::bind(p).map_err(CliError::Server)?,
-        Listen::Fd(fd) => Server::from_listener(adopt_listener(*fd)?).map_err(CliError::Server)?,
-    };
-    match &cfg.listen {
-        Listen::Path(p) => info!("irqbridge: vfio-user server listening on {}", p.display()),
-        Listen::Fd(fd) => info!("irqbridge: vfio-user server listening on fd {fd}"),
-    }
-    info!(
-        "irqbridge: device: {} MSI-X vectors, {} event-channel ports, INTx {}",
-        cfg.device.msix_vectors,
-        cfg.device.evtchn_ports,
-        if cfg.device.intx { "on" } else { "off" }
-    );
-    let stop: StopHandle = server.stop_handle();
-    signals.spawn_waiter(move |sig| {
-        info!("irqbridge: signal {sig}, shutting down");
-        if let Err(e) = stop.stop() {
-            error!("irqbridge: cannot stop the server: {e}");
-        }
-    });
-    let result = server.run(&mut device);
-    info!("irqbridge: counters at exit: {:?}", device.counters());
-    // Dropping the server and the device removes the socket files they created.
-    drop(server);
-    drop(device);
-    result.map_err(CliError::Server)
-}
-
 fn run_control(args: ControlArgs) -> Result<bool, CliError> {
     let mut client = ControlClient::connect(&args.socket).map_err(CliError::Control)?;
     let reply = client
@@ -395,36 +347,20 @@ fn run_control(args: ControlArgs) -> Result<bool, CliError> {
 }
 
 fn run_vhost_user(args: VhostUserArgs) -> Result<bool, CliError> {
-    use irqbridge_vhost_user::{BackendConfig, Server as VhostServer, print_capabilities};
+    use irqbridge_vhost_user::{BackendConfig, print_capabilities};
     if args.print_capabilities {
         print!("{}", print_capabilities());
         return Ok(true);
     }
-    let listen_fd = match args.fd {
-        Some(fd) if fd >= 0 => Some(OwnedFd::from(adopt_listener(fd)?)),
-        Some(fd) => return Err(CliError::BadFd(fd)),
-        None => None,
-    };
-    if listen_fd.is_none() && args.socket_path.is_empty() {
-        return Err(CliError::NoListener);
-    }
     let config = BackendConfig {
         sockets: args.socket_path,
-        listen_fd,
         ports: args.ports,
         upcalls: args.upcalls,
         virtio_id: args.virtio_id,
         links: args.link,
         ..BackendConfig::default()
     };
-    let signals = signals::Signals::block().map_err(CliError::Signals)?;
-    let server = VhostServer::start(config).map_err(CliError::VhostUser)?;
-    let stop = server.stop_handle();
-    signals.spawn_waiter(move |sig| {
-        info!("irqbridge: signal {sig}, shutting down");
-        stop.stop();
-    });
-    server.wait().map_err(CliError::VhostUser)?;
+    daemon::run_vhost_user(config, args.fd)?;
     Ok(true)
 }
 
@@ -464,42 +400,177 @@ fn run_bench(args: BenchArgs) -> Result<bool, CliError> {
     Ok(report.all_met())
 }
 
-fn print_error(e: &dyn std::error::Error) {
-    eprintln!("irqbridge: {e}");
+/// The messages of an error and its sources, outermost first.
+fn error_chain(e: &dyn std::error::Error) -> Vec<String> {
+    let mut v = vec![e.to_string()];
     let mut cur = e.source();
     while let Some(s) = cur {
-        eprintln!("  caused by: {s}");
+        v.push(s.to_string());
         cur = s.source();
     }
+    v
+}
+
+/// Replaces the names of `cmd`'s argument fields (`msix_vectors`) in `msg` with their flags
+/// (`--msix-vectors`), so that a message from a library names what the user typed.
+fn name_flags(msg: &str, cmd: &clap::Command) -> String {
+    let mut out = msg.to_string();
+    for arg in cmd.get_arguments() {
+        let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else {
+            continue;
+        };
+        // Plain words ("ports", "fd") are English too; only snake_case names are fields.
+        if !id.contains('_') {
+            continue;
+        }
+        let mut result = String::with_capacity(out.len());
+        let mut rest = out.as_str();
+        while let Some(i) = rest.find(id) {
+            let before = rest[..i].chars().next_back();
+            let after = rest[i + id.len()..].chars().next();
+            let word =
+                |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '-');
+            result.push_str(&rest[..i]);
+            if word(before) || word(after) {
+                result.push_str(id);
+            } else {
+                result.push_str("--");
+                result.push_str(long);
+            }
+            rest = &rest[i + id.len()..];
+        }
+        result.push_str(rest);
+        out = result;
+    }
+    out
+}
+
+/// Prints an error and returns the exit status: usage errors in clap's style with the
+/// subcommand's usage line (status 2), failures as `error:` plus their causes (status 1).
+fn report_error(e: &CliError, subcommand: Option<&str>) -> ExitCode {
+    let mut root = Cli::command();
+    root.build();
+    let cmd = subcommand
+        .and_then(|s| root.find_subcommand(s))
+        .unwrap_or(&root)
+        .clone();
+    let chain: Vec<String> = error_chain(e).iter().map(|m| name_flags(m, &cmd)).collect();
+    if e.is_usage() {
+        // The innermost message says what is wrong with the value; the outer ones only where.
+        let msg = chain.last().cloned().unwrap_or_default();
+        let mut cmd = cmd;
+        let _ = cmd.error(ErrorKind::ValueValidation, msg).print();
+        return ExitCode::from(2);
+    }
+    let mut stderr = std::io::stderr().lock();
+    let mut lines = chain.iter();
+    if let Some(first) = lines.next() {
+        let _ = writeln!(stderr, "error: {first}");
+    }
+    for cause in lines {
+        let _ = writeln!(stderr, "  caused by: {cause}");
+    }
+    ExitCode::FAILURE
+}
+
+/// The subcommand a raw command line names (the first word that is not an option or the value
+/// of `--log-level`), for the checks that must run before clap parses anything.
+fn raw_subcommand(args: &[OsString]) -> Option<&str> {
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let a = a.to_str()?;
+        if a == "--log-level" {
+            it.next();
+        } else if !a.starts_with('-') {
+            return Some(a);
+        }
+    }
+    None
+}
+
+/// The command line, with `vhost-user` inserted when the program runs as `vhost-user-*`: the
+/// name QEMU's backend program conventions give vhost-user backends (docs/vhost-user/).
+fn command_line() -> Vec<OsString> {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    let invoked_as = args
+        .first()
+        .map(std::path::Path::new)
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    if invoked_as.starts_with("vhost-user-") {
+        args.insert(1, "vhost-user".into());
+    }
+    args
+}
+
+fn run_completions(shell: clap_complete::Shell) -> Result<bool, CliError> {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "irqbridge", &mut out);
+    std::io::stdout()
+        .write_all(&out)
+        .map_err(CliError::Output)?;
+    Ok(true)
+}
+
+fn run_man(dir: Option<PathBuf>) -> Result<bool, CliError> {
+    let cmd = Cli::command();
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).map_err(CliError::Output)?;
+            clap_mangen::generate_to(cmd, &dir).map_err(CliError::Output)?;
+        }
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .map_err(CliError::Output)?;
+            std::io::stdout()
+                .write_all(&out)
+                .map_err(CliError::Output)?;
+        }
+    }
+    Ok(true)
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // The demo and the benchmark print their own report; the servers they start in-process
-    // only log what goes wrong unless RUST_LOG says otherwise.
-    let default_filter = match cli.command {
-        Command::Demo(_) | Command::Bench(_) => "warn",
-        _ => "info",
+    let args = command_line();
+    // QEMU's backend conventions: --print-capabilities ignores every other option, so it is
+    // answered before clap could reject one.
+    if raw_subcommand(&args) == Some("vhost-user")
+        && args.iter().any(|a| a == "--print-capabilities")
+    {
+        print!("{}", irqbridge_vhost_user::print_capabilities());
+        return ExitCode::SUCCESS;
+    }
+    let matches = Cli::command().get_matches_from(args);
+    let subcommand = matches.subcommand_name().map(str::to_owned);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
-        .target(env_logger::Target::Stderr)
-        .init();
+    // The demo and the benchmark print their own report; the servers they start in-process
+    // only log what goes wrong unless asked otherwise.
+    let default_level = match cli.command {
+        Command::Demo(_) | Command::Bench(_) => LevelFilter::Warn,
+        _ => LevelFilter::Info,
+    };
+    irqbridge::logging::init(cli.log_level, default_level);
     let result = match cli.command {
         Command::VfioUser(args) => VfioUserConfig::try_from(args)
-            .and_then(run_vfio_user)
+            .and_then(|c| daemon::run_vfio_user(c).map_err(CliError::from))
             .map(|()| true),
         Command::Control(args) => run_control(args),
         Command::VhostUser(args) => run_vhost_user(args),
         Command::Demo(args) => run_demo(args),
         Command::Bench(args) => run_bench(args),
+        Command::Completions { shell } => run_completions(shell),
+        Command::Man { dir } => run_man(dir),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            print_error(&e);
-            ExitCode::FAILURE
-        }
+        Err(e) => report_error(&e, subcommand.as_deref()),
     }
 }
 
@@ -616,17 +687,45 @@ mod tests {
     }
 
     #[test]
-    fn adopt_listener_checks_the_fd() {
-        assert!(adopt_listener(-1).is_err());
-        // A pipe is not a socket.
-        let mut p = [0; 2];
-        // SAFETY: `p` has room for two fds.
-        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
-        assert!(matches!(adopt_listener(p[0]), Err(CliError::BadFd(_))));
-        // SAFETY: closing the pipe we created (adopt_listener did not take it).
-        unsafe {
-            libc::close(p[0]);
-            libc::close(p[1]);
-        }
+    fn field_names_become_flags() {
+        let mut root = Cli::command();
+        root.build();
+        let cmd = root.find_subcommand("vfio-user").unwrap();
+        assert_eq!(
+            name_flags("msix_vectors 0 is not in 1..=2048", cmd),
+            "--msix-vectors 0 is not in 1..=2048"
+        );
+        assert_eq!(
+            name_flags("evtchn_ports 5000, msix_vectors 2", cmd),
+            "--evtchn-ports 5000, --msix-vectors 2"
+        );
+        // Only whole words, and plain English stays.
+        assert_eq!(name_flags("my_msix_vectors x", cmd), "my_msix_vectors x");
+        assert_eq!(name_flags("fd 3 socket", cmd), "fd 3 socket");
+    }
+
+    #[test]
+    fn raw_subcommand_skips_options() {
+        let v = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            raw_subcommand(&v(&["irqbridge", "vhost-user", "-s", "x"])),
+            Some("vhost-user")
+        );
+        assert_eq!(
+            raw_subcommand(&v(&["irqbridge", "--log-level", "debug", "vhost-user"])),
+            Some("vhost-user")
+        );
+        assert_eq!(raw_subcommand(&v(&["irqbridge", "--version"])), None);
+        assert_eq!(
+            raw_subcommand(&v(&["irqbridge", "bench", "vhost-user"])),
+            Some("bench")
+        );
+    }
+
+    #[test]
+    fn usage_errors_are_told_apart() {
+        assert!(CliError::BenchRow("x".into()).is_usage());
+        assert!(CliError::Daemon(irqbridge::Error::BadFd(3)).is_usage());
+        assert!(!CliError::Output(std::io::Error::other("x")).is_usage());
     }
 }

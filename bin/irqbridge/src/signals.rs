@@ -36,7 +36,12 @@ impl Signals {
     }
 
     /// Starts the thread that waits for the signals; `on_signal` runs once, on the first one.
-    pub fn spawn_waiter(self, on_signal: impl FnOnce(i32) + Send + 'static) {
+    ///
+    /// The returned handle is for tests (the thread runs until the process exits).
+    pub fn spawn_waiter(
+        self,
+        on_signal: impl FnOnce(i32) + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
         let set = self.set;
         std::thread::spawn(move || {
             let mut on_signal = Some(on_signal);
@@ -49,11 +54,35 @@ impl Signals {
                 match on_signal.take() {
                     Some(f) => f(sig),
                     None => {
-                        eprintln!("irqbridge: second signal {sig}, exiting now");
+                        log::warn!("second signal ({sig}) during shutdown, exiting now");
                         std::process::exit(128 + sig);
                     }
                 }
             }
-        });
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::thread::JoinHandleExt;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    #[test]
+    fn a_blocked_signal_reaches_the_waiter() {
+        // Runs on a test thread of its own: blocking here affects only this thread and the
+        // waiter it starts, and the signal is sent to the waiter thread alone.
+        let signals = Signals::block().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let waiter = signals.spawn_waiter(move |sig| tx.send(sig).unwrap());
+        // SAFETY: pthread_kill on a live thread of this process, with a signal it has blocked.
+        let r = unsafe { libc::pthread_kill(waiter.as_pthread_t(), libc::SIGTERM) };
+        assert_eq!(r, 0);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            libc::SIGTERM
+        );
     }
 }

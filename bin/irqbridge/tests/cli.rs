@@ -296,6 +296,6 @@ fn demo_passes_every_scenario() {
         String::from_utf8_lossy(&out.stderr)
     );
     let rows = stdout.lines().filter(|l| l.contains(" PASS ")).count();
-    assert_eq!(rows, 6, "{stdout}");
+    assert_eq!(rows, 7, "{stdout}");
     assert!(!stdout.contains(" FAIL "), "{stdout}");
 }

@@ -886,8 +886,10 @@ impl Session {
         let max_dma_maps = u64::from(self.config.max_dma_maps).min(v.capabilities.max_dma_maps);
         self.dma = DmaTable::new(usize::try_from(max_dma_maps).unwrap_or(usize::MAX));
         info!(
-            "vfio-user: client version {}.{}, capabilities {:?}",
-            v.major, v.minor, v.capabilities
+            "vfio-user: client version {}.{}, capabilities {}",
+            v.major,
+            v.minor,
+            String::from_utf8_lossy(&v.capabilities.to_json())
         );
         self.peer = v.capabilities;
         self.versioned = true;

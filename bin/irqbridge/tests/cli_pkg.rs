@@ -1,0 +1,469 @@
+//! The `irqbridge` binary as users and packagers meet it: long help, error style, socket
+//! activation with a real inherited listener, completions, the man page, and the vhost-user
+//! backend program conventions.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_irqbridge");
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("irqbridge-pkg-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills the child if a test fails before it exits.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn signal(child: &Child, sig: i32) {
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "irqbridge did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stderr_of(child: &mut Child) -> String {
+    let mut s = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut s).unwrap();
+    s
+}
+
+/// The subcommands `irqbridge --help` lists (without `help`).
+fn subcommands() -> Vec<String> {
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    let mut names = Vec::new();
+    let mut in_commands = false;
+    for line in help.lines() {
+        if line.starts_with("Commands:") {
+            in_commands = true;
+            continue;
+        }
+        if in_commands {
+            if !line.starts_with("  ") {
+                break;
+            }
+            let name = line.split_whitespace().next().unwrap().to_string();
+            if name != "help" {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn every_subcommand_has_examples_and_exit_codes() {
+    let subs = subcommands();
+    for want in [
+        "vfio-user",
+        "control",
+        "vhost-user",
+        "demo",
+        "bench",
+        "completions",
+        "man",
+    ] {
+        assert!(
+            subs.iter().any(|s| s == want),
+            "{want} missing from {subs:?}"
+        );
+    }
+    let top = text(&run(&["--help"]).stdout);
+    for needle in [
+        "Examples:",
+        "Exit status:",
+        "RUST_LOG",
+        "LISTEN_FDS",
+        "SIGTERM",
+        "--log-level",
+    ] {
+        assert!(
+            top.contains(needle),
+            "irqbridge --help lacks {needle}:\n{top}"
+        );
+    }
+    for sub in &subs {
+        let out = run(&[sub, "--help"]);
+        assert!(out.status.success(), "{sub} --help");
+        let help = text(&out.stdout);
+        assert!(
+            help.contains("Examples:"),
+            "{sub} --help has no examples:\n{help}"
+        );
+        assert!(
+            help.contains(&format!("irqbridge {sub}")),
+            "{sub} --help has no example of itself:\n{help}"
+        );
+        assert!(
+            help.contains("Exit status:"),
+            "{sub} --help has no exit status:\n{help}"
+        );
+        for code in ["0 ", "1 ", "2 "] {
+            assert!(
+                help.lines().any(|l| l.trim_start().starts_with(code)),
+                "{sub} --help does not explain exit status {code}:\n{help}"
+            );
+        }
+        // The short help stays short.
+        let short = text(&run(&[sub, "-h"]).stdout);
+        assert!(!short.contains("Exit status:"), "{sub} -h");
+    }
+}
+
+#[test]
+fn user_errors_name_the_flag_in_one_style() {
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["vfio-user", "-s", "/tmp/x.sock", "--msix-vectors", "0"],
+            "--msix-vectors",
+        ),
+        (
+            &["vfio-user", "-s", "/tmp/x.sock", "--evtchn-ports", "5000"],
+            "--evtchn-ports",
+        ),
+        (&["vfio-user", "--fd", "99999"], "--fd"),
+        (&["vfio-user"], "--socket-path"),
+        (&["vhost-user", "--ports", "0"], "--ports"),
+        (&["vhost-user", "--upcalls", "63"], "--upcalls"),
+        (&["bench", "--samples", "0"], "--samples"),
+        (&["bench", "--row", "nope"], "--row"),
+    ];
+    for (args, flag) in cases {
+        let out = Command::new(BIN)
+            .args(args)
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS")
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: usage error status\n{err}"
+        );
+        assert!(err.starts_with("error: "), "{args:?}: clap's style\n{err}");
+        assert!(err.contains(flag), "{args:?}: names {flag}\n{err}");
+        assert!(
+            err.contains("try '--help'"),
+            "{args:?}: clap's pointer to the help\n{err}"
+        );
+        // No struct field names, no Rust Debug output.
+        for bad in [
+            "msix_vectors",
+            "evtchn_ports",
+            "InvalidConfig",
+            "Some(",
+            "caused by",
+        ] {
+            assert!(!err.contains(bad), "{args:?}: {bad} in\n{err}");
+        }
+    }
+    // A failure that is not the command line's fault: status 1, same `error:` style, causes.
+    let out = run(&[
+        "control",
+        "--socket",
+        "/nonexistent/irqbridge.sock",
+        "counters",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains("caused by:"), "{err}");
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_definitions() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = run(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let script = text(&out.stdout);
+        for sub in [
+            "vfio-user",
+            "vhost-user",
+            "bench",
+            "socket-path",
+            "log-level",
+        ] {
+            assert!(script.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+    assert_eq!(run(&["completions", "tcsh"]).status.code(), Some(2));
+
+    let out = run(&["man"]);
+    assert!(out.status.success());
+    let page = text(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH irqbridge 1"),
+        "{page}"
+    );
+    assert!(page.contains(".TH irqbridge 1"), "roff title");
+    // roff escapes '-' as '\-'.
+    for sub in ["vfio\\-user", "vhost\\-user", "completions", "Exit status"] {
+        assert!(page.contains(sub), "man page lacks {sub}");
+    }
+
+    let dir = TempDir::new("man");
+    let out = Command::new(BIN)
+        .args(["man", "--dir"])
+        .arg(&dir.0)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for page in [
+        "irqbridge.1",
+        "irqbridge-vfio-user.1",
+        "irqbridge-vhost-user.1",
+        "irqbridge-bench.1",
+    ] {
+        let p = dir.0.join(page);
+        let body = std::fs::read_to_string(&p).unwrap_or_default();
+        assert!(!body.is_empty(), "{} written", p.display());
+    }
+    let vfio = std::fs::read_to_string(dir.0.join("irqbridge-vfio-user.1")).unwrap();
+    assert!(
+        vfio.contains("Examples:") && vfio.contains("socket\\-path"),
+        "{vfio}"
+    );
+}
+
+/// Spawns `irqbridge args` the way systemd socket activation does: `listener` becomes fd 3
+/// (without close-on-exec), `LISTEN_FDS=1` and `LISTEN_PID` is the child's own process ID.
+///
+/// The process ID is only known after fork, and setting an environment variable between fork
+/// and exec is not async-signal-safe, so a `sh` execs the binary with `LISTEN_PID=$$`: `exec`
+/// keeps the shell's process ID. The `pre_exec` hook only calls dup2(2), which is safe there.
+fn spawn_activated(listener: &UnixListener, listen_pid: Option<&str>, args: &[&str]) -> Child {
+    let fd = listener.as_raw_fd();
+    let pid = listen_pid.unwrap_or("$$");
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("LISTEN_PID={pid} LISTEN_FDS=1 exec \"$0\" \"$@\""))
+        .arg(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: dup2 is async-signal-safe; the closure touches no memory of the parent beyond
+    // the copied descriptor number. dup2 clears FD_CLOEXEC on the new descriptor; when `fd` is
+    // already 3, FD_CLOEXEC is cleared with fcntl, also async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
+fn vfio_user_device_info(stream: UnixStream) -> (u32, u32, u32) {
+    use irqbridge_vfio_user::conn::Connection;
+    use irqbridge_vfio_user::proto::{Capabilities, Command as VfuCommand, DeviceInfoMsg, Version};
+    let mut conn = Connection::new(stream);
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let v = Version {
+        major: 0,
+        minor: 0,
+        capabilities: Capabilities::default(),
+    };
+    conn.request(VfuCommand::Version, &v.encode(), &[]).unwrap();
+    let r = conn
+        .request(
+            VfuCommand::DeviceGetInfo,
+            &DeviceInfoMsg::request().encode(),
+            &[],
+        )
+        .unwrap();
+    let info = DeviceInfoMsg::parse(&r.body).unwrap();
+    (info.flags, info.num_regions, info.num_irqs)
+}
+
+#[test]
+fn vfio_user_socket_activation_with_an_inherited_listener() {
+    let dir = TempDir::new("act-vfio");
+    let path = dir.0.join("activated.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut child = Proc(spawn_activated(
+        &listener,
+        None,
+        &["vfio-user", "--no-intx"],
+    ));
+    drop(listener);
+
+    // The server answers on the socket it never bound.
+    let (_, regions, irqs) = vfio_user_device_info(UnixStream::connect(&path).unwrap());
+    assert_eq!((regions, irqs), (9, 5));
+
+    signal(&child.0, libc::SIGTERM);
+    let status = wait_exit(&mut child.0);
+    let log = stderr_of(&mut child.0);
+    assert!(status.success(), "{status}\n{log}");
+    assert!(path.exists(), "an activated socket is systemd's to remove");
+    assert!(log.contains("socket-activated fd 3"), "{log}");
+    // Log lines: no doubled prefix, no Rust Debug structs, one level per line.
+    for line in log.lines() {
+        assert!(!line.contains("irqbridge: "), "doubled prefix: {line}");
+        assert!(!line.contains(" irqbridge]"), "module path: {line}");
+        assert!(
+            !line.contains("Counters {") && !line.contains("Capabilities {"),
+            "{line}"
+        );
+    }
+    assert!(log.contains("counters at exit: "), "{log}");
+    assert!(log.contains("SIGTERM, shutting down"), "{log}");
+}
+
+#[test]
+fn vhost_user_socket_activation_with_an_inherited_listener() {
+    use vhost::VhostBackend;
+    use vhost::vhost_user::Frontend;
+
+    let dir = TempDir::new("act-vhost");
+    let path = dir.0.join("evtchn.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut child = Proc(spawn_activated(
+        &listener,
+        None,
+        &["vhost-user", "--ports", "64"],
+    ));
+    drop(listener);
+
+    let frontend = Frontend::connect(&path, 64).unwrap();
+    let features = frontend.get_features().unwrap();
+    assert_ne!(features & (1 << 32), 0, "VIRTIO_F_VERSION_1: {features:#x}");
+    drop(frontend);
+
+    signal(&child.0, libc::SIGTERM);
+    let status = wait_exit(&mut child.0);
+    assert!(status.success(), "{status}\n{}", stderr_of(&mut child.0));
+}
+
+#[test]
+fn activation_variables_for_another_process_are_ignored() {
+    let dir = TempDir::new("act-other");
+    let listener = UnixListener::bind(dir.0.join("x.sock")).unwrap();
+    // LISTEN_PID names this test process, not the server: not activated, so no socket at all.
+    let me = std::process::id().to_string();
+    let mut child = Proc(spawn_activated(&listener, Some(&me), &["vfio-user"]));
+    let status = wait_exit(&mut child.0);
+    let err = stderr_of(&mut child.0);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--socket-path") && err.contains("LISTEN_FDS"),
+        "{err}"
+    );
+}
+
+#[test]
+fn vhost_user_descriptor_binary() {
+    use vhost::VhostBackend;
+    use vhost::vhost_user::Frontend;
+
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let descriptor = manifest.join("../../docs/vhost-user/50-irqbridge-evtchn.json");
+    let desc: Value = serde_json::from_slice(&std::fs::read(&descriptor).unwrap()).unwrap();
+    for field in ["description", "type", "binary"] {
+        assert!(desc[field].is_string(), "{field} in {desc}");
+    }
+    let binary = Path::new(desc["binary"].as_str().unwrap());
+    assert!(binary.is_absolute(), "{}", binary.display());
+    let name = binary.file_name().unwrap().to_str().unwrap();
+    assert!(name.starts_with("vhost-user-"), "{name}");
+
+    // Install the binary under that name, as the packaging instructions do (a symlink).
+    let dir = TempDir::new("descriptor");
+    let program = dir.0.join(name);
+    std::os::unix::fs::symlink(BIN, &program).unwrap();
+
+    // --print-capabilities: the descriptor's type, exit 0, every other option ignored.
+    for extra in [
+        &[][..],
+        &["--socket-path=/nonexistent/x.sock", "--ports=0", "--bogus"][..],
+    ] {
+        let out = Command::new(&program)
+            .arg("--print-capabilities")
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{extra:?}: {}", text(&out.stderr));
+        let caps: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(caps["type"], desc["type"], "{caps}");
+    }
+    // The same answer from `irqbridge vhost-user`.
+    let out = run(&["vhost-user", "--print-capabilities"]);
+    let caps: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(caps["type"], desc["type"]);
+
+    // --socket-path=PATH serves a vhost-user frontend; SIGTERM ends it with status 0.
+    let sock = dir.0.join("evtchn.sock");
+    let mut child = Proc(
+        Command::new(&program)
+            .arg(format!("--socket-path={}", sock.display()))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(child.0.try_wait().unwrap().is_none(), "exited early");
+        assert!(Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let frontend = Frontend::connect(&sock, 64).unwrap();
+    assert_ne!(frontend.get_features().unwrap() & (1 << 32), 0);
+    drop(frontend);
+    signal(&child.0, libc::SIGTERM);
+    assert!(wait_exit(&mut child.0).success());
+    assert!(!sock.exists(), "socket removed on exit");
+}

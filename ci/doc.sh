@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Documentation and packaging checks:
+#   1. rustdoc of every workspace crate with warnings denied (broken intra-doc links, bad
+#      code blocks, missing docs where a crate denies them);
+#   2. `cargo package` of every publishable library crate, verified: the crates are packaged
+#      together in one invocation, so cargo resolves the path dependencies between them through
+#      a temporary local registry (target/package/tmp-registry) instead of crates.io, where
+#      they are not published yet. A crate packaged alone (`cargo package -p irqbridge-kvm`)
+#      only verifies once its irqbridge dependencies are on crates.io; use `--no-verify` then.
+#
+# Usage: ci/doc.sh [--no-package]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PUBLISHED=(irqbridge-core irqbridge-vfio-user irqbridge-vhost-user irqbridge-kvm)
+
+echo "== cargo doc (warnings denied)"
+RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings" cargo doc --no-deps --workspace --quiet
+
+if [ "${1:-}" != --no-package ]; then
+    echo "== cargo package (${PUBLISHED[*]})"
+    args=()
+    for c in "${PUBLISHED[@]}"; do args+=(-p "$c"); done
+    # --allow-dirty: CI checks out exactly the commit, but local runs may have edits.
+    cargo package --quiet --allow-dirty "${args[@]}"
+    # Every other package must say so.
+    unpublished=$(cargo metadata --no-deps --format-version 1 |
+        python3 -c 'import json,sys
+pub=set(sys.argv[1:])
+for p in json.load(sys.stdin)["packages"]:
+    if p["name"] not in pub and p.get("publish") != []:
+        print(p["name"])' "${PUBLISHED[@]}")
+    if [ -n "$unpublished" ]; then
+        echo "error: packages neither checked here nor publish = false: $unpublished" >&2
+        exit 1
+    fi
+fi
+echo "== docs and packages OK"
