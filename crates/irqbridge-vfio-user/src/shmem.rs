@@ -1,6 +1,5 @@
 //! The event-channel page: one 4 KiB memfd, mapped shared into the server (vm-memory's
-//! `MmapRegion`) and handed to the
-//! client as the mmap file of BAR4.
+//! `MmapRegion`) and handed to the client as the mmap file of BAR4.
 //!
 //! The server touches the page only through [`AtomicU64`] words
 //! ([`SharedWords`]), because the guest writes the same memory

@@ -150,6 +150,7 @@ pub(crate) struct CapEntry {
     /// Vendor capabilities: bytes after the 2-byte header, and their write masks.
     pub body: Vec<u8>,
     pub rw: Vec<u8>,
+    pub rw1c: Vec<u8>,
 }
 
 /// The checked layout of a function.
@@ -205,7 +206,7 @@ impl Layout {
 enum CapSpec {
     Msix,
     Msi,
-    Vendor(Vec<u8>, Vec<u8>),
+    Vendor(Vec<u8>, Vec<u8>, Vec<u8>),
 }
 
 /// Capabilities start on this boundary (so MSI-X at 0x40 is followed by MSI at 0x50).
@@ -288,10 +289,19 @@ impl PciFunctionBuilder {
     /// Adds a vendor-specific capability (ID 0x09). `body` is what follows the ID and next
     /// pointer (by convention it starts with the capability length); `rw` holds the write mask
     /// of each body byte (shorter masks leave the rest read-only).
-    pub fn vendor_cap(mut self, body: &[u8], rw: &[u8]) -> Self {
+    pub fn vendor_cap(self, body: &[u8], rw: &[u8]) -> Self {
+        self.vendor_cap_rw1c(body, rw, &[])
+    }
+
+    /// [`vendor_cap`](Self::vendor_cap) with write-1-to-clear bits as well: a guest write of 1
+    /// to a bit in `rw1c` clears it (the device sets such bits with
+    /// [`PciCore::set_config_bytes`](super::PciCore::set_config_bytes)).
+    pub fn vendor_cap_rw1c(mut self, body: &[u8], rw: &[u8], rw1c: &[u8]) -> Self {
         let mut mask = rw.to_vec();
         mask.resize(body.len(), 0);
-        self.caps.push(CapSpec::Vendor(body.to_vec(), mask));
+        let mut c = rw1c.to_vec();
+        c.resize(body.len(), 0);
+        self.caps.push(CapSpec::Vendor(body.to_vec(), mask, c));
         self
     }
 
@@ -380,10 +390,12 @@ impl PciFunctionBuilder {
         let mut caps = Vec::new();
         let mut offset = PCI_CAP_START;
         for spec in self.caps {
-            let (id, len, body, rw) = match spec {
-                CapSpec::Msix => (PCI_CAP_ID_MSIX, MSIX_CAP_SIZE, Vec::new(), Vec::new()),
-                CapSpec::Msi => (PCI_CAP_ID_MSI, MSI_CAP_SIZE, Vec::new(), Vec::new()),
-                CapSpec::Vendor(body, rw) => (PCI_CAP_ID_VNDR, 2 + body.len() as u64, body, rw),
+            let (id, len, body, rw, rw1c) = match spec {
+                CapSpec::Msix => (PCI_CAP_ID_MSIX, MSIX_CAP_SIZE, vec![], vec![], vec![]),
+                CapSpec::Msi => (PCI_CAP_ID_MSI, MSI_CAP_SIZE, vec![], vec![], vec![]),
+                CapSpec::Vendor(body, rw, c) => {
+                    (PCI_CAP_ID_VNDR, 2 + body.len() as u64, body, rw, c)
+                }
             };
             if caps
                 .iter()
@@ -400,6 +412,7 @@ impl PciFunctionBuilder {
                 len,
                 body,
                 rw,
+                rw1c,
             });
             offset = (offset + len).next_multiple_of(CAP_ALIGN);
         }
