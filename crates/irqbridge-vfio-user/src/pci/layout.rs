@@ -224,6 +224,8 @@ pub struct PciFunctionBuilder {
     msix: Option<MsixLayout>,
     msi_vectors: u8,
     caps: Vec<CapSpec>,
+    /// A BAR index above 5 given to [`bar`](Self::bar), reported by `layout()`.
+    bad_bar: Option<u8>,
 }
 
 impl PciFunctionBuilder {
@@ -237,6 +239,7 @@ impl PciFunctionBuilder {
             msix: None,
             msi_vectors: 0,
             caps: Vec::new(),
+            bad_bar: None,
         }
     }
 
@@ -254,11 +257,9 @@ impl PciFunctionBuilder {
 
     /// Sets BAR `index` (0..6). A 64-bit BAR also takes `index + 1`.
     pub fn bar(mut self, index: u8, bar: Bar) -> Self {
-        if let Some(slot) = self.bars.get_mut(usize::from(index)) {
-            *slot = Some(bar);
-        } else {
-            // Out of range: remembered as an error by making the layout invalid.
-            self.config_size = 0;
+        match self.bars.get_mut(usize::from(index)) {
+            Some(slot) => *slot = Some(bar),
+            None => self.bad_bar = Some(index),
         }
         self
     }
@@ -312,12 +313,15 @@ impl PciFunctionBuilder {
     /// [`Error::InvalidLayout`] naming the first problem.
     pub fn layout(self) -> Result<Layout, Error> {
         let bad = |s: String| Err(Error::InvalidLayout(s));
+        if let Some(i) = self.bad_bar {
+            return bad(format!("BAR index {i} is above 5"));
+        }
         if !matches!(
             self.config_size,
             CONFIG_SPACE_SIZE_CONVENTIONAL | CONFIG_SPACE_SIZE_EXTENDED
         ) {
             return bad(format!(
-                "config space size {} is not 256 or 4096 (or a BAR index is above 5)",
+                "config space size {} is not 256 or 4096",
                 self.config_size
             ));
         }
