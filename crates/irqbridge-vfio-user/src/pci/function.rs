@@ -194,7 +194,10 @@ impl<D: PciDevice> PciFunction<D> {
     fn config_read(&self, offset: u64, data: &mut [u8]) {
         let core = &self.core;
         let msix_ctl = core.msix.as_ref().map_or(0, |m| m.message_control());
-        let msi = core.msi.as_ref().map(msi_registers);
+        let msi = core
+            .msi
+            .as_ref()
+            .map(|m| msi_registers(m, core.layout.msi_mask));
         for (i, out) in data.iter_mut().enumerate() {
             let Some(off) = offset.checked_add(i as u64) else {
                 *out = 0;
@@ -238,7 +241,13 @@ impl<D: PciDevice> PciFunction<D> {
                 }
                 Some(Owner::Msi(b)) => {
                     let (regs, written) = msi.get_or_insert_with(|| {
-                        (core.msi.as_ref().map(msi_registers).unwrap_or_default(), 0)
+                        (
+                            core.msi
+                                .as_ref()
+                                .map(|m| msi_registers(m, core.layout.msi_mask))
+                                .unwrap_or_default(),
+                            0,
+                        )
                     });
                     if let Some(r) = usize::try_from(b).ok().and_then(|b| regs.get_mut(b)) {
                         *r = value;
@@ -369,12 +378,16 @@ impl<D: PciDevice> PciFunction<D> {
 }
 
 /// The MSI capability's registers as the guest reads them (bytes from the capability start).
-fn msi_registers(m: &irqbridge_core::Msi) -> [u8; MSI_CAP_SIZE as usize] {
+/// Without per-vector masking the capability ends before Mask Bits, so those bytes are never
+/// read or written through it.
+fn msi_registers(m: &irqbridge_core::Msi, per_vector_mask: bool) -> [u8; MSI_CAP_SIZE as usize] {
     let mut r = [0u8; MSI_CAP_SIZE as usize];
     let mut control = (u16::from(m.mmc()) << MSI_CONTROL_MMC_SHIFT)
         | (u16::from(m.mme()) << MSI_CONTROL_MME_SHIFT)
-        | MSI_CONTROL_64BIT
-        | MSI_CONTROL_PER_VECTOR_MASK;
+        | MSI_CONTROL_64BIT;
+    if per_vector_mask {
+        control |= MSI_CONTROL_PER_VECTOR_MASK;
+    }
     if m.enabled() {
         control |= MSI_CONTROL_ENABLE;
     }
@@ -978,5 +991,27 @@ mod tests {
         let mut buf = [0u8; 2];
         f.core().config_bytes(vcap, &mut buf);
         assert_eq!(buf, [PCI_CAP_ID_VNDR, 0]);
+    }
+
+    #[test]
+    fn msi_without_per_vector_mask() {
+        let mut f = PciFunctionBuilder::new(Identity::default())
+            .msi_with(2, false)
+            .build(Dev::default())
+            .unwrap();
+        assert_eq!(cfg_read(&mut f, 0x40, 4), 0x0082_0005);
+        cfg_write(&mut f, 0x4c, &[0x41, 0x40, 0xff, 0xff]);
+        cfg_write(&mut f, 0x50, &u32::MAX.to_le_bytes());
+        assert_eq!(cfg_read(&mut f, 0x4c, 4), 0x4041);
+        assert_eq!(cfg_read(&mut f, 0x50, 4), 0);
+        assert_eq!(f.core().msi().unwrap().mask_bits(), 0);
+        let a = efd();
+        bind_msi(&mut f, 0, &[&a]).unwrap();
+        cfg_write(&mut f, 0x42, &[0x11]);
+        f.region_write(0, 0, &[1]).unwrap_err();
+        f.core_mut().msi_fire(1).unwrap();
+        assert_eq!(take(&a), 0);
+        f.core_mut().msi_fire(0).unwrap();
+        assert_eq!(take(&a), 1);
     }
 }

@@ -162,6 +162,7 @@ pub struct Layout {
     pub(crate) bars: [Option<Bar>; 6],
     pub(crate) msix: Option<MsixLayout>,
     pub(crate) msi_vectors: u8,
+    pub(crate) msi_mask: bool,
     pub(crate) caps: Vec<CapEntry>,
 }
 
@@ -184,6 +185,11 @@ impl Layout {
     /// Number of MSI vectors (0: no MSI capability).
     pub fn msi_vectors(&self) -> u8 {
         self.msi_vectors
+    }
+
+    /// Whether the MSI capability has per-vector Mask and Pending Bits.
+    pub fn msi_per_vector_mask(&self) -> bool {
+        self.msi_mask
     }
 
     /// Config offset of the capability with `id` (the first one), if present.
@@ -223,6 +229,7 @@ pub struct PciFunctionBuilder {
     bars: [Option<Bar>; 6],
     msix: Option<MsixLayout>,
     msi_vectors: u8,
+    msi_mask: bool,
     caps: Vec<CapSpec>,
     /// A BAR index above 5 given to [`bar`](Self::bar), reported by `layout()`.
     bad_bar: Option<u8>,
@@ -238,6 +245,7 @@ impl PciFunctionBuilder {
             bars: Default::default(),
             msix: None,
             msi_vectors: 0,
+            msi_mask: true,
             caps: Vec::new(),
             bad_bar: None,
         }
@@ -279,9 +287,16 @@ impl PciFunctionBuilder {
 
     /// Adds a 64-bit MSI capability with per-vector masking and `vectors` vectors (1, 2, 4,
     /// 8, 16 or 32). `0` adds nothing.
-    pub fn msi(mut self, vectors: u8) -> Self {
+    pub fn msi(self, vectors: u8) -> Self {
+        self.msi_with(vectors, true)
+    }
+
+    /// Adds a 64-bit MSI capability with `vectors` vectors, with or without per-vector Mask
+    /// and Pending Bits (24 or 14 bytes). `0` adds nothing.
+    pub fn msi_with(mut self, vectors: u8, per_vector_mask: bool) -> Self {
         if vectors != 0 {
             self.msi_vectors = vectors;
+            self.msi_mask = per_vector_mask;
             self.caps.push(CapSpec::Msi);
         }
         self
@@ -396,7 +411,14 @@ impl PciFunctionBuilder {
         for spec in self.caps {
             let (id, len, body, rw, rw1c) = match spec {
                 CapSpec::Msix => (PCI_CAP_ID_MSIX, MSIX_CAP_SIZE, vec![], vec![], vec![]),
-                CapSpec::Msi => (PCI_CAP_ID_MSI, MSI_CAP_SIZE, vec![], vec![], vec![]),
+                CapSpec::Msi => {
+                    let len = if self.msi_mask {
+                        MSI_CAP_SIZE
+                    } else {
+                        MSI_CAP_SIZE_NO_MASK
+                    };
+                    (PCI_CAP_ID_MSI, len, vec![], vec![], vec![])
+                }
                 CapSpec::Vendor(body, rw, c) => {
                     (PCI_CAP_ID_VNDR, 2 + body.len() as u64, body, rw, c)
                 }
@@ -427,6 +449,7 @@ impl PciFunctionBuilder {
             bars: self.bars,
             msix: self.msix,
             msi_vectors: self.msi_vectors,
+            msi_mask: self.msi_mask,
             caps,
         })
     }
@@ -492,5 +515,13 @@ mod tests {
         assert_eq!(l.cap_offset(PCI_CAP_ID_MSI), Some(0x60));
         assert_eq!(l.msi_vectors(), 32);
         assert_eq!(l.msix().unwrap().pba_size(), 8);
+        let l = b()
+            .msi_with(2, false)
+            .vendor_cap(&[3], &[])
+            .layout()
+            .unwrap();
+        let offs: Vec<_> = l.caps.iter().map(|c| (c.id, c.offset, c.len)).collect();
+        assert_eq!(offs, vec![(0x05, 0x40, 0x0e), (0x09, 0x50, 3)]);
+        assert!(!l.msi_per_vector_mask());
     }
 }
