@@ -248,7 +248,7 @@ check_serial() {
     done
 }
 
-VFIO_RESULTS=(vfio-open vfio-intx vfio-msix vfio-msix-mask)
+VFIO_RESULTS=(vfio-open vfio-intx vfio-msix vfio-msix-mask vfio-msi vfio-msi-mask vfio-msi-disable)
 EVTCHN_RESULTS=(evtchn-setup evtchn-basic evtchn-coalesce evtchn-mask evtchn-unbind-close evtchn-totals)
 VHOST_RESULTS=(vhost-open vhost-init vhost-evtchn-setup vhost-evtchn-send vhost-evtchn-coalesce
     vhost-evtchn-doorbell vhost-evtchn-mask vhost-evtchn-totals)

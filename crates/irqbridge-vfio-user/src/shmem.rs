@@ -1,5 +1,5 @@
-//! The event-channel page: one 4 KiB memfd, mapped shared into the server and handed to the
-//! client as the mmap file of BAR4.
+//! The event-channel page: one 4 KiB memfd, mapped shared into the server (vm-memory's
+//! `MmapRegion`) and handed to the client as the mmap file of BAR4.
 //!
 //! The server touches the page only through [`AtomicU64`] words
 //! ([`SharedWords`]), because the guest writes the same memory
@@ -11,30 +11,26 @@
 
 use std::ffi::CStr;
 use std::fmt;
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::ptr::NonNull;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use irqbridge_core::SharedWords;
+use vm_memory::{FileOffset, MmapRegion};
 
 /// Size of the event-channel page in bytes.
 pub const EVTCHN_PAGE_BYTES: usize = 4096;
 const WORDS: usize = EVTCHN_PAGE_BYTES / std::mem::size_of::<AtomicU64>();
 const MEMFD_NAME: &CStr = c"irqbridge-evtchn";
 
-/// A 4 KiB shared-memory page backed by a sealed memfd and mapped `MAP_SHARED`.
+/// A 4 KiB shared-memory page backed by a sealed memfd, mapped `MAP_SHARED` with vm-memory's
+/// [`MmapRegion`].
 pub struct EventChannelPage {
-    fd: OwnedFd,
-    ptr: NonNull<AtomicU64>,
+    file: Arc<File>,
+    region: MmapRegion<()>,
 }
-
-// SAFETY: the mapping is owned by this value for its whole lifetime and is only ever accessed
-// through `&[AtomicU64]`, which is safe to share and send between threads; the raw pointer is
-// not handed out mutably.
-unsafe impl Send for EventChannelPage {}
-// SAFETY: see `Send`: all accesses are atomic.
-unsafe impl Sync for EventChannelPage {}
 
 impl EventChannelPage {
     /// Creates the memfd (close-on-exec, sealable), sizes it to 4 KiB, seals its size and maps
@@ -57,45 +53,33 @@ impl EventChannelPage {
         }
         // SAFETY: `raw` is a freshly created fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: `fd` is a valid memfd owned by us; the length is a small positive constant.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), EVTCHN_PAGE_BYTES as libc::off_t) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let file = File::from(fd);
+        file.set_len(EVTCHN_PAGE_BYTES as u64)?;
         let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-        // SAFETY: `fd` is a valid memfd created with MFD_ALLOW_SEALING; F_ADD_SEALS takes an
+        // SAFETY: `file` is a valid memfd created with MFD_ALLOW_SEALING; F_ADD_SEALS takes an
         // int argument.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: we ask the kernel for a fresh shared mapping of the first 4 KiB of `fd`
-        // (which is exactly 4 KiB long and can no longer shrink); no existing memory is
-        // affected. The result is checked against MAP_FAILED.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                EVTCHN_PAGE_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(addr.cast::<AtomicU64>())
-            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
-        Ok(EventChannelPage { fd, ptr })
+        let file = Arc::new(file);
+        // The file is exactly one page long and can no longer shrink, so the mapping never
+        // reaches past its end (no SIGBUS).
+        let region = MmapRegion::from_file(
+            FileOffset::from_arc(Arc::clone(&file), 0),
+            EVTCHN_PAGE_BYTES,
+        )
+        .map_err(|e| io::Error::other(format!("mapping the event-channel page: {e}")))?;
+        Ok(EventChannelPage { file, region })
     }
 
     /// The page as 512 atomic 64-bit words.
     pub fn words(&self) -> &[AtomicU64] {
-        // SAFETY: `ptr` is a page-aligned (so 8-byte aligned) live mapping of
-        // EVTCHN_PAGE_BYTES bytes that lasts until `drop`, which needs `&mut self`, so it
+        // SAFETY: the region is a live, page-aligned (so 8-byte aligned) shared mapping of
+        // EVTCHN_PAGE_BYTES bytes owned by `self`, unmapped only when `self` is dropped, so it
         // outlives the returned borrow. The memory is initialised (memfd pages read as zero)
         // and is only accessed atomically, by us and by the guest, so shared references to
         // `AtomicU64` are sound.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), WORDS) }
+        unsafe { std::slice::from_raw_parts(self.region.as_ptr().cast::<AtomicU64>(), WORDS) }
     }
 
     /// Reads `data.len()` bytes at byte `offset` (little endian, word by word atomically).
@@ -152,26 +136,16 @@ impl SharedWords for EventChannelPage {
 
 impl AsFd for EventChannelPage {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.file.as_fd()
     }
 }
 
 impl fmt::Debug for EventChannelPage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EventChannelPage")
-            .field("fd", &self.fd.as_raw_fd())
-            .field("addr", &self.ptr)
+            .field("fd", &self.file.as_raw_fd())
+            .field("addr", &self.region.as_ptr())
             .finish()
-    }
-}
-
-impl Drop for EventChannelPage {
-    fn drop(&mut self) {
-        // SAFETY: `ptr` is the start of our own EVTCHN_PAGE_BYTES mapping; `&mut self` means no
-        // borrow of `words()` is alive, and nothing uses the mapping afterwards.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), EVTCHN_PAGE_BYTES);
-        }
     }
 }
 

@@ -173,7 +173,7 @@ fn scenario_enum(pci: &PciDev, f: &mut Facts) -> Result<()> {
             u64::from(regs::MAGIC_VALUE),
         )?;
         f.expect_eq("abi_version", bar.read32(regs::ABI_VERSION)?, 1)?;
-        f.expect_hex("features", u64::from(bar.read32(regs::FEATURES)?), 0x7)?;
+        f.expect_hex("features", u64::from(bar.read32(regs::FEATURES)?), 0xf)?;
         f.expect_eq(
             "msix_vectors_reg",
             bar.read32(regs::MSIX_VECTORS)?,

@@ -6,7 +6,7 @@ use crate::report::Result;
 pub const MAGIC: u64 = 0x000;
 /// ABI_VERSION (RO).
 pub const ABI_VERSION: u64 = 0x004;
-/// FEATURES (RO): bit 0 INTx, bit 1 MSI-X, bit 2 event channels.
+/// FEATURES (RO): bit 0 INTx, bit 1 MSI-X, bit 2 event channels, bit 3 MSI.
 pub const FEATURES: u64 = 0x008;
 /// MSIX_VECTORS (RO): MSI-X table size.
 pub const MSIX_VECTORS: u64 = 0x00c;
@@ -22,6 +22,8 @@ pub const MSIX_FIRE: u64 = 0x020;
 pub const MSIX_MASK: u64 = 0x024;
 /// MSIX_UNMASK (WO): value = vector.
 pub const MSIX_UNMASK: u64 = 0x028;
+/// MSI_FIRE (WO): value = MSI vector.
+pub const MSI_FIRE: u64 = 0x02c;
 /// EVTCHN_SEND (WO): value = port.
 pub const EVTCHN_SEND: u64 = 0x030;
 /// EVTCHN_BIND (WO): value = `port | vector << 16`.
@@ -56,6 +58,15 @@ pub const CNT_EVTCHN_SENDS: u64 = 0x110;
 pub const CNT_EVTCHN_UPCALLS: u64 = 0x114;
 /// CNT_BAD_ACCESSES (RO).
 pub const CNT_BAD_ACCESSES: u64 = 0x118;
+/// CNT_MSI_TRIGGERS (RO).
+pub const CNT_MSI_TRIGGERS: u64 = 0x11c;
+/// CNT_MSI_PENDING (RO).
+pub const CNT_MSI_PENDING: u64 = 0x120;
+/// CNT_MSI_DROPPED (RO).
+pub const CNT_MSI_DROPPED: u64 = 0x124;
+
+/// FEATURES bit 3: MSI.
+pub const FEATURE_MSI: u32 = 1 << 3;
 
 /// Value of MAGIC.
 pub const MAGIC_VALUE: u32 = 0x6972_6262;

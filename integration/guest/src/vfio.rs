@@ -39,6 +39,8 @@ pub const REGION_MMAP: u32 = 1 << 2;
 
 /// IRQ index of INTx.
 pub const IRQ_INTX: u32 = 0;
+/// IRQ index of MSI (`VFIO_PCI_MSI_IRQ_INDEX`).
+pub const IRQ_MSI: u32 = 1;
 /// IRQ index of MSI-X.
 pub const IRQ_MSIX: u32 = 2;
 

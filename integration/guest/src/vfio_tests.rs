@@ -1,11 +1,11 @@
-//! `vfio`: INTx and MSI-X through the guest's vfio-pci, with eventfds counted exactly.
+//! `vfio`: INTx, MSI-X and MSI through the guest's vfio-pci, with eventfds counted exactly.
 
 use crate::pci::{self, PciDev};
 use crate::regs::{self, Regs};
 use crate::report::{Error, Facts, Reporter, Result};
 use crate::sys::EventFd;
 use crate::vfio::{
-    CMD_BUS_MASTER, CMD_MEMORY, IRQ_INTX, IRQ_MSIX, REGION_CONFIG, REGION_MMAP, VfioDevice,
+    CMD_BUS_MASTER, CMD_MEMORY, IRQ_INTX, IRQ_MSI, IRQ_MSIX, REGION_CONFIG, REGION_MMAP, VfioDevice,
 };
 use crate::{EVENT_TIMEOUT, Options, QUIET_TIMEOUT, bail};
 
@@ -226,6 +226,177 @@ fn msix_mask(s: &MsixSession<'_>, dev: &VfioDevice, facts: &mut Facts) -> Result
     Ok(())
 }
 
+/// MSI vectors the MSI test enables.
+const MSI_VECTORS: u32 = 4;
+/// PCI capability ID of MSI.
+const CAP_ID_MSI: u8 = 0x05;
+/// Offset of Mask Bits in a 64-bit MSI capability with per-vector masking.
+const MSI_MASK: u64 = 0x10;
+
+/// MSI (`VFIO_PCI_MSI_IRQ_INDEX`) vectors 0..4 bound to eventfds; disabled again on drop.
+struct MsiSession<'a> {
+    dev: &'a VfioDevice,
+    evs: Vec<EventFd>,
+    enabled: bool,
+}
+
+impl<'a> MsiSession<'a> {
+    fn enable(dev: &'a VfioDevice, facts: &mut Facts) -> Result<Self> {
+        let bar = dev.bar(0);
+        let features = bar.read32(regs::FEATURES)?;
+        facts.expect_eq("feature_msi", features & regs::FEATURE_MSI != 0, true)?;
+        let (flags, count) = dev.irq_info(IRQ_MSI)?;
+        facts.set("irq_flags", format_args!("{flags:#x}"));
+        facts.expect_eq("irq_count", count, MSI_VECTORS)?;
+        dev.set_command_bits(CMD_MEMORY | CMD_BUS_MASTER)?;
+        let evs = (0..MSI_VECTORS)
+            .map(|_| EventFd::new())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(Error::from)?;
+        let fds: Vec<i32> = evs.iter().map(EventFd::raw).collect();
+        dev.set_triggers(IRQ_MSI, 0, &fds)?;
+        Ok(Self {
+            dev,
+            evs,
+            enabled: true,
+        })
+    }
+
+    fn ev(&self, v: u32) -> Result<&EventFd> {
+        self.evs
+            .get(v as usize)
+            .ok_or_else(|| Error::msg(format!("MSI vector {v} has no eventfd")))
+    }
+
+    /// Fires `v` and fails unless exactly one event arrives on it and none on the others.
+    fn fire_and_expect(&self, v: u32) -> Result<()> {
+        self.dev.bar(0).write32(regs::MSI_FIRE, v)?;
+        let got = self.ev(v)?.wait(EVENT_TIMEOUT)?;
+        if got != 1 {
+            bail!("MSI_FIRE {v}: eventfd counted {got}, expected 1");
+        }
+        for (o, ev) in self
+            .evs
+            .iter()
+            .enumerate()
+            .filter(|(o, _)| *o != v as usize)
+        {
+            let stray = ev.take()?;
+            if stray != 0 {
+                bail!("MSI_FIRE {v} also signalled vector {o} ({stray})");
+            }
+        }
+        Ok(())
+    }
+
+    fn disable(&mut self) -> Result<()> {
+        self.enabled = false;
+        self.dev.disable_irq(IRQ_MSI)
+    }
+}
+
+impl Drop for MsiSession<'_> {
+    fn drop(&mut self) {
+        if self.enabled {
+            let _ = self.dev.disable_irq(IRQ_MSI);
+        }
+    }
+}
+
+/// Every MSI_FIRE arrives exactly once on its own vector's eventfd and nowhere else.
+fn msi_fire(s: &MsiSession<'_>, facts: &mut Facts, rounds: u32) -> Result<()> {
+    let bar = s.dev.bar(0);
+    let triggers0 = bar.read32(regs::CNT_MSI_TRIGGERS)?;
+    for round in 1..=rounds {
+        for v in 0..MSI_VECTORS {
+            s.fire_and_expect(v)
+                .map_err(|e| Error::msg(format!("round {round}: {e}")))?;
+        }
+    }
+    facts.set("vectors", MSI_VECTORS);
+    facts.set("per_vector", rounds);
+    let triggers = bar.read32(regs::CNT_MSI_TRIGGERS)?.wrapping_sub(triggers0);
+    facts.expect_eq("device_triggers", triggers, rounds * MSI_VECTORS)?;
+    Ok(())
+}
+
+/// Per-vector masking through the capability's Mask Bits (vfio-pci passes them through to
+/// the device): a masked vector's fires become one pending event, delivered exactly once on
+/// unmask.
+fn msi_mask(s: &MsiSession<'_>, facts: &mut Facts) -> Result<()> {
+    let (dev, bar) = (s.dev, s.dev.bar(0));
+    let cfg = dev.config_bytes(256)?;
+    let cap = pci::find_capability(&cfg, CAP_ID_MSI)
+        .ok_or_else(|| Error::msg("no MSI capability in config space"))?;
+    facts.set("msi_cap", format_args!("{cap:#x}"));
+    let mask_at = cap as u64 + MSI_MASK;
+    let (m, fence) = (MSI_VECTORS - 1, 0);
+    facts.set("vector", m);
+    let pending0 = bar.read32(regs::CNT_MSI_PENDING)?;
+    let mask0 = dev.read32(REGION_CONFIG, mask_at)?;
+    dev.write32(REGION_CONFIG, mask_at, mask0 | 1 << m)?;
+    bar.write32(regs::MSI_FIRE, m)?;
+    bar.write32(regs::MSI_FIRE, m)?;
+    // Fence: a later event on another vector has arrived, so an event on m would have too.
+    s.fire_and_expect(fence)?;
+    let masked_events = s.ev(m)?.wait(QUIET_TIMEOUT)?;
+    facts.expect_eq("masked_events", masked_events, 0)?;
+    let pending = bar.read32(regs::CNT_MSI_PENDING)?.wrapping_sub(pending0);
+    facts.expect_eq("device_pending", pending, 2)?;
+    dev.write32(REGION_CONFIG, mask_at, mask0 & !(1 << m))?;
+    let delivered = s.ev(m)?.wait(EVENT_TIMEOUT)?;
+    facts.expect_eq("unmask_events", delivered, 1)?;
+    let extra = s.ev(m)?.wait(QUIET_TIMEOUT)?;
+    facts.expect_eq("extra", extra, 0)?;
+    s.fire_and_expect(m)?;
+    Ok(())
+}
+
+/// After the index is disabled nothing arrives, and the device counts the fires as dropped
+/// (the guest kernel cleared MSI Enable).
+fn msi_disable(s: &mut MsiSession<'_>, facts: &mut Facts) -> Result<()> {
+    let bar = s.dev.bar(0);
+    let dropped0 = bar.read32(regs::CNT_MSI_DROPPED)?;
+    s.disable()?;
+    for v in 0..MSI_VECTORS {
+        bar.write32(regs::MSI_FIRE, v)?;
+    }
+    let mut after = 0;
+    for ev in &s.evs {
+        after += ev.wait(QUIET_TIMEOUT)?;
+    }
+    facts.expect_eq("events_after_disable", after, 0)?;
+    let dropped = bar.read32(regs::CNT_MSI_DROPPED)?.wrapping_sub(dropped0);
+    facts.expect_eq("device_dropped", dropped, MSI_VECTORS)?;
+    Ok(())
+}
+
+/// Adds what the device and the guest kernel saw to a failed MSI result.
+fn msi_diag(dev: &VfioDevice, facts: &mut Facts) {
+    if let Ok(v) = dev.read32(REGION_CONFIG, 0x50) {
+        facts.set("diag_msi_cap_dword0", format_args!("{v:#x}"));
+    }
+    if let Ok(v) = dev.read32(REGION_CONFIG, 0x60) {
+        facts.set("diag_msi_mask", format_args!("{v:#x}"));
+    }
+    if let Ok(v) = dev.read32(REGION_CONFIG, 0x64) {
+        facts.set("diag_msi_pending", format_args!("{v:#x}"));
+    }
+    if let Ok(text) = std::fs::read_to_string("/proc/interrupts") {
+        let counts: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains("vfio-msi]") || l.contains("vfio-msi["))
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                let irq = it.next()?;
+                let n = it.next()?;
+                Some(format!("{irq}{n}"))
+            })
+            .collect();
+        facts.set("diag_guest_irqs", counts.join(","));
+    }
+}
+
 /// Adds what the device and the guest kernel saw to a failed MSI-X result.
 fn msix_diag(dev: &VfioDevice, facts: &mut Facts) {
     let bar = dev.bar(0);
@@ -256,7 +427,8 @@ fn msix_diag(dev: &VfioDevice, facts: &mut Facts) {
     }
 }
 
-/// Runs the VFIO scenario: results `vfio-open`, `vfio-intx`, `vfio-msix`, `vfio-msix-mask`.
+/// Runs the VFIO scenario: results `vfio-open`, `vfio-intx`, `vfio-msix`, `vfio-msix-mask`,
+/// `vfio-msi`, `vfio-msi-mask`, `vfio-msi-disable`.
 pub fn run(rep: &mut Reporter, pci: &PciDev, opts: &Options) {
     let mut facts = Facts::default();
     let opened = VfioDevice::open(pci, &mut facts).and_then(|dev| {
@@ -298,6 +470,23 @@ pub fn run(rep: &mut Reporter, pci: &PciDev, opts: &Options) {
         }
         Err(e) => {
             rep.record("vfio-msix", &Facts::default(), &Err(e));
+        }
+    }
+    // MSI-X is disabled again (the session is gone): vfio-pci allows one index at a time.
+    let mut facts = Facts::default();
+    match MsiSession::enable(&dev, &mut facts) {
+        Ok(mut s) => {
+            rep.run("vfio-msi", |f| {
+                msi_fire(&s, f, opts.rounds).inspect_err(|_| msi_diag(&dev, f))
+            });
+            rep.run("vfio-msi-mask", |f| {
+                msi_mask(&s, f).inspect_err(|_| msi_diag(&dev, f))
+            });
+            rep.run("vfio-msi-disable", |f| msi_disable(&mut s, f));
+        }
+        Err(e) => {
+            msi_diag(&dev, &mut facts);
+            rep.record("vfio-msi", &facts, &Err(e));
         }
     }
 }

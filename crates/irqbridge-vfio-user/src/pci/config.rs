@@ -48,7 +48,7 @@ impl ConfigSpace {
         let size = usize::try_from(layout.config_size).unwrap_or(256);
         let mut b = vec![0u8; size].into_boxed_slice();
         let mut m = vec![0u8; size].into_boxed_slice();
-        let c = vec![0u8; size].into_boxed_slice();
+        let mut c = vec![0u8; size].into_boxed_slice();
         let id = &layout.identity;
         put(&mut b, PCI_VENDOR_ID, &id.vendor_id.to_le_bytes());
         put(&mut b, PCI_DEVICE_ID, &id.device_id.to_le_bytes());
@@ -68,6 +68,7 @@ impl ConfigSpace {
         put(&mut b, PCI_INTERRUPT_PIN, &[u8::from(layout.intx)]);
         put(&mut m, PCI_COMMAND, &PCI_COMMAND_WRITABLE.to_le_bytes());
         put(&mut m, PCI_INTERRUPT_LINE, &[0xff]);
+        put(&mut c, PCI_STATUS, &PCI_STATUS_RW1C.to_le_bytes());
 
         for (i, bar) in layout.bars.iter().enumerate() {
             let Some(bar) = bar else { continue };
@@ -118,6 +119,7 @@ impl ConfigSpace {
                 _ => {
                     put(&mut b, cap.offset + 2, &cap.body);
                     put(&mut m, cap.offset + 2, &cap.rw);
+                    put(&mut c, cap.offset + 2, &cap.rw1c);
                 }
             }
         }
@@ -186,6 +188,16 @@ impl ConfigSpace {
     /// A little-endian 16-bit field of the image.
     pub fn word(&self, offset: u64) -> u16 {
         u16::from_le_bytes([self.byte(offset), self.byte(offset + 1)])
+    }
+
+    /// Sets one byte ignoring the masks (device side); outside the image it is ignored.
+    pub fn set_byte(&mut self, offset: u64, value: u8) {
+        if let Some(b) = usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.bytes.get_mut(o))
+        {
+            *b = value;
+        }
     }
 
     /// Writes one byte through the masks; outside the image it is ignored.

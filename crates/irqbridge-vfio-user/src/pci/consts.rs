@@ -51,6 +51,10 @@ pub const PCI_COMMAND_WRITABLE: u16 =
 pub const PCI_STATUS_INTERRUPT: u16 = 0x0008;
 /// STATUS bit 4: capability list present.
 pub const PCI_STATUS_CAP_LIST: u16 = 0x0010;
+/// STATUS error bits, write-1-to-clear: master data parity error (8), signaled target abort
+/// (11), received target abort (12), received master abort (13), signaled system error (14),
+/// detected parity error (15).
+pub const PCI_STATUS_RW1C: u16 = 0xf900;
 
 /// BAR bit 0: I/O space BAR.
 pub const PCI_BAR_IO: u32 = 0x1;

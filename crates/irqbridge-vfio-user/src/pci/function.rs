@@ -12,8 +12,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::config::Owner;
 use super::consts::*;
 use super::irq::PciCore;
-use super::layout::Layout;
-use super::{BarIndex, DEVICE_TOKEN_LIMIT, Error, PciDevice, eventfd_fd};
+use super::layout::{BarKind, Layout};
+use super::{BarIndex, ConfigEffect, DEVICE_TOKEN_LIMIT, Error, PciDevice, eventfd_fd};
 use crate::device::{
     DeviceInfo, Errno, IoFd, IrqInfo, RegionInfo, SetIrqs, SparseArea, VfioUserDevice,
 };
@@ -194,7 +194,10 @@ impl<D: PciDevice> PciFunction<D> {
     fn config_read(&self, offset: u64, data: &mut [u8]) {
         let core = &self.core;
         let msix_ctl = core.msix.as_ref().map_or(0, |m| m.message_control());
-        let msi = core.msi.as_ref().map(msi_registers);
+        let msi = core
+            .msi
+            .as_ref()
+            .map(|m| msi_registers(m, core.layout.msi_mask));
         for (i, out) in data.iter_mut().enumerate() {
             let Some(off) = offset.checked_add(i as u64) else {
                 *out = 0;
@@ -222,6 +225,8 @@ impl<D: PciDevice> PciFunction<D> {
         let old_command = core.config.word(PCI_COMMAND);
         let mut msix_ctl: Option<[u8; 2]> = None;
         let mut msi: Option<([u8; MSI_CAP_SIZE as usize], u32)> = None;
+        let mut bars = 0u8;
+        let mut image = false;
         for (i, &value) in data.iter().enumerate() {
             let Some(off) = offset.checked_add(i as u64) else {
                 break;
@@ -236,17 +241,37 @@ impl<D: PciDevice> PciFunction<D> {
                 }
                 Some(Owner::Msi(b)) => {
                     let (regs, written) = msi.get_or_insert_with(|| {
-                        (core.msi.as_ref().map(msi_registers).unwrap_or_default(), 0)
+                        (
+                            core.msi
+                                .as_ref()
+                                .map(|m| msi_registers(m, core.layout.msi_mask))
+                                .unwrap_or_default(),
+                            0,
+                        )
                     });
                     if let Some(r) = usize::try_from(b).ok().and_then(|b| regs.get_mut(b)) {
                         *r = value;
                         *written |= 1 << b;
                     }
                 }
-                None => core.config.write_byte(off, value),
+                None => {
+                    core.config.write_byte(off, value);
+                    if (PCI_BAR0..PCI_BAR0 + 24).contains(&off) {
+                        bars |= 1 << ((off - PCI_BAR0) / 4);
+                    } else if !(PCI_COMMAND..PCI_COMMAND + 2).contains(&off) {
+                        image = true;
+                    }
+                }
             }
         }
+        let mut effects = Vec::new();
         let new_command = core.config.word(PCI_COMMAND);
+        if old_command != new_command {
+            effects.push(ConfigEffect::Command {
+                old: old_command,
+                new: new_command,
+            });
+        }
         if (old_command ^ new_command) & PCI_COMMAND_INTX_DISABLE != 0 {
             let disable = new_command & PCI_COMMAND_INTX_DISABLE != 0;
             debug!("pci: COMMAND.10 = {disable}");
@@ -254,9 +279,15 @@ impl<D: PciDevice> PciFunction<D> {
                 warn!("pci: COMMAND write: {}", super::error_chain(&e));
             }
         }
-        if let (Some(regs), Some(m)) = (msi, core.msi.as_mut()) {
-            apply_msi_write(m, &regs.0, regs.1);
+        if let (Some((regs, written)), Some(m)) = (msi, core.msi.as_mut()) {
+            // Suppress INTx before MSI can fire; release it after MSI is off.
+            let control = u16::from_le_bytes([regs[2], regs[3]]);
+            if written & 0b1100 != 0 && control & MSI_CONTROL_ENABLE != 0 {
+                let _ = core.intx.set_suppressed(true);
+            }
+            apply_msi_write(m, &regs, written);
             core.update_intx_suppression();
+            effects.push(ConfigEffect::Msi);
         }
         if let (Some(regs), Some(m)) = (msix_ctl, core.msix.as_mut()) {
             let new = u16::from_le_bytes(regs);
@@ -276,6 +307,38 @@ impl<D: PciDevice> PciFunction<D> {
                 }
                 core.update_intx_suppression();
             }
+            effects.push(ConfigEffect::Msix);
+        }
+        for index in 0..6u32 {
+            if bars & (1 << index) != 0 {
+                // The upper half of a 64-bit BAR reports the BAR below it.
+                let index = match index.checked_sub(1) {
+                    Some(lo)
+                        if core.layout.bar(index).is_none()
+                            && core
+                                .layout
+                                .bar(lo)
+                                .is_some_and(|b| b.kind == BarKind::Mem64) =>
+                    {
+                        lo
+                    }
+                    _ => index,
+                };
+                if let Some(address) = core.bar_address(index) {
+                    if !effects.contains(&ConfigEffect::Bar { index, address }) {
+                        effects.push(ConfigEffect::Bar { index, address });
+                    }
+                }
+            }
+        }
+        if image {
+            effects.push(ConfigEffect::Write {
+                offset,
+                len: data.len(),
+            });
+        }
+        for e in effects {
+            self.device.config_written(e, &mut self.core);
         }
     }
 
@@ -315,12 +378,16 @@ impl<D: PciDevice> PciFunction<D> {
 }
 
 /// The MSI capability's registers as the guest reads them (bytes from the capability start).
-fn msi_registers(m: &irqbridge_core::Msi) -> [u8; MSI_CAP_SIZE as usize] {
+/// Without per-vector masking the capability ends before Mask Bits, so those bytes are never
+/// read or written through it.
+fn msi_registers(m: &irqbridge_core::Msi, per_vector_mask: bool) -> [u8; MSI_CAP_SIZE as usize] {
     let mut r = [0u8; MSI_CAP_SIZE as usize];
     let mut control = (u16::from(m.mmc()) << MSI_CONTROL_MMC_SHIFT)
         | (u16::from(m.mme()) << MSI_CONTROL_MME_SHIFT)
-        | MSI_CONTROL_64BIT
-        | MSI_CONTROL_PER_VECTOR_MASK;
+        | MSI_CONTROL_64BIT;
+    if per_vector_mask {
+        control |= MSI_CONTROL_PER_VECTOR_MASK;
+    }
     if m.enabled() {
         control |= MSI_CONTROL_ENABLE;
     }
@@ -544,6 +611,7 @@ mod tests {
         writes: u64,
         resets: u64,
         doorbells: u64,
+        effects: Vec<ConfigEffect>,
     }
 
     impl PciDevice for Dev {
@@ -564,6 +632,9 @@ mod tests {
         }
         fn ioeventfd(&mut self, _bar: BarIndex, _area: usize, count: u64, _pci: &mut PciCore) {
             self.doorbells += count;
+        }
+        fn config_written(&mut self, effect: ConfigEffect, _pci: &mut PciCore) {
+            self.effects.push(effect);
         }
         fn save(&self) -> Result<serde_json::Value, Error> {
             Ok(serde_json::json!(self.writes))
@@ -586,6 +657,7 @@ mod tests {
         .bar(2, Bar::mem32(8192))
         .msix(8, 2, 0, 0x1000)
         .msi(msi)
+        .vendor_cap_rw1c(&[8, 0, 0, 0, 0, 0], &[0, 0xff], &[0, 0, 0xff])
         .build(Dev::default())
         .unwrap()
     }
@@ -646,7 +718,7 @@ mod tests {
         let mut f = function(8);
         let cap = f.layout().cap_offset(PCI_CAP_ID_MSI).unwrap();
         assert_eq!(cap, 0x50);
-        assert_eq!(cfg_read(&mut f, cap, 4), 0x0186_0005);
+        assert_eq!(cfg_read(&mut f, cap, 4), 0x0186_7005);
         // Address (bits 1:0 read 0), upper address, data, mask; pending is read-only.
         cfg_write(&mut f, cap + 4, &0x1234_5677u32.to_le_bytes());
         cfg_write(&mut f, cap + 8, &0xaabb_ccddu32.to_le_bytes());
@@ -864,5 +936,82 @@ mod tests {
         assert_eq!(cfg_read(&mut g, PCI_COMMAND, 2), 0);
         assert!(!g.core().msi().unwrap().enabled());
         assert!(g.core().msi().unwrap().has_notifier(0));
+    }
+
+    #[test]
+    fn config_effects_rw1c_and_device_side_bytes() {
+        let mut f = function(1);
+        let vcap = f.layout().cap_offset(PCI_CAP_ID_VNDR).unwrap();
+        assert_eq!(vcap, 0x70);
+        // 64-bit BAR0 at 0x1_2345_6000: one effect per written dword, for BAR0.
+        cfg_write(&mut f, PCI_BAR0, &0x2345_6000u32.to_le_bytes());
+        cfg_write(&mut f, PCI_BAR0 + 4, &1u32.to_le_bytes());
+        cfg_write(&mut f, PCI_COMMAND, &[0x06, 0x04]);
+        cfg_write(&mut f, 0x52, &[0x01]);
+        cfg_write(&mut f, 0x42, &[0, 0xc0]);
+        cfg_write(&mut f, PCI_INTERRUPT_LINE, &[9]);
+        assert_eq!(
+            f.device().effects,
+            vec![
+                ConfigEffect::Bar {
+                    index: 0,
+                    address: 0x2345_6000
+                },
+                ConfigEffect::Bar {
+                    index: 0,
+                    address: 0x1_2345_6000
+                },
+                ConfigEffect::Command { old: 0, new: 0x406 },
+                ConfigEffect::Msi,
+                ConfigEffect::Msix,
+                ConfigEffect::Write {
+                    offset: PCI_INTERRUPT_LINE,
+                    len: 1
+                },
+            ]
+        );
+        assert_eq!(f.core().bar_address(0), Some(0x1_2345_6000));
+        assert_eq!(f.core().bar_address(1), None);
+        // Device-side bytes: an rw1c vendor bit and a STATUS error bit; the guest clears them
+        // by writing 1, a 0 leaves them.
+        f.core_mut().set_config_bytes(vcap + 4, &[0b1010]);
+        f.core_mut().set_config_bytes(PCI_STATUS + 1, &[0x20]);
+        cfg_write(&mut f, vcap + 4, &[0b0010]);
+        cfg_write(&mut f, PCI_STATUS + 1, &[0x00]);
+        assert_eq!(cfg_read(&mut f, vcap + 4, 1), 0b1000);
+        assert_eq!(cfg_read(&mut f, PCI_STATUS, 2), 0x2010);
+        cfg_write(&mut f, PCI_STATUS + 1, &[0x20]);
+        assert_eq!(cfg_read(&mut f, PCI_STATUS, 2), 0x0010);
+        // Plain rw byte, read-only byte; model-owned bytes ignore device-side writes.
+        cfg_write(&mut f, vcap + 3, &[0x5a]);
+        cfg_write(&mut f, vcap + 5, &[0x5a]);
+        assert_eq!(cfg_read(&mut f, vcap + 2, 4), 0x0008_5a08);
+        f.core_mut().set_config_bytes(0x42, &[0xff, 0xff]);
+        assert_eq!(cfg_read(&mut f, 0x42, 2), 0xc007);
+        let mut buf = [0u8; 2];
+        f.core().config_bytes(vcap, &mut buf);
+        assert_eq!(buf, [PCI_CAP_ID_VNDR, 0]);
+    }
+
+    #[test]
+    fn msi_without_per_vector_mask() {
+        let mut f = PciFunctionBuilder::new(Identity::default())
+            .msi_with(2, false)
+            .build(Dev::default())
+            .unwrap();
+        assert_eq!(cfg_read(&mut f, 0x40, 4), 0x0082_0005);
+        cfg_write(&mut f, 0x4c, &[0x41, 0x40, 0xff, 0xff]);
+        cfg_write(&mut f, 0x50, &u32::MAX.to_le_bytes());
+        assert_eq!(cfg_read(&mut f, 0x4c, 4), 0x4041);
+        assert_eq!(cfg_read(&mut f, 0x50, 4), 0);
+        assert_eq!(f.core().msi().unwrap().mask_bits(), 0);
+        let a = efd();
+        bind_msi(&mut f, 0, &[&a]).unwrap();
+        cfg_write(&mut f, 0x42, &[0x11]);
+        f.region_write(0, 0, &[1]).unwrap_err();
+        f.core_mut().msi_fire(1).unwrap();
+        assert_eq!(take(&a), 0);
+        f.core_mut().msi_fire(0).unwrap();
+        assert_eq!(take(&a), 1);
     }
 }

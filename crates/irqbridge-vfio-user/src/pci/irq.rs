@@ -171,6 +171,51 @@ impl PciCore {
         Ok(msi.fire_blocked(vector, msix_on)?)
     }
 
+    /// Reads `data.len()` bytes of the config image at `offset` (without the bits the
+    /// interrupt models own: STATUS bit 3, MSI and MSI-X registers). Bytes outside read 0.
+    pub fn config_bytes(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .map_or(0, |o| self.config.byte(o));
+        }
+    }
+
+    /// Device-side update of the config image, ignoring the write masks (to set a status bit
+    /// the guest clears with write-1-to-clear, for example). Bytes owned by the interrupt
+    /// models and bytes outside the image are left alone.
+    pub fn set_config_bytes(&mut self, offset: u64, data: &[u8]) {
+        for (i, &v) in data.iter().enumerate() {
+            let Some(off) = offset.checked_add(i as u64) else {
+                return;
+            };
+            if self.config.owner(off).is_none() {
+                self.config.set_byte(off, v);
+            }
+        }
+    }
+
+    /// The address the guest programmed into memory or I/O BAR `index` (type bits cleared;
+    /// both halves of a 64-bit BAR), or `None` if the BAR does not exist.
+    pub fn bar_address(&self, index: u32) -> Option<u64> {
+        let bar = self.layout.bar(index)?;
+        let off = PCI_BAR0 + 4 * u64::from(index);
+        let dword = |o: u64| {
+            u32::from_le_bytes([
+                self.config.byte(o),
+                self.config.byte(o + 1),
+                self.config.byte(o + 2),
+                self.config.byte(o + 3),
+            ])
+        };
+        let lo = dword(off);
+        Some(match bar.kind {
+            super::BarKind::Io => u64::from(lo & !0x3),
+            super::BarKind::Mem32 => u64::from(lo & !0xf),
+            super::BarKind::Mem64 => u64::from(lo & !0xf) | u64::from(dword(off + 4)) << 32,
+        })
+    }
+
     /// The values of the standard parts (config image, interrupt models), without the device.
     pub fn state(&self) -> super::PciState {
         super::PciState {

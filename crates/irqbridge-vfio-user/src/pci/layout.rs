@@ -150,6 +150,7 @@ pub(crate) struct CapEntry {
     /// Vendor capabilities: bytes after the 2-byte header, and their write masks.
     pub body: Vec<u8>,
     pub rw: Vec<u8>,
+    pub rw1c: Vec<u8>,
 }
 
 /// The checked layout of a function.
@@ -161,6 +162,7 @@ pub struct Layout {
     pub(crate) bars: [Option<Bar>; 6],
     pub(crate) msix: Option<MsixLayout>,
     pub(crate) msi_vectors: u8,
+    pub(crate) msi_mask: bool,
     pub(crate) caps: Vec<CapEntry>,
 }
 
@@ -185,6 +187,11 @@ impl Layout {
         self.msi_vectors
     }
 
+    /// Whether the MSI capability has per-vector Mask and Pending Bits.
+    pub fn msi_per_vector_mask(&self) -> bool {
+        self.msi_mask
+    }
+
     /// Config offset of the capability with `id` (the first one), if present.
     pub fn cap_offset(&self, id: u8) -> Option<u64> {
         self.caps.iter().find(|c| c.id == id).map(|c| c.offset)
@@ -205,7 +212,7 @@ impl Layout {
 enum CapSpec {
     Msix,
     Msi,
-    Vendor(Vec<u8>, Vec<u8>),
+    Vendor(Vec<u8>, Vec<u8>, Vec<u8>),
 }
 
 /// Capabilities start on this boundary (so MSI-X at 0x40 is followed by MSI at 0x50).
@@ -222,7 +229,10 @@ pub struct PciFunctionBuilder {
     bars: [Option<Bar>; 6],
     msix: Option<MsixLayout>,
     msi_vectors: u8,
+    msi_mask: bool,
     caps: Vec<CapSpec>,
+    /// A BAR index above 5 given to [`bar`](Self::bar), reported by `layout()`.
+    bad_bar: Option<u8>,
 }
 
 impl PciFunctionBuilder {
@@ -235,7 +245,9 @@ impl PciFunctionBuilder {
             bars: Default::default(),
             msix: None,
             msi_vectors: 0,
+            msi_mask: true,
             caps: Vec::new(),
+            bad_bar: None,
         }
     }
 
@@ -253,11 +265,9 @@ impl PciFunctionBuilder {
 
     /// Sets BAR `index` (0..6). A 64-bit BAR also takes `index + 1`.
     pub fn bar(mut self, index: u8, bar: Bar) -> Self {
-        if let Some(slot) = self.bars.get_mut(usize::from(index)) {
-            *slot = Some(bar);
-        } else {
-            // Out of range: remembered as an error by making the layout invalid.
-            self.config_size = 0;
+        match self.bars.get_mut(usize::from(index)) {
+            Some(slot) => *slot = Some(bar),
+            None => self.bad_bar = Some(index),
         }
         self
     }
@@ -277,9 +287,16 @@ impl PciFunctionBuilder {
 
     /// Adds a 64-bit MSI capability with per-vector masking and `vectors` vectors (1, 2, 4,
     /// 8, 16 or 32). `0` adds nothing.
-    pub fn msi(mut self, vectors: u8) -> Self {
+    pub fn msi(self, vectors: u8) -> Self {
+        self.msi_with(vectors, true)
+    }
+
+    /// Adds a 64-bit MSI capability with `vectors` vectors, with or without per-vector Mask
+    /// and Pending Bits (24 or 14 bytes). `0` adds nothing.
+    pub fn msi_with(mut self, vectors: u8, per_vector_mask: bool) -> Self {
         if vectors != 0 {
             self.msi_vectors = vectors;
+            self.msi_mask = per_vector_mask;
             self.caps.push(CapSpec::Msi);
         }
         self
@@ -288,10 +305,19 @@ impl PciFunctionBuilder {
     /// Adds a vendor-specific capability (ID 0x09). `body` is what follows the ID and next
     /// pointer (by convention it starts with the capability length); `rw` holds the write mask
     /// of each body byte (shorter masks leave the rest read-only).
-    pub fn vendor_cap(mut self, body: &[u8], rw: &[u8]) -> Self {
+    pub fn vendor_cap(self, body: &[u8], rw: &[u8]) -> Self {
+        self.vendor_cap_rw1c(body, rw, &[])
+    }
+
+    /// [`vendor_cap`](Self::vendor_cap) with write-1-to-clear bits as well: a guest write of 1
+    /// to a bit in `rw1c` clears it (the device sets such bits with
+    /// [`PciCore::set_config_bytes`](super::PciCore::set_config_bytes)).
+    pub fn vendor_cap_rw1c(mut self, body: &[u8], rw: &[u8], rw1c: &[u8]) -> Self {
         let mut mask = rw.to_vec();
         mask.resize(body.len(), 0);
-        self.caps.push(CapSpec::Vendor(body.to_vec(), mask));
+        let mut c = rw1c.to_vec();
+        c.resize(body.len(), 0);
+        self.caps.push(CapSpec::Vendor(body.to_vec(), mask, c));
         self
     }
 
@@ -302,12 +328,15 @@ impl PciFunctionBuilder {
     /// [`Error::InvalidLayout`] naming the first problem.
     pub fn layout(self) -> Result<Layout, Error> {
         let bad = |s: String| Err(Error::InvalidLayout(s));
+        if let Some(i) = self.bad_bar {
+            return bad(format!("BAR index {i} is above 5"));
+        }
         if !matches!(
             self.config_size,
             CONFIG_SPACE_SIZE_CONVENTIONAL | CONFIG_SPACE_SIZE_EXTENDED
         ) {
             return bad(format!(
-                "config space size {} is not 256 or 4096 (or a BAR index is above 5)",
+                "config space size {} is not 256 or 4096",
                 self.config_size
             ));
         }
@@ -380,10 +409,19 @@ impl PciFunctionBuilder {
         let mut caps = Vec::new();
         let mut offset = PCI_CAP_START;
         for spec in self.caps {
-            let (id, len, body, rw) = match spec {
-                CapSpec::Msix => (PCI_CAP_ID_MSIX, MSIX_CAP_SIZE, Vec::new(), Vec::new()),
-                CapSpec::Msi => (PCI_CAP_ID_MSI, MSI_CAP_SIZE, Vec::new(), Vec::new()),
-                CapSpec::Vendor(body, rw) => (PCI_CAP_ID_VNDR, 2 + body.len() as u64, body, rw),
+            let (id, len, body, rw, rw1c) = match spec {
+                CapSpec::Msix => (PCI_CAP_ID_MSIX, MSIX_CAP_SIZE, vec![], vec![], vec![]),
+                CapSpec::Msi => {
+                    let len = if self.msi_mask {
+                        MSI_CAP_SIZE
+                    } else {
+                        MSI_CAP_SIZE_NO_MASK
+                    };
+                    (PCI_CAP_ID_MSI, len, vec![], vec![], vec![])
+                }
+                CapSpec::Vendor(body, rw, c) => {
+                    (PCI_CAP_ID_VNDR, 2 + body.len() as u64, body, rw, c)
+                }
             };
             if caps
                 .iter()
@@ -400,6 +438,7 @@ impl PciFunctionBuilder {
                 len,
                 body,
                 rw,
+                rw1c,
             });
             offset = (offset + len).next_multiple_of(CAP_ALIGN);
         }
@@ -410,6 +449,7 @@ impl PciFunctionBuilder {
             bars: self.bars,
             msix: self.msix,
             msi_vectors: self.msi_vectors,
+            msi_mask: self.msi_mask,
             caps,
         })
     }
@@ -475,5 +515,13 @@ mod tests {
         assert_eq!(l.cap_offset(PCI_CAP_ID_MSI), Some(0x60));
         assert_eq!(l.msi_vectors(), 32);
         assert_eq!(l.msix().unwrap().pba_size(), 8);
+        let l = b()
+            .msi_with(2, false)
+            .vendor_cap(&[3], &[])
+            .layout()
+            .unwrap();
+        let offs: Vec<_> = l.caps.iter().map(|c| (c.id, c.offset, c.len)).collect();
+        assert_eq!(offs, vec![(0x05, 0x40, 0x0e), (0x09, 0x50, 3)]);
+        assert!(!l.msi_per_vector_mask());
     }
 }

@@ -121,6 +121,38 @@ pub enum Error {
     Io(#[source] io::Error),
 }
 
+/// What a guest config-space write changed, reported to [`PciDevice::config_written`] after
+/// the function applied it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigEffect {
+    /// COMMAND changed (INTx disable is already applied to the INTx model).
+    Command {
+        /// Before the write.
+        old: u16,
+        /// After the write.
+        new: u16,
+    },
+    /// A BAR was written (sizing writes included); `address` is what it now decodes.
+    Bar {
+        /// BAR index (the lower one of a 64-bit BAR).
+        index: BarIndex,
+        /// The BAR's address bits.
+        address: u64,
+    },
+    /// The MSI capability was written (already applied to the MSI model).
+    Msi,
+    /// MSI-X Message Control was written (already applied to the MSI-X model).
+    Msix,
+    /// Other bytes of the image were written through their masks (INTERRUPT_LINE, vendor
+    /// capabilities...).
+    Write {
+        /// First byte of the write.
+        offset: u64,
+        /// Length of the write.
+        len: usize,
+    },
+}
+
 /// The registers and behaviour of a device inside a [`PciFunction`].
 ///
 /// Every callback gets the function's [`PciCore`] to raise interrupts or read the config
@@ -148,6 +180,8 @@ pub trait PciDevice: Send {
     }
     /// One of [`poll_fds`](Self::poll_fds) is readable (or hung up).
     fn handle_fd_event(&mut self, _token: u64, _pci: &mut PciCore) {}
+    /// A guest config write took effect (called once per [`ConfigEffect`]).
+    fn config_written(&mut self, _effect: ConfigEffect, _pci: &mut PciCore) {}
     /// The client went away (its eventfds are already dropped).
     fn client_disconnected(&mut self, _pci: &mut PciCore) {}
     /// The device's own state for a snapshot.
