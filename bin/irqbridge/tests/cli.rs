@@ -296,6 +296,8 @@ fn demo_passes_every_scenario() {
         String::from_utf8_lossy(&out.stderr)
     );
     let rows = stdout.lines().filter(|l| l.contains(" PASS ")).count();
-    assert_eq!(rows, 7, "{stdout}");
+    // Every scenario plus the vhost-user row.
+    let want = irqbridge_integration::scenarios::Scenario::ALL.len() + 1;
+    assert_eq!(rows, want, "{stdout}");
     assert!(!stdout.contains(" FAIL "), "{stdout}");
 }

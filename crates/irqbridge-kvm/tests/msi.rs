@@ -167,6 +167,9 @@ impl VfioUserDevice for FakeMsiDevice {
     }
 
     fn reset(&mut self) -> Result<(), Errno> {
+        // MSI back to its reset state (Enable, MME, address, data, mask 0); bindings stay.
+        self.config[CAP + 2..CAP + 4].copy_from_slice(&CONTROL.to_le_bytes());
+        self.config[CAP + 4..CAP + 0x18].fill(0);
         Ok(())
     }
 
@@ -378,6 +381,47 @@ fn msi_follows_config_writes_with_masking_and_intx_handover() {
         rig.seen().last(),
         Some(&Seen::SetIrqs(INTX, IrqAction::Trigger, 0, 0, None))
     );
+}
+
+#[test]
+fn device_reset_turns_msi_off_in_kvm_and_brings_intx_back() {
+    let Some(vm) = vm(IrqChip::Full) else { return };
+    let vcpu = vcpu_with_lapic(&vm);
+    let rig = Rig::start("reset");
+    let router = GsiRouter::new_shared(vm.clone(), IrqChip::Full);
+    let config = AttachConfig {
+        intx_gsi: Some(5),
+        ..AttachConfig::default()
+    };
+    let dev =
+        AttachedDevice::attach(vm.clone(), router.clone(), &rig.path, config).expect("attach");
+    let cap = CAP as u64;
+    dev.config_write(cap + 4, &0xfee0_0000u32.to_le_bytes())
+        .unwrap();
+    dev.config_write(cap + 0xc, &0x60u16.to_le_bytes()).unwrap();
+    dev.config_write(cap + 2, &0x0001u16.to_le_bytes()).unwrap();
+    let group = dev.msi().unwrap();
+    assert_eq!(group.is_registered(0), Some(true));
+    let held = rig.fd(0);
+    let _ = rig.seen();
+
+    dev.reset().unwrap();
+    let seen = rig.seen();
+    assert!(
+        seen.contains(&Seen::SetIrqs(MSI, IrqAction::Trigger, 0, 0, None)),
+        "{seen:?}"
+    );
+    assert!(rig.shared.lock().unwrap().intx_bound, "INTx back: {seen:?}");
+    assert!(
+        !seen.iter().any(|s| matches!(s, Seen::Config(..))),
+        "nothing forwarded"
+    );
+    assert_eq!(group.is_registered(0), Some(false));
+    assert_eq!(group.route(0), None);
+    held.write(1).unwrap();
+    settle();
+    assert!(!irr_has(&vcpu, 0x60), "an MSI after reset");
+    dev.detach().unwrap();
 }
 
 #[test]

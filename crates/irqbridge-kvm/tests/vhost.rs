@@ -7,7 +7,7 @@
 mod common;
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{irr_has, poll_until, vcpu_with_lapic, vm};
+use irqbridge_kvm::mmap::RegionMapping;
 use irqbridge_kvm::routing::{GsiRouter, IrqChip, Route, SharedGsiRouter};
 use irqbridge_kvm::vhost::{
     Datamatch, Error, GuestRam, KickConfig, Msi, QueueConfig, VIRTIO_F_VERSION_1,
@@ -60,19 +61,13 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// Guest RAM: a memfd mapped shared in this process (its address goes into the memory
-/// table); the test reads and writes it through the file, which is coherent with every
-/// mapping of it.
+/// Guest RAM: a memfd mapped shared in this process with the plugin's own mapping type (its
+/// address goes into the memory table); the test reads and writes it through the file, which
+/// is coherent with every mapping of it.
 struct Ram {
     file: File,
-    addr: *mut libc::c_void,
+    map: RegionMapping,
 }
-
-// SAFETY: the mapping is only used as an address (never dereferenced by the test); the file is
-// accessed with pread/pwrite.
-unsafe impl Send for Ram {}
-// SAFETY: as above.
-unsafe impl Sync for Ram {}
 
 impl Ram {
     fn new() -> Ram {
@@ -82,20 +77,8 @@ impl Ram {
         // SAFETY: a fresh descriptor nothing else owns.
         let file = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
         file.set_len(RAM_SIZE).unwrap();
-        // SAFETY: a new shared mapping of the whole file at a kernel-chosen address; it
-        // aliases no Rust object and is unmapped in Drop.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                RAM_SIZE as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED, "mmap");
-        Ram { file, addr }
+        let map = RegionMapping::new(file.as_fd(), 0, 0, 0, RAM_SIZE, true).expect("mmap");
+        Ram { file, map }
     }
 
     fn region(&self) -> GuestRam<'_> {
@@ -104,7 +87,7 @@ impl Ram {
             size: RAM_SIZE,
             fd: self.file.as_fd(),
             file_offset: 0,
-            host_addr: self.addr as u64,
+            host_addr: self.map.host_addr(),
         }
     }
 
@@ -124,13 +107,6 @@ impl Ram {
 
     fn u64(&self, gpa: u64) -> u64 {
         u64::from_le_bytes(self.read(gpa))
-    }
-}
-
-impl Drop for Ram {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping created in `new`.
-        unsafe { libc::munmap(self.addr, RAM_SIZE as usize) };
     }
 }
 

@@ -1,5 +1,5 @@
 //! Errors of the vfio-user protocol and transport layer ([`crate::proto`], [`crate::conn`],
-//! [`crate::server`], [`crate::dma`]).
+//! `server`, `dma`).
 //!
 //! Variants fall into three classes:
 //! - **peer faults** in one message (bad length, bad argsz, bad flags, out-of-range index...):
