@@ -36,6 +36,7 @@ pub mod page;
 pub mod router;
 pub mod server;
 mod session;
+mod socket;
 
 pub use error::{Error, Result};
 pub use page::GuestPage;

@@ -7,9 +7,8 @@
 //! every thread, dropping connected frontends; [`Server::wait`] then returns.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -28,6 +27,7 @@ use crate::abi::{ABI_VERSION, ConfigSpace, DEFAULT_VIRTIO_ID, FEATURES, MAX_UPCA
 use crate::error::{Error, Result};
 use crate::router::{ConnCounters, ConnId, Endpoint, Router, RouterState};
 use crate::session::{Session, SessionParams, lock};
+use crate::socket::SocketFile;
 
 /// Default number of upcalls (event queues) per connection.
 pub const DEFAULT_UPCALLS: u16 = 4;
@@ -112,6 +112,15 @@ impl BackendConfig {
             return Err(Error::InvalidConfig(
                 "virtio device ID 0 is reserved".into(),
             ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.sockets {
+            if !seen.insert(crate::socket::identity(p)) {
+                return Err(Error::InvalidConfig(format!(
+                    "socket path {} is given twice",
+                    p.display()
+                )));
+            }
         }
         if self.queue_size < 2 || !self.queue_size.is_power_of_two() {
             return Err(Error::InvalidConfig(format!(
@@ -367,26 +376,9 @@ pub struct Server {
     stop: StopHandle,
     threads: Vec<JoinHandle<Result<()>>>,
     paths: Vec<PathBuf>,
-}
-
-fn bind_socket(path: &Path) -> Result<Listener> {
-    let err = |source| Error::Listen {
-        path: path.to_owned(),
-        source,
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_socket() => {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "the path exists and is not a socket",
-            )));
-        }
-        _ => {}
-    }
-    // Removes a stale socket, binds, and removes the socket again when dropped.
-    let listener = Listener::new(path, true).map_err(|e| err(std::io::Error::other(e)))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(listener)
+    /// The socket files this server created, removed (if still ours) when it is dropped,
+    /// after every socket thread ended.
+    _files: Vec<SocketFile>,
 }
 
 impl Server {
@@ -405,8 +397,11 @@ impl Server {
             let raw = fd.as_raw_fd();
             listeners.push((Listener::from(UnixListener::from(fd)), format!("fd {raw}")));
         }
+        let mut files = Vec::new();
         for path in &config.sockets {
-            listeners.push((bind_socket(path)?, path.display().to_string()));
+            let (listener, file) = crate::socket::bind(path)?;
+            files.push(file);
+            listeners.push((Listener::from(listener), path.display().to_string()));
         }
         let stop = StopHandle(Arc::new(StopState {
             stopped: AtomicBool::new(false),
@@ -418,6 +413,7 @@ impl Server {
             stop,
             threads: Vec::new(),
             paths: config.sockets.clone(),
+            _files: files,
         };
         for (i, (listener, name)) in listeners.into_iter().enumerate() {
             let conn = ConnId(i as u32);
@@ -639,6 +635,7 @@ fn serve_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 
     #[test]
     fn config_validation() {
