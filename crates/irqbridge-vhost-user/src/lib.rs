@@ -37,6 +37,7 @@ pub mod router;
 pub mod server;
 mod session;
 mod socket;
+mod vring;
 
 pub use error::{Error, Result};
 pub use page::GuestPage;

@@ -25,9 +25,10 @@ use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use crate::abi::{ABI_VERSION, ConfigSpace, DEFAULT_VIRTIO_ID, FEATURES, MAX_UPCALLS};
 use crate::error::{Error, Result};
-use crate::router::{ConnCounters, ConnId, Endpoint, Router, RouterState};
+use crate::router::{ConnCounters, ConnId, Endpoint, Router, RouterState, deliver};
 use crate::session::{Session, SessionParams, lock};
 use crate::socket::SocketFile;
+use crate::vring::{Breaker, with_breaker};
 
 /// Default number of upcalls (event queues) per connection.
 pub const DEFAULT_UPCALLS: u16 = 4;
@@ -213,7 +214,10 @@ impl Backend {
     ///
     /// As [`Router::send`].
     pub fn send(&self, conn: ConnId, port: u32) -> Result<SendOutcome> {
-        lock(&self.router).send(conn, port)
+        let mut out = Vec::new();
+        let r = lock(&self.router).send_deferred(conn, port, &mut out);
+        deliver(out);
+        r
     }
 
     /// See [`Router::send_to_peer`]: what a doorbell on `port` of `conn` does.
@@ -222,7 +226,10 @@ impl Backend {
     ///
     /// As [`Router::send_to_peer`].
     pub fn send_to_peer(&self, conn: ConnId, port: u32) -> Result<SendOutcome> {
-        lock(&self.router).send_to_peer(conn, port)
+        let mut out = Vec::new();
+        let r = lock(&self.router).send_to_peer_deferred(conn, port, &mut out);
+        deliver(out);
+        r
     }
 
     /// See [`Router::port_state`].
@@ -584,12 +591,18 @@ fn serve_one(
     stop: &StopHandle,
 ) -> Result<()> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let breaker = Arc::new(Breaker::new(conn));
     let session = Arc::new(Session::attach(
         backend.session_params(conn),
         Arc::clone(&backend.router),
         mem.clone(),
+        Arc::clone(&breaker),
     )?);
-    let daemon = VhostUserDaemon::new(format!("irqbridge-vu-{}", conn.0), session.clone(), mem);
+    // The vrings created in there check the descriptors they are given and report to
+    // `breaker` (see crate::vring).
+    let daemon = with_breaker(&breaker, || {
+        VhostUserDaemon::new(format!("irqbridge-vu-{}", conn.0), session.clone(), mem)
+    });
     let mut daemon = match daemon {
         Ok(d) => d,
         Err(e) => {
@@ -608,6 +621,7 @@ fn serve_one(
         return Err(Error::Daemon(e.to_string()));
     }
     info!("vhost-user: {conn}: frontend connected");
+    breaker.set_handle(daemon.shutdown_handle());
     if let Some(slot) = lock(&stop.0.slots).get_mut(conn.0 as usize) {
         slot.daemon = daemon.shutdown_handle();
     }
@@ -616,11 +630,13 @@ fn serve_one(
         daemon.request_shutdown();
     }
     let result = daemon.wait();
+    breaker.set_handle(None);
     if let Some(slot) = lock(&stop.0.slots).get_mut(conn.0 as usize) {
         slot.daemon = None;
     }
     end(&daemon);
     match result {
+        Ok(()) if breaker.is_broken() => info!("vhost-user: {conn}: frontend connection ended"),
         Ok(()) => info!("vhost-user: {conn}: frontend disconnected"),
         // vhost-user-backend reports a plain hang-up as an error; that is a normal end.
         Err(VhostUserDaemonError::HandleRequest(VhostUserError::Disconnected)) => {

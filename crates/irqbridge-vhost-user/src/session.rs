@@ -16,19 +16,19 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::sync::atomic::{Ordering, fence};
+use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use irqbridge_core::SharedWords;
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringMutex, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VringState, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
-    GuestMemoryMmap,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryLoadGuard, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -41,12 +41,12 @@ use crate::abi::{
     Status, UpcallRecord, event_queue,
 };
 use crate::page::GuestPage;
-use crate::router::{ConnId, Counters, Router, UpcallSink, bump};
+use crate::router::{ConnId, Counters, Router, UpcallSink, bump, deliver};
+use crate::vring::{Breaker, Signal, signal};
 
 /// Guest memory as vhost-user-backend shares it.
 pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
-/// The vring type of this backend.
-pub(crate) type Vring = VringMutex<Mem>;
+pub(crate) use crate::vring::Vring;
 type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
 type Chain = DescriptorChain<MemGuard>;
 
@@ -82,6 +82,10 @@ pub(crate) struct Delivery {
     vrings: Vec<OnceLock<Vring>>,
     events: Vec<Mutex<EventQueue>>,
     counters: Arc<Counters>,
+    /// Cleared when the session detaches: upcalls decided under the router lock are delivered
+    /// after it is released, and one that arrives after the detach must not write into the
+    /// queues of a frontend that is gone (its RAM may be the next frontend's).
+    active: AtomicBool,
 }
 
 impl fmt::Debug for Delivery {
@@ -195,13 +199,7 @@ impl Delivery {
         if should_notify(&mut st, &mem) {
             // Counted first, so that whoever sees the signal also sees the count.
             bump(&self.counters.signals);
-            if let Err(e) = st.signal_used_queue() {
-                bump(&self.counters.signal_errors);
-                warn!(
-                    "vhost-user: {}: upcall {v}: call fd write failed: {e}",
-                    self.conn
-                );
-            }
+            notify(&st, &self.counters, self.conn, "event");
         } else {
             bump(&self.counters.suppressed);
         }
@@ -221,12 +219,27 @@ impl Delivery {
     }
 }
 
+/// Signal the call fd of `st` (never blocking: see [`crate::vring`]).
+fn notify(st: &VringState<Mem>, counters: &Counters, conn: ConnId, what: &str) {
+    match signal(st) {
+        Signal::Sent | Signal::NoFd => {}
+        Signal::Saturated => bump(&counters.saturated),
+        Signal::Failed(e) => {
+            bump(&counters.signal_errors);
+            warn!("vhost-user: {conn}: {what} queue: call fd write failed: {e}");
+        }
+    }
+}
+
 impl UpcallSink for Delivery {
     fn raise(&self, upcall: u16) {
         let Some(slot) = self.events.get(usize::from(upcall)) else {
             return;
         };
         let mut ev = lock(slot);
+        if !self.active.load(Ordering::SeqCst) {
+            return;
+        }
         // An upcall already owed covers this one: the guest scans the whole page anyway.
         if !ev.owed {
             ev.owed = true;
@@ -250,6 +263,8 @@ pub(crate) struct Session {
     router: Arc<Mutex<Router>>,
     delivery: Arc<Delivery>,
     generation: u64,
+    /// Ends this session's connection (bad descriptors, guest memory faults).
+    breaker: Arc<Breaker>,
 }
 
 impl fmt::Debug for Session {
@@ -267,6 +282,7 @@ impl Session {
         params: SessionParams,
         router: Arc<Mutex<Router>>,
         mem: Mem,
+        breaker: Arc<Breaker>,
     ) -> crate::Result<Session> {
         let queues = crate::abi::num_queues(params.upcalls);
         let mut r = lock(&router);
@@ -279,6 +295,7 @@ impl Session {
                 .map(|_| Mutex::new(EventQueue::default()))
                 .collect(),
             counters,
+            active: AtomicBool::new(true),
         });
         let generation = r.attach(params.conn, delivery.clone())?;
         drop(r);
@@ -287,6 +304,7 @@ impl Session {
             router,
             delivery,
             generation,
+            breaker,
         })
     }
 
@@ -294,6 +312,11 @@ impl Session {
     pub(crate) fn detach(&self) {
         if let Err(e) = lock(&self.router).detach(self.params.conn, self.generation) {
             warn!("vhost-user: {}: detach failed: {e}", self.params.conn);
+        }
+        self.delivery.active.store(false, Ordering::SeqCst);
+        // Wait for deliveries already past the check (each holds its queue's lock).
+        for e in &self.delivery.events {
+            drop(lock(e));
         }
     }
 
@@ -329,13 +352,8 @@ impl Session {
                 );
             }
         }
-        if should_notify(&mut st, mem)
-            && let Err(e) = st.signal_used_queue()
-        {
-            warn!(
-                "vhost-user: {}: {what} queue: call fd write failed: {e}",
-                self.params.conn
-            );
+        if should_notify(&mut st, mem) {
+            notify(&st, self.counters(), self.params.conn, what);
         }
     }
 
@@ -415,7 +433,16 @@ impl Session {
                 let resolve = |gpa| {
                     GuestPage::resolve(&page_mem, gpa).map(|p| Arc::new(p) as Arc<dyn SharedWords>)
                 };
-                match lock(&self.router).control(self.params.conn, self.generation, &req, resolve) {
+                let mut out = Vec::new();
+                let reply = lock(&self.router).control(
+                    self.params.conn,
+                    self.generation,
+                    &req,
+                    resolve,
+                    &mut out,
+                );
+                deliver(out);
+                match reply {
                     Some(r) => r,
                     None => return 0,
                 }
@@ -438,13 +465,14 @@ impl Session {
                 .iter()
                 .map(|c| Self::doorbell_ports(c.clone(), mem))
                 .collect();
+            let mut out = Vec::new();
             let router = lock(&self.router);
             for entry in &ports {
                 match entry {
                     Some(list) => {
                         for &port in list {
                             bump(&self.counters().doorbells);
-                            if !router.doorbell(self.params.conn, self.generation, port) {
+                            if !router.doorbell(self.params.conn, self.generation, port, &mut out) {
                                 bump(&self.counters().doorbell_errors);
                             }
                         }
@@ -452,6 +480,8 @@ impl Session {
                     None => bump(&self.counters().doorbell_errors),
                 }
             }
+            drop(router);
+            deliver(out);
             vec![0; chains.len()]
         });
     }
@@ -486,6 +516,31 @@ impl Session {
             let _ = slot.get_or_init(|| vring.clone());
         }
     }
+}
+
+/// Every file-backed region of `mem` must lie inside its file (`fstat` now; a file that
+/// shrinks later is the SIGBUS handler's business, see [`crate::fault`]).
+fn check_regions(mem: &GuestMemoryMmap) -> std::result::Result<(), String> {
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let gpa = region.start_addr().0;
+        let size = fo
+            .file()
+            .metadata()
+            .map_err(|e| format!("memory region at guest {gpa:#x}: fstat failed: {e}"))?
+            .len();
+        let end = fo.start().checked_add(region.len());
+        if end.is_none_or(|end| end > size) {
+            return Err(format!(
+                "memory region at guest {gpa:#x}: {} bytes at file offset {:#x} is larger than its file ({size} bytes)",
+                region.len(),
+                fo.start()
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl VhostUserBackend for Session {
@@ -533,6 +588,13 @@ impl VhostUserBackend for Session {
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        // vhost-user-backend maps each region without looking at the file's size; a region
+        // that reaches past the end of its file raises SIGBUS when touched there. Refuse it:
+        // the frontend gets the error (a NACK with REPLY_ACK) and loses its connection.
+        if let Err(why) = check_regions(&mem.memory()) {
+            self.breaker.break_connection(&why);
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+        }
         let resolve =
             |gpa| GuestPage::resolve(&mem, gpa).map(|p| Arc::new(p) as Arc<dyn SharedWords>);
         // Not an error for the frontend (that would end the connection): the page falls back
