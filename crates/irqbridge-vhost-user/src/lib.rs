@@ -32,6 +32,7 @@ pub mod abi;
 pub mod bench;
 pub mod driver;
 pub mod error;
+pub mod fault;
 pub mod page;
 pub mod router;
 pub mod server;
@@ -40,6 +41,7 @@ mod socket;
 mod vring;
 
 pub use error::{Error, Result};
+pub use fault::faults_handled;
 pub use page::GuestPage;
 pub use router::{ConnCounters, ConnId, ConnState, Endpoint, LinkState, Router, RouterState};
 pub use server::{

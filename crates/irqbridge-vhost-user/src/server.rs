@@ -607,6 +607,7 @@ fn serve_one(
         Ok(d) => d,
         Err(e) => {
             session.detach();
+            session.retire_memory();
             return Err(Error::Daemon(e.to_string()));
         }
     };
@@ -615,6 +616,7 @@ fn serve_one(
             h.send_exit_event();
         }
         session.detach();
+        session.retire_memory();
     };
     if let Err(e) = daemon.start(listener) {
         end(&daemon);

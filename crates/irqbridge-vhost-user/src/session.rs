@@ -40,6 +40,7 @@ use crate::abi::{
     MAX_DOORBELL_PORTS, RECORD_F_DEFERRED, RECORD_SIZE, REPLY_SIZE, REQUEST_SIZE, Reply, Request,
     Status, UpcallRecord, event_queue,
 };
+use crate::fault::MemCover;
 use crate::page::GuestPage;
 use crate::router::{ConnId, Counters, Router, UpcallSink, bump, deliver};
 use crate::vring::{Breaker, Signal, signal};
@@ -86,6 +87,9 @@ pub(crate) struct Delivery {
     /// after it is released, and one that arrives after the detach must not write into the
     /// queues of a frontend that is gone (its RAM may be the next frontend's).
     active: AtomicBool,
+    /// Keeps the guest memory this session touches covered by the SIGBUS handler.
+    cover: Arc<MemCover>,
+    breaker: Arc<Breaker>,
 }
 
 impl fmt::Debug for Delivery {
@@ -115,6 +119,19 @@ fn should_notify(st: &mut VringState<Mem>, mem: &GuestMemoryMmap) -> bool {
 }
 
 impl Delivery {
+    /// The current memory table, covered by the SIGBUS handler; `None` (and the connection
+    /// ended) if it cannot be covered.
+    fn memory(&self) -> Option<MemGuard> {
+        let mem = self.mem.memory();
+        if self.cover.cover(&mem.clone().into_inner()) {
+            Some(mem)
+        } else {
+            self.breaker
+                .break_connection("its guest memory cannot be covered (too many regions)");
+            None
+        }
+    }
+
     fn vring(&self, index: usize) -> Option<&Vring> {
         self.vrings.get(index).and_then(OnceLock::get)
     }
@@ -135,12 +152,15 @@ impl Delivery {
             self.defer(ev);
             return;
         };
+        let Some(mem) = self.memory() else {
+            self.defer(ev);
+            return;
+        };
         let mut st = vring.get_mut();
         if !st.is_enabled() || !st.get_queue().ready() {
             self.defer(ev);
             return;
         }
-        let mem = self.mem.memory();
         let mut budget = usize::from(st.get_queue().size()) + 1;
         let mut retried = false;
         let mut used = false;
@@ -296,6 +316,8 @@ impl Session {
                 .collect(),
             counters,
             active: AtomicBool::new(true),
+            cover: MemCover::new(&breaker).map_err(crate::Error::Io)?,
+            breaker: Arc::clone(&breaker),
         });
         let generation = r.attach(params.conn, delivery.clone())?;
         drop(r);
@@ -318,6 +340,11 @@ impl Session {
         for e in &self.delivery.events {
             drop(lock(e));
         }
+    }
+
+    /// The session ended: its memory stays covered only while something still holds it.
+    pub(crate) fn retire_memory(&self) {
+        self.delivery.cover.retire();
     }
 
     fn counters(&self) -> &Counters {
@@ -376,7 +403,9 @@ impl Session {
         let Some(vring) = self.delivery.vring(queue) else {
             return;
         };
-        let mem = self.delivery.mem.memory();
+        let Some(mem) = self.delivery.memory() else {
+            return;
+        };
         let mut idle_retry = false;
         loop {
             let chains = self.pop_all(vring, &mem);
@@ -591,7 +620,13 @@ impl VhostUserBackend for Session {
         // vhost-user-backend maps each region without looking at the file's size; a region
         // that reaches past the end of its file raises SIGBUS when touched there. Refuse it:
         // the frontend gets the error (a NACK with REPLY_ACK) and loses its connection.
-        if let Err(why) = check_regions(&mem.memory()) {
+        let table = mem.memory().into_inner();
+        if !self.delivery.cover.cover(&table) {
+            let why = "its guest memory cannot be covered (too many regions)";
+            self.breaker.break_connection(why);
+            return Err(io::Error::other(why));
+        }
+        if let Err(why) = check_regions(&table) {
             self.breaker.break_connection(&why);
             return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
         }
