@@ -16,6 +16,7 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
@@ -285,6 +286,23 @@ pub(crate) struct Session {
     generation: u64,
     /// Ends this session's connection (bad descriptors, guest memory faults).
     breaker: Arc<Breaker>,
+    /// Exit-event consumer descriptors handed to vhost-user-backend, closed on drop (see
+    /// `exit_event`).
+    exit_consumers: Mutex<Vec<RawFd>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // vhost-user-backend 0.24 registers the exit-event consumer with the worker's epoll via
+        // `into_raw_fd()` and never closes it: one leaked eventfd per connection. Every worker
+        // holds a clone of this session, so when the session drops every worker thread has
+        // ended and its epoll is gone; nothing else closes or uses these numbers.
+        for fd in lock(&self.exit_consumers).drain(..) {
+            // SAFETY: `fd` is the consumer created in `exit_event` and leaked (never closed)
+            // by vhost-user-backend, whose users are all gone (see above).
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 impl fmt::Debug for Session {
@@ -327,6 +345,7 @@ impl Session {
             delivery,
             generation,
             breaker,
+            exit_consumers: Mutex::new(Vec::new()),
         })
     }
 
@@ -647,7 +666,10 @@ impl VhostUserBackend for Session {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        lock(&self.exit_consumers).push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn handle_event(

@@ -93,6 +93,23 @@ impl Proc {
             .count()
     }
 
+    /// What the open descriptors are, with counts (for failure messages).
+    pub fn fd_kinds(&self) -> String {
+        let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+        for e in std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .flatten()
+        {
+            let t = std::fs::read_link(e.path())
+                .map(|t| t.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let kind = t.split(':').next().unwrap_or("").to_string();
+            let kind = if t.starts_with("anon_inode") { t } else { kind };
+            *kinds.entry(kind).or_default() += 1;
+        }
+        format!("{kinds:?}")
+    }
+
     /// VmRSS in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
