@@ -33,6 +33,7 @@ pub mod bench;
 pub mod driver;
 pub mod error;
 pub mod fault;
+pub mod harness;
 pub mod page;
 pub mod router;
 pub mod server;

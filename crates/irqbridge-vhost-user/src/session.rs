@@ -39,7 +39,7 @@ use vmm_sys_util::event::{
 use crate::abi::{
     CONTROL_QUEUE, ConfigSpace, DOORBELL_ENTRY_SIZE, DOORBELL_QUEUE, FIRST_EVENT_QUEUE,
     MAX_DOORBELL_PORTS, RECORD_F_DEFERRED, RECORD_SIZE, REPLY_SIZE, REQUEST_SIZE, Reply, Request,
-    Status, UpcallRecord, event_queue,
+    Status, UpcallRecord, event_queue, parse_doorbell,
 };
 use crate::fault::MemCover;
 use crate::page::GuestPage;
@@ -473,7 +473,7 @@ impl Session {
             let mut buf = [0u8; REQUEST_SIZE];
             r.read_exact(&mut buf)
                 .ok()
-                .map(|()| Request::from_bytes(&buf))
+                .and_then(|()| Request::parse(&buf))
         });
         let reply = match request {
             Some(req) => {
@@ -534,21 +534,17 @@ impl Session {
         });
     }
 
-    /// The port numbers of a doorbell chain: 1..=1024 little-endian u32 in its readable part.
+    /// The port numbers of a doorbell chain ([`crate::abi::parse_doorbell`] of its readable
+    /// part).
     fn doorbell_ports(chain: Chain, mem: &MemGuard) -> Option<Vec<u32>> {
         let mut reader = chain.reader(&**mem).ok()?;
         let n = reader.available_bytes();
-        if n == 0 || n % DOORBELL_ENTRY_SIZE != 0 || n > MAX_DOORBELL_PORTS * DOORBELL_ENTRY_SIZE {
+        if n == 0 || n > MAX_DOORBELL_PORTS * DOORBELL_ENTRY_SIZE {
             return None;
         }
         let mut bytes = vec![0u8; n];
         reader.read_exact(&mut bytes).ok()?;
-        Some(
-            bytes
-                .chunks_exact(DOORBELL_ENTRY_SIZE)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        )
+        parse_doorbell(&bytes)
     }
 
     fn capture(&self, vrings: &[Vring]) {
