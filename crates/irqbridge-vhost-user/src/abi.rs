@@ -165,6 +165,14 @@ impl Request {
         b
     }
 
+    /// Decode the request at the start of `b` (the readable part of a control chain); `None`
+    /// if it is shorter than [`REQUEST_SIZE`] (answered with [`Status::BadRequest`]). Bytes
+    /// after the first 16 are ignored.
+    pub fn parse(b: &[u8]) -> Option<Request> {
+        let head: &[u8; REQUEST_SIZE] = b.get(..REQUEST_SIZE)?.try_into().ok()?;
+        Some(Request::from_bytes(head))
+    }
+
     /// Decode a request.
     pub fn from_bytes(b: &[u8; REQUEST_SIZE]) -> Request {
         let [
@@ -285,6 +293,23 @@ impl UpcallRecord {
             seq: u32::from_le_bytes([s0, s1, s2, s3]),
         }
     }
+}
+
+/// The port numbers of a doorbell buffer (the readable part of a doorbell chain): 1 to
+/// [`MAX_DOORBELL_PORTS`] little-endian u32. `None` for an empty buffer, a length that is not a
+/// multiple of 4 or one that is too long (the chain is rejected whole).
+pub fn parse_doorbell(b: &[u8]) -> Option<Vec<u32>> {
+    if b.is_empty()
+        || b.len() % DOORBELL_ENTRY_SIZE != 0
+        || b.len() > MAX_DOORBELL_PORTS * DOORBELL_ENTRY_SIZE
+    {
+        return None;
+    }
+    Some(
+        b.chunks_exact(DOORBELL_ENTRY_SIZE)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
 }
 
 /// Config-space feature bit: Xen 2-level event channels over a registered page.

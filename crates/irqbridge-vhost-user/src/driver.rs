@@ -88,6 +88,11 @@ impl GuestRam {
         })
     }
 
+    /// The memfd behind the RAM (tests shrink it to play a hostile frontend).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size

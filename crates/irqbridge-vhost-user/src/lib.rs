@@ -32,12 +32,17 @@ pub mod abi;
 pub mod bench;
 pub mod driver;
 pub mod error;
+pub mod fault;
+pub mod harness;
 pub mod page;
 pub mod router;
 pub mod server;
 mod session;
+mod socket;
+mod vring;
 
 pub use error::{Error, Result};
+pub use fault::faults_handled;
 pub use page::GuestPage;
 pub use router::{ConnCounters, ConnId, ConnState, Endpoint, LinkState, Router, RouterState};
 pub use server::{

@@ -53,6 +53,18 @@ pub(crate) trait UpcallSink: Send + Sync + fmt::Debug {
     fn raise(&self, upcall: u16);
 }
 
+/// An upcall decided under the router lock, delivered after the lock is released: delivery
+/// touches the frontend's vrings and call fd, and no lock shared between frontends is held
+/// across a system call on a peer's descriptor.
+pub(crate) type Raise = (Arc<dyn UpcallSink>, u16);
+
+/// Deliver upcalls collected with the `*_deferred` methods. Call it without the router lock.
+pub(crate) fn deliver(raises: Vec<Raise>) {
+    for (sink, v) in raises {
+        sink.raise(v);
+    }
+}
+
 /// Counters of one connection, kept across reconnects.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnCounters {
@@ -77,6 +89,10 @@ pub struct ConnCounters {
     pub bad_buffers: u64,
     /// Call-fd writes that failed.
     pub signal_errors: u64,
+    /// Call-fd signals found the eventfd counter saturated (the frontend never reads it): the
+    /// interrupt is already pending, nothing was written and nothing waited for.
+    #[serde(default)]
+    pub saturated: u64,
 }
 
 /// Atomic form of [`ConnCounters`], shared between the router and the connection's session.
@@ -92,6 +108,7 @@ pub(crate) struct Counters {
     pub(crate) deferred: AtomicU64,
     pub(crate) bad_buffers: AtomicU64,
     pub(crate) signal_errors: AtomicU64,
+    pub(crate) saturated: AtomicU64,
 }
 
 /// Add one to a counter.
@@ -113,6 +130,7 @@ impl Counters {
             deferred: l(&self.deferred),
             bad_buffers: l(&self.bad_buffers),
             signal_errors: l(&self.signal_errors),
+            saturated: l(&self.saturated),
         }
     }
 
@@ -128,6 +146,7 @@ impl Counters {
         s(&self.deferred, c.deferred);
         s(&self.bad_buffers, c.bad_buffers);
         s(&self.signal_errors, c.signal_errors);
+        s(&self.saturated, c.saturated);
     }
 }
 
@@ -241,28 +260,33 @@ impl Domain {
     }
 
     /// Raise upcall `v` if a frontend is attached and the guest registered its page.
-    fn raise(&self, v: u16) {
+    fn raise(&self, v: u16, out: &mut Vec<Raise>) {
         if self.page_gpa.is_none() {
             return;
         }
         if let Some(sink) = &self.sink {
-            sink.raise(v);
+            out.push((Arc::clone(sink), v));
         }
     }
 
-    fn send(&self, port: u32) -> Result<SendOutcome> {
-        let out = self.evtchn.send(port)?;
-        if let SendOutcome::Upcall { vector } = out {
-            self.raise(vector);
+    fn send(&self, port: u32, out: &mut Vec<Raise>) -> Result<SendOutcome> {
+        let outcome = self.evtchn.send(port)?;
+        if let SendOutcome::Upcall { vector } = outcome {
+            self.raise(vector, out);
         }
-        Ok(out)
+        Ok(outcome)
     }
 
     /// Switch to the guest's page at `gpa`. Coming from the latch page, every open port pending
     /// there is sent again on the new page (invisible in the counters); then every upcall whose
     /// `upcall_pending` is set on the new page is raised, so that nothing latched before or
     /// left over from a previous frontend is lost.
-    fn register_page(&mut self, page: Arc<dyn SharedWords>, gpa: u64) -> Result<()> {
+    fn register_page(
+        &mut self,
+        page: Arc<dyn SharedWords>,
+        gpa: u64,
+        out: &mut Vec<Raise>,
+    ) -> Result<()> {
         let replay: Vec<u32> = if self.page_gpa.is_none() {
             (0..self.evtchn.num_ports())
                 .filter(|&p| {
@@ -291,7 +315,7 @@ impl Domain {
                 .get(word)
                 .is_some_and(|w| w.load(Ordering::SeqCst) != 0);
             if pending {
-                self.raise(v);
+                self.raise(v, out);
             }
         }
         debug!(
@@ -474,7 +498,20 @@ impl Router {
     ///
     /// [`Error::UnknownConnection`] or [`Error::Evtchn`] (bad port).
     pub fn send(&self, conn: ConnId, port: u32) -> Result<SendOutcome> {
-        self.domain(conn)?.send(port)
+        let mut out = Vec::new();
+        let r = self.send_deferred(conn, port, &mut out);
+        deliver(out);
+        r
+    }
+
+    /// [`send`](Self::send), with the upcall collected into `out` for [`deliver`].
+    pub(crate) fn send_deferred(
+        &self,
+        conn: ConnId,
+        port: u32,
+        out: &mut Vec<Raise>,
+    ) -> Result<SendOutcome> {
+        self.domain(conn)?.send(port, out)
     }
 
     /// What a doorbell on `port` of `conn` does: send on the other end of its link.
@@ -483,10 +520,24 @@ impl Router {
     ///
     /// [`Error::NotConnected`] if the port has no link, or as [`send`](Self::send).
     pub fn send_to_peer(&self, conn: ConnId, port: u32) -> Result<SendOutcome> {
+        let mut out = Vec::new();
+        let r = self.send_to_peer_deferred(conn, port, &mut out);
+        deliver(out);
+        r
+    }
+
+    /// [`send_to_peer`](Self::send_to_peer), with the upcall collected into `out` for
+    /// [`deliver`].
+    pub(crate) fn send_to_peer_deferred(
+        &self,
+        conn: ConnId,
+        port: u32,
+        out: &mut Vec<Raise>,
+    ) -> Result<SendOutcome> {
         let (pc, pp) = self
             .peer((conn, port))?
             .ok_or(Error::NotConnected { conn: conn.0, port })?;
-        self.send(pc, pp)
+        self.send_deferred(pc, pp, out)
     }
 
     /// State of `port` of `conn`.
@@ -718,12 +769,14 @@ impl Router {
 
     /// Execute one guest control request of `conn`. `resolve` turns a REGISTER_PAGE address
     /// into the page. `None` if the request comes from a session that is no longer attached.
+    /// Upcalls it causes are collected into `out` for [`deliver`].
     pub(crate) fn control(
         &mut self,
         conn: ConnId,
         generation: u64,
         req: &Request,
         resolve: impl FnOnce(u64) -> Result<Arc<dyn SharedWords>>,
+        out: &mut Vec<Raise>,
     ) -> Option<Reply> {
         let ports = self.ports;
         let upcalls = self.upcalls;
@@ -743,7 +796,7 @@ impl Router {
         }
         let port = req.port;
         if op == Op::Send {
-            return Some(match self.send_to_peer(conn, port) {
+            return Some(match self.send_to_peer_deferred(conn, port, out) {
                 Ok(_) => Reply::new(Status::Ok, 0),
                 Err(Error::NotConnected { .. }) => Reply::new(Status::NotConnected, 0),
                 Err(e) => {
@@ -762,7 +815,7 @@ impl Router {
         let reply = match op {
             Op::RegisterPage => match resolve(req.arg) {
                 Ok(page) => d
-                    .register_page(page, req.arg)
+                    .register_page(page, req.arg, out)
                     .map_or_else(internal, |()| ok),
                 Err(e) => {
                     debug!("vhost-user: {conn}: REGISTER_PAGE refused: {e}");
@@ -777,7 +830,7 @@ impl Router {
                         .and_then(|()| d.evtchn.retrigger(port));
                     match raised {
                         Ok(Some(v)) => {
-                            d.raise(v);
+                            d.raise(v, out);
                             ok
                         }
                         Ok(None) => ok,
@@ -800,7 +853,7 @@ impl Router {
                 } else {
                     match d.evtchn.unmask(port) {
                         Ok(Some(v)) => {
-                            d.raise(v);
+                            d.raise(v, out);
                             ok
                         }
                         Ok(None) => ok,
@@ -821,11 +874,19 @@ impl Router {
         Some(reply)
     }
 
-    /// A doorbell of `conn` (generation `generation`) on `port`. `false` if it did nothing
-    /// (bad port, no link, stale session).
-    pub(crate) fn doorbell(&self, conn: ConnId, generation: u64, port: u32) -> bool {
+    /// A doorbell of `conn` (generation `generation`) on `port`, its upcall collected into
+    /// `out` for [`deliver`]. `false` if it did nothing (bad port, no link, stale session).
+    pub(crate) fn doorbell(
+        &self,
+        conn: ConnId,
+        generation: u64,
+        port: u32,
+        out: &mut Vec<Raise>,
+    ) -> bool {
         match self.domain(conn) {
-            Ok(d) if d.generation == generation => self.send_to_peer(conn, port).is_ok(),
+            Ok(d) if d.generation == generation => {
+                self.send_to_peer_deferred(conn, port, out).is_ok()
+            }
             _ => false,
         }
     }
@@ -869,21 +930,46 @@ mod tests {
         let rec = Arc::new(Recorder::default());
         let generation = r.attach(conn, rec.clone()).unwrap();
         let p = Arc::clone(page);
+        let mut out = Vec::new();
         let reply = r
-            .control(conn, generation, &req(Op::RegisterPage, 0, gpa), |_| Ok(p))
+            .control(
+                conn,
+                generation,
+                &req(Op::RegisterPage, 0, gpa),
+                |_| Ok(p),
+                &mut out,
+            )
             .unwrap();
+        deliver(out);
         assert_eq!(reply.status(), Some(Status::Ok));
         (generation, rec)
     }
 
     fn ctl(r: &mut Router, conn: ConnId, generation: u64, q: Request) -> Reply {
-        r.control(conn, generation, &q, |gpa| {
-            Err(Error::BadPage {
-                gpa,
-                reason: "test",
-            })
-        })
-        .unwrap()
+        let mut out = Vec::new();
+        let reply = r
+            .control(
+                conn,
+                generation,
+                &q,
+                |gpa| {
+                    Err(Error::BadPage {
+                        gpa,
+                        reason: "test",
+                    })
+                },
+                &mut out,
+            )
+            .unwrap();
+        deliver(out);
+        reply
+    }
+
+    fn doorbell(r: &Router, conn: ConnId, generation: u64, port: u32) -> bool {
+        let mut out = Vec::new();
+        let done = r.doorbell(conn, generation, port, &mut out);
+        deliver(out);
+        done
     }
 
     #[test]
@@ -1008,7 +1094,13 @@ mod tests {
         );
         // A stale generation gets no reply and changes nothing.
         assert_eq!(
-            r.control(C0, g + 1, &req(Op::Bind, 1, 0), |_| unreachable!()),
+            r.control(
+                C0,
+                g + 1,
+                &req(Op::Bind, 1, 0),
+                |_| unreachable!(),
+                &mut Vec::new()
+            ),
             None
         );
         assert_eq!(r.port_state(C0, 1).unwrap(), PortState::Closed);
@@ -1050,7 +1142,7 @@ mod tests {
             0
         );
         // Doorbell in A on port 1 → event on B's port 2, and back.
-        assert!(r.doorbell(C0, ga, 1));
+        assert!(doorbell(&r, C0, ga, 1));
         assert_eq!(recb.take(), [0]);
         assert!(reca.take().is_empty());
         assert_eq!(guest_collect(pb.words(), 0), [2]);
@@ -1061,16 +1153,16 @@ mod tests {
         assert_eq!(reca.take(), [0]);
         assert_eq!(guest_collect(pa.words(), 0), [1]);
         // A stale generation's doorbell does nothing.
-        assert!(!r.doorbell(C0, ga + 7, 1));
-        assert!(!r.doorbell(C0, ga, 3), "no link");
-        assert!(!r.doorbell(C0, ga, 64), "bad port");
+        assert!(!doorbell(&r, C0, ga + 7, 1));
+        assert!(!doorbell(&r, C0, ga, 3), "no link");
+        assert!(!doorbell(&r, C0, ga, 64), "bad port");
         // Relinking drops the old links at both ends.
         r.connect_interdomain((C0, 1), (C0, 4)).unwrap();
         assert_eq!(r.peer((C1, 2)).unwrap(), None);
         assert_eq!(r.peer((C0, 4)).unwrap(), Some((C0, 1)));
         // Self-loop.
         r.connect_interdomain((C1, 2), (C1, 2)).unwrap();
-        assert!(r.doorbell(C1, gb, 2));
+        assert!(doorbell(&r, C1, gb, 2));
         assert_eq!(recb.take(), [0]);
         assert_eq!(r.disconnect_port((C1, 2)).unwrap(), Some((C1, 2)));
         assert_eq!(r.peer((C1, 2)).unwrap(), None);

@@ -7,9 +7,8 @@
 //! every thread, dropping connected frontends; [`Server::wait`] then returns.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -26,8 +25,10 @@ use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use crate::abi::{ABI_VERSION, ConfigSpace, DEFAULT_VIRTIO_ID, FEATURES, MAX_UPCALLS};
 use crate::error::{Error, Result};
-use crate::router::{ConnCounters, ConnId, Endpoint, Router, RouterState};
+use crate::router::{ConnCounters, ConnId, Endpoint, Router, RouterState, deliver};
 use crate::session::{Session, SessionParams, lock};
+use crate::socket::SocketFile;
+use crate::vring::{Breaker, with_breaker};
 
 /// Default number of upcalls (event queues) per connection.
 pub const DEFAULT_UPCALLS: u16 = 4;
@@ -112,6 +113,15 @@ impl BackendConfig {
             return Err(Error::InvalidConfig(
                 "virtio device ID 0 is reserved".into(),
             ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.sockets {
+            if !seen.insert(crate::socket::identity(p)) {
+                return Err(Error::InvalidConfig(format!(
+                    "socket path {} is given twice",
+                    p.display()
+                )));
+            }
         }
         if self.queue_size < 2 || !self.queue_size.is_power_of_two() {
             return Err(Error::InvalidConfig(format!(
@@ -204,7 +214,10 @@ impl Backend {
     ///
     /// As [`Router::send`].
     pub fn send(&self, conn: ConnId, port: u32) -> Result<SendOutcome> {
-        lock(&self.router).send(conn, port)
+        let mut out = Vec::new();
+        let r = lock(&self.router).send_deferred(conn, port, &mut out);
+        deliver(out);
+        r
     }
 
     /// See [`Router::send_to_peer`]: what a doorbell on `port` of `conn` does.
@@ -213,7 +226,10 @@ impl Backend {
     ///
     /// As [`Router::send_to_peer`].
     pub fn send_to_peer(&self, conn: ConnId, port: u32) -> Result<SendOutcome> {
-        lock(&self.router).send_to_peer(conn, port)
+        let mut out = Vec::new();
+        let r = lock(&self.router).send_to_peer_deferred(conn, port, &mut out);
+        deliver(out);
+        r
     }
 
     /// See [`Router::port_state`].
@@ -367,26 +383,9 @@ pub struct Server {
     stop: StopHandle,
     threads: Vec<JoinHandle<Result<()>>>,
     paths: Vec<PathBuf>,
-}
-
-fn bind_socket(path: &Path) -> Result<Listener> {
-    let err = |source| Error::Listen {
-        path: path.to_owned(),
-        source,
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_socket() => {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "the path exists and is not a socket",
-            )));
-        }
-        _ => {}
-    }
-    // Removes a stale socket, binds, and removes the socket again when dropped.
-    let listener = Listener::new(path, true).map_err(|e| err(std::io::Error::other(e)))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(listener)
+    /// The socket files this server created, removed (if still ours) when it is dropped,
+    /// after every socket thread ended.
+    _files: Vec<SocketFile>,
 }
 
 impl Server {
@@ -405,8 +404,11 @@ impl Server {
             let raw = fd.as_raw_fd();
             listeners.push((Listener::from(UnixListener::from(fd)), format!("fd {raw}")));
         }
+        let mut files = Vec::new();
         for path in &config.sockets {
-            listeners.push((bind_socket(path)?, path.display().to_string()));
+            let (listener, file) = crate::socket::bind(path)?;
+            files.push(file);
+            listeners.push((Listener::from(listener), path.display().to_string()));
         }
         let stop = StopHandle(Arc::new(StopState {
             stopped: AtomicBool::new(false),
@@ -418,6 +420,7 @@ impl Server {
             stop,
             threads: Vec::new(),
             paths: config.sockets.clone(),
+            _files: files,
         };
         for (i, (listener, name)) in listeners.into_iter().enumerate() {
             let conn = ConnId(i as u32);
@@ -588,16 +591,23 @@ fn serve_one(
     stop: &StopHandle,
 ) -> Result<()> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let breaker = Arc::new(Breaker::new(conn));
     let session = Arc::new(Session::attach(
         backend.session_params(conn),
         Arc::clone(&backend.router),
         mem.clone(),
+        Arc::clone(&breaker),
     )?);
-    let daemon = VhostUserDaemon::new(format!("irqbridge-vu-{}", conn.0), session.clone(), mem);
+    // The vrings created in there check the descriptors they are given and report to
+    // `breaker` (see crate::vring).
+    let daemon = with_breaker(&breaker, || {
+        VhostUserDaemon::new(format!("irqbridge-vu-{}", conn.0), session.clone(), mem)
+    });
     let mut daemon = match daemon {
         Ok(d) => d,
         Err(e) => {
             session.detach();
+            session.retire_memory();
             return Err(Error::Daemon(e.to_string()));
         }
     };
@@ -606,12 +616,14 @@ fn serve_one(
             h.send_exit_event();
         }
         session.detach();
+        session.retire_memory();
     };
     if let Err(e) = daemon.start(listener) {
         end(&daemon);
         return Err(Error::Daemon(e.to_string()));
     }
     info!("vhost-user: {conn}: frontend connected");
+    breaker.set_handle(daemon.shutdown_handle());
     if let Some(slot) = lock(&stop.0.slots).get_mut(conn.0 as usize) {
         slot.daemon = daemon.shutdown_handle();
     }
@@ -620,11 +632,13 @@ fn serve_one(
         daemon.request_shutdown();
     }
     let result = daemon.wait();
+    breaker.set_handle(None);
     if let Some(slot) = lock(&stop.0.slots).get_mut(conn.0 as usize) {
         slot.daemon = None;
     }
     end(&daemon);
     match result {
+        Ok(()) if breaker.is_broken() => info!("vhost-user: {conn}: frontend connection ended"),
         Ok(()) => info!("vhost-user: {conn}: frontend disconnected"),
         // vhost-user-backend reports a plain hang-up as an error; that is a normal end.
         Err(VhostUserDaemonError::HandleRequest(VhostUserError::Disconnected)) => {
@@ -639,6 +653,7 @@ fn serve_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 
     #[test]
     fn config_validation() {

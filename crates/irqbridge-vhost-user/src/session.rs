@@ -16,19 +16,20 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::sync::atomic::{Ordering, fence};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use irqbridge_core::SharedWords;
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringMutex, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VringState, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
-    GuestMemoryMmap,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryLoadGuard, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -38,15 +39,16 @@ use vmm_sys_util::event::{
 use crate::abi::{
     CONTROL_QUEUE, ConfigSpace, DOORBELL_ENTRY_SIZE, DOORBELL_QUEUE, FIRST_EVENT_QUEUE,
     MAX_DOORBELL_PORTS, RECORD_F_DEFERRED, RECORD_SIZE, REPLY_SIZE, REQUEST_SIZE, Reply, Request,
-    Status, UpcallRecord, event_queue,
+    Status, UpcallRecord, event_queue, parse_doorbell,
 };
+use crate::fault::MemCover;
 use crate::page::GuestPage;
-use crate::router::{ConnId, Counters, Router, UpcallSink, bump};
+use crate::router::{ConnId, Counters, Router, UpcallSink, bump, deliver};
+use crate::vring::{Breaker, Signal, signal};
 
 /// Guest memory as vhost-user-backend shares it.
 pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
-/// The vring type of this backend.
-pub(crate) type Vring = VringMutex<Mem>;
+pub(crate) use crate::vring::Vring;
 type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
 type Chain = DescriptorChain<MemGuard>;
 
@@ -82,6 +84,13 @@ pub(crate) struct Delivery {
     vrings: Vec<OnceLock<Vring>>,
     events: Vec<Mutex<EventQueue>>,
     counters: Arc<Counters>,
+    /// Cleared when the session detaches: upcalls decided under the router lock are delivered
+    /// after it is released, and one that arrives after the detach must not write into the
+    /// queues of a frontend that is gone (its RAM may be the next frontend's).
+    active: AtomicBool,
+    /// Keeps the guest memory this session touches covered by the SIGBUS handler.
+    cover: Arc<MemCover>,
+    breaker: Arc<Breaker>,
 }
 
 impl fmt::Debug for Delivery {
@@ -111,6 +120,19 @@ fn should_notify(st: &mut VringState<Mem>, mem: &GuestMemoryMmap) -> bool {
 }
 
 impl Delivery {
+    /// The current memory table, covered by the SIGBUS handler; `None` (and the connection
+    /// ended) if it cannot be covered.
+    fn memory(&self) -> Option<MemGuard> {
+        let mem = self.mem.memory();
+        if self.cover.cover(&mem.clone().into_inner()) {
+            Some(mem)
+        } else {
+            self.breaker
+                .break_connection("its guest memory cannot be covered (too many regions)");
+            None
+        }
+    }
+
     fn vring(&self, index: usize) -> Option<&Vring> {
         self.vrings.get(index).and_then(OnceLock::get)
     }
@@ -131,12 +153,15 @@ impl Delivery {
             self.defer(ev);
             return;
         };
+        let Some(mem) = self.memory() else {
+            self.defer(ev);
+            return;
+        };
         let mut st = vring.get_mut();
         if !st.is_enabled() || !st.get_queue().ready() {
             self.defer(ev);
             return;
         }
-        let mem = self.mem.memory();
         let mut budget = usize::from(st.get_queue().size()) + 1;
         let mut retried = false;
         let mut used = false;
@@ -195,13 +220,7 @@ impl Delivery {
         if should_notify(&mut st, &mem) {
             // Counted first, so that whoever sees the signal also sees the count.
             bump(&self.counters.signals);
-            if let Err(e) = st.signal_used_queue() {
-                bump(&self.counters.signal_errors);
-                warn!(
-                    "vhost-user: {}: upcall {v}: call fd write failed: {e}",
-                    self.conn
-                );
-            }
+            notify(&st, &self.counters, self.conn, "event");
         } else {
             bump(&self.counters.suppressed);
         }
@@ -221,12 +240,27 @@ impl Delivery {
     }
 }
 
+/// Signal the call fd of `st` (never blocking: see [`crate::vring`]).
+fn notify(st: &VringState<Mem>, counters: &Counters, conn: ConnId, what: &str) {
+    match signal(st) {
+        Signal::Sent | Signal::NoFd => {}
+        Signal::Saturated => bump(&counters.saturated),
+        Signal::Failed(e) => {
+            bump(&counters.signal_errors);
+            warn!("vhost-user: {conn}: {what} queue: call fd write failed: {e}");
+        }
+    }
+}
+
 impl UpcallSink for Delivery {
     fn raise(&self, upcall: u16) {
         let Some(slot) = self.events.get(usize::from(upcall)) else {
             return;
         };
         let mut ev = lock(slot);
+        if !self.active.load(Ordering::SeqCst) {
+            return;
+        }
         // An upcall already owed covers this one: the guest scans the whole page anyway.
         if !ev.owed {
             ev.owed = true;
@@ -250,6 +284,25 @@ pub(crate) struct Session {
     router: Arc<Mutex<Router>>,
     delivery: Arc<Delivery>,
     generation: u64,
+    /// Ends this session's connection (bad descriptors, guest memory faults).
+    breaker: Arc<Breaker>,
+    /// Exit-event consumer descriptors handed to vhost-user-backend, closed on drop (see
+    /// `exit_event`).
+    exit_consumers: Mutex<Vec<RawFd>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // vhost-user-backend 0.24 registers the exit-event consumer with the worker's epoll via
+        // `into_raw_fd()` and never closes it: one leaked eventfd per connection. Every worker
+        // holds a clone of this session, so when the session drops every worker thread has
+        // ended and its epoll is gone; nothing else closes or uses these numbers.
+        for fd in lock(&self.exit_consumers).drain(..) {
+            // SAFETY: `fd` is the consumer created in `exit_event` and leaked (never closed)
+            // by vhost-user-backend, whose users are all gone (see above).
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 impl fmt::Debug for Session {
@@ -267,6 +320,7 @@ impl Session {
         params: SessionParams,
         router: Arc<Mutex<Router>>,
         mem: Mem,
+        breaker: Arc<Breaker>,
     ) -> crate::Result<Session> {
         let queues = crate::abi::num_queues(params.upcalls);
         let mut r = lock(&router);
@@ -279,6 +333,9 @@ impl Session {
                 .map(|_| Mutex::new(EventQueue::default()))
                 .collect(),
             counters,
+            active: AtomicBool::new(true),
+            cover: MemCover::new(&breaker).map_err(crate::Error::Io)?,
+            breaker: Arc::clone(&breaker),
         });
         let generation = r.attach(params.conn, delivery.clone())?;
         drop(r);
@@ -287,6 +344,8 @@ impl Session {
             router,
             delivery,
             generation,
+            breaker,
+            exit_consumers: Mutex::new(Vec::new()),
         })
     }
 
@@ -295,6 +354,16 @@ impl Session {
         if let Err(e) = lock(&self.router).detach(self.params.conn, self.generation) {
             warn!("vhost-user: {}: detach failed: {e}", self.params.conn);
         }
+        self.delivery.active.store(false, Ordering::SeqCst);
+        // Wait for deliveries already past the check (each holds its queue's lock).
+        for e in &self.delivery.events {
+            drop(lock(e));
+        }
+    }
+
+    /// The session ended: its memory stays covered only while something still holds it.
+    pub(crate) fn retire_memory(&self) {
+        self.delivery.cover.retire();
     }
 
     fn counters(&self) -> &Counters {
@@ -329,13 +398,8 @@ impl Session {
                 );
             }
         }
-        if should_notify(&mut st, mem)
-            && let Err(e) = st.signal_used_queue()
-        {
-            warn!(
-                "vhost-user: {}: {what} queue: call fd write failed: {e}",
-                self.params.conn
-            );
+        if should_notify(&mut st, mem) {
+            notify(&st, self.counters(), self.params.conn, what);
         }
     }
 
@@ -358,7 +422,9 @@ impl Session {
         let Some(vring) = self.delivery.vring(queue) else {
             return;
         };
-        let mem = self.delivery.mem.memory();
+        let Some(mem) = self.delivery.memory() else {
+            return;
+        };
         let mut idle_retry = false;
         loop {
             let chains = self.pop_all(vring, &mem);
@@ -407,7 +473,7 @@ impl Session {
             let mut buf = [0u8; REQUEST_SIZE];
             r.read_exact(&mut buf)
                 .ok()
-                .map(|()| Request::from_bytes(&buf))
+                .and_then(|()| Request::parse(&buf))
         });
         let reply = match request {
             Some(req) => {
@@ -415,7 +481,16 @@ impl Session {
                 let resolve = |gpa| {
                     GuestPage::resolve(&page_mem, gpa).map(|p| Arc::new(p) as Arc<dyn SharedWords>)
                 };
-                match lock(&self.router).control(self.params.conn, self.generation, &req, resolve) {
+                let mut out = Vec::new();
+                let reply = lock(&self.router).control(
+                    self.params.conn,
+                    self.generation,
+                    &req,
+                    resolve,
+                    &mut out,
+                );
+                deliver(out);
+                match reply {
                     Some(r) => r,
                     None => return 0,
                 }
@@ -438,13 +513,14 @@ impl Session {
                 .iter()
                 .map(|c| Self::doorbell_ports(c.clone(), mem))
                 .collect();
+            let mut out = Vec::new();
             let router = lock(&self.router);
             for entry in &ports {
                 match entry {
                     Some(list) => {
                         for &port in list {
                             bump(&self.counters().doorbells);
-                            if !router.doorbell(self.params.conn, self.generation, port) {
+                            if !router.doorbell(self.params.conn, self.generation, port, &mut out) {
                                 bump(&self.counters().doorbell_errors);
                             }
                         }
@@ -452,25 +528,23 @@ impl Session {
                     None => bump(&self.counters().doorbell_errors),
                 }
             }
+            drop(router);
+            deliver(out);
             vec![0; chains.len()]
         });
     }
 
-    /// The port numbers of a doorbell chain: 1..=1024 little-endian u32 in its readable part.
+    /// The port numbers of a doorbell chain ([`crate::abi::parse_doorbell`] of its readable
+    /// part).
     fn doorbell_ports(chain: Chain, mem: &MemGuard) -> Option<Vec<u32>> {
         let mut reader = chain.reader(&**mem).ok()?;
         let n = reader.available_bytes();
-        if n == 0 || n % DOORBELL_ENTRY_SIZE != 0 || n > MAX_DOORBELL_PORTS * DOORBELL_ENTRY_SIZE {
+        if n == 0 || n > MAX_DOORBELL_PORTS * DOORBELL_ENTRY_SIZE {
             return None;
         }
         let mut bytes = vec![0u8; n];
         reader.read_exact(&mut bytes).ok()?;
-        Some(
-            bytes
-                .chunks_exact(DOORBELL_ENTRY_SIZE)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        )
+        parse_doorbell(&bytes)
     }
 
     fn capture(&self, vrings: &[Vring]) {
@@ -486,6 +560,31 @@ impl Session {
             let _ = slot.get_or_init(|| vring.clone());
         }
     }
+}
+
+/// Every file-backed region of `mem` must lie inside its file (`fstat` now; a file that
+/// shrinks later is the SIGBUS handler's business, see [`crate::fault`]).
+fn check_regions(mem: &GuestMemoryMmap) -> std::result::Result<(), String> {
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let gpa = region.start_addr().0;
+        let size = fo
+            .file()
+            .metadata()
+            .map_err(|e| format!("memory region at guest {gpa:#x}: fstat failed: {e}"))?
+            .len();
+        let end = fo.start().checked_add(region.len());
+        if end.is_none_or(|end| end > size) {
+            return Err(format!(
+                "memory region at guest {gpa:#x}: {} bytes at file offset {:#x} is larger than its file ({size} bytes)",
+                region.len(),
+                fo.start()
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl VhostUserBackend for Session {
@@ -533,6 +632,19 @@ impl VhostUserBackend for Session {
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        // vhost-user-backend maps each region without looking at the file's size; a region
+        // that reaches past the end of its file raises SIGBUS when touched there. Refuse it:
+        // the frontend gets the error (a NACK with REPLY_ACK) and loses its connection.
+        let table = mem.memory().into_inner();
+        if !self.delivery.cover.cover(&table) {
+            let why = "its guest memory cannot be covered (too many regions)";
+            self.breaker.break_connection(why);
+            return Err(io::Error::other(why));
+        }
+        if let Err(why) = check_regions(&table) {
+            self.breaker.break_connection(&why);
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+        }
         let resolve =
             |gpa| GuestPage::resolve(&mem, gpa).map(|p| Arc::new(p) as Arc<dyn SharedWords>);
         // Not an error for the frontend (that would end the connection): the page falls back
@@ -550,7 +662,10 @@ impl VhostUserBackend for Session {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        lock(&self.exit_consumers).push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn handle_event(

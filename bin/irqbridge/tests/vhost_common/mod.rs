@@ -1,0 +1,239 @@
+//! Helpers of the `vhost_*` tests: the real `irqbridge vhost-user` process, temporary
+//! directories, frontends on the test device, /proc probes.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use irqbridge_vhost_user::abi::{Op, Reply, Request, Status};
+use irqbridge_vhost_user::driver::{Driver, DriverConfig, GuestRam};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_irqbridge");
+/// Guest address of the event-channel page.
+pub const PAGE: u64 = 0x1000;
+/// Guest RAM of every test frontend.
+pub const RAM: usize = 2 << 20;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "irqbridge-vh-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The server process; killed if a test fails before it exits.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Still running?
+    pub fn alive(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let pid = i32::try_from(self.0.id()).unwrap();
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                assert!(s.success(), "irqbridge exited with {s}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "irqbridge did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Number of open descriptors of the process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// What the open descriptors are, with counts (for failure messages).
+    pub fn fd_kinds(&self) -> String {
+        let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+        for e in std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .flatten()
+        {
+            let t = std::fs::read_link(e.path())
+                .map(|t| t.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let kind = t.split(':').next().unwrap_or("").to_string();
+            let kind = if t.starts_with("anon_inode") { t } else { kind };
+            *kinds.entry(kind).or_default() += 1;
+        }
+        format!("{kinds:?}")
+    }
+
+    /// VmRSS in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Names of the threads of the process that are not blocked in an interruptible sleep, for
+    /// failure messages.
+    pub fn threads(&self) -> String {
+        let mut out = String::new();
+        if let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) {
+            for t in dir.flatten() {
+                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+                out.push_str(&format!("{}:{} ", comm.trim(), wchan.trim()));
+            }
+        }
+        out
+    }
+}
+
+/// Start `irqbridge vhost-user` with `args` (stderr to `log` in `dir`).
+pub fn spawn(dir: &TempDir, args: &[&str]) -> Child {
+    let log = std::fs::File::create(dir.join("server.log")).unwrap();
+    Command::new(BIN)
+        .arg("vhost-user")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Start a server on `sockets` (each with `--ports 64 --upcalls 1` plus `extra`) and wait
+/// until every socket exists.
+pub fn serve(dir: &TempDir, sockets: &[&Path], extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = vec![
+        "--ports".into(),
+        "64".into(),
+        "--upcalls".into(),
+        "1".into(),
+    ];
+    for s in sockets {
+        args.push("-s".into());
+        args.push(s.display().to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut p = Proc(spawn(dir, &refs));
+    for s in sockets {
+        wait_for(s, &mut p);
+    }
+    p
+}
+
+pub fn log(dir: &TempDir) -> String {
+    std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+}
+
+pub fn wait_for(path: &Path, p: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        if let Some(status) = p.0.try_wait().unwrap() {
+            panic!("irqbridge exited early: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Poll `cond` until it holds; panics after `secs` seconds.
+pub fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A frontend on `path` with fresh RAM; page registered and `binds` made.
+pub fn frontend(path: &Path, binds: &[(u32, u16)]) -> Driver {
+    frontend_ram(path, Arc::new(GuestRam::new(RAM).unwrap()), binds)
+}
+
+/// A frontend on `path` with `ram`; page registered and `binds` made.
+pub fn frontend_ram(path: &Path, ram: Arc<GuestRam>, binds: &[(u32, u16)]) -> Driver {
+    let cfg = DriverConfig {
+        queue_size: 64,
+        timeout: Duration::from_secs(10),
+        ..DriverConfig::default()
+    };
+    let mut drv = Driver::connect(path, ram, &cfg).unwrap();
+    let mut reqs = vec![Request::new(Op::RegisterPage, 0, PAGE)];
+    reqs.extend(
+        binds
+            .iter()
+            .map(|&(p, v)| Request::new(Op::Bind, p, u64::from(v))),
+    );
+    for (q, r) in reqs.iter().zip(drv.control_batch(&reqs).unwrap()) {
+        assert_eq!(r, Reply::new(Status::Ok, 0), "{q:?}");
+    }
+    drv
+}
+
+/// A fresh frontend on `path` is served: STATUS of port 0 answers Ok.
+pub fn served(path: &Path) -> bool {
+    let cfg = DriverConfig {
+        queue_size: 64,
+        timeout: Duration::from_secs(10),
+        ..DriverConfig::default()
+    };
+    let Ok(mut drv) = Driver::connect(path, Arc::new(GuestRam::new(RAM).unwrap()), &cfg) else {
+        return false;
+    };
+    drv.control(Request::new(Op::Status, 0, 0))
+        .is_ok_and(|r| r.status() == Some(Status::Ok))
+}
