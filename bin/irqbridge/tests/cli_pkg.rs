@@ -467,3 +467,124 @@ fn vhost_user_descriptor_binary() {
     assert!(wait_exit(&mut child.0).success());
     assert!(!sock.exists(), "socket removed on exit");
 }
+
+/// Runs `irqbridge bench ARGS --json DIR/NAME.json` and checks the JSON report and its plots;
+/// returns the report.
+fn bench_json(dir: &Path, name: &str, args: &[&str]) -> Value {
+    let json = dir.join(format!("{name}.json"));
+    let out = Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    // A missed goal (status 1) is no failure of the plumbing at these sample counts.
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{args:?}: {}\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains(&format!("JSON report: {}", json.display())),
+        "{stdout}"
+    );
+    // Progress went to stderr, one phase at a time, each completed.
+    assert!(stderr.contains("bench "), "no progress on stderr: {stderr}");
+    assert!(stderr.contains(", done"), "no completed phase: {stderr}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert!(!rows.is_empty(), "{report}");
+    let plots = report["plots"].as_array().unwrap();
+    assert!(!plots.is_empty(), "{report}");
+    for p in plots {
+        let file = dir.join(p.as_str().unwrap());
+        assert!(
+            file.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with(&format!("{name}-")),
+            "{} is named after the report",
+            file.display()
+        );
+        let svg = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{}",
+            file.display()
+        );
+        assert_eq!(
+            svg.matches("<polyline").count(),
+            2,
+            "row and baseline: {}",
+            file.display()
+        );
+        assert!(
+            stdout.contains(&format!("CDF plot: {}", file.display())),
+            "{stdout}"
+        );
+    }
+    report
+}
+
+#[test]
+fn bench_vhost_user_writes_json_and_plots() {
+    // No /dev/kvm needed: the vhost-user benchmark runs its guests as threads.
+    let dir = TempDir::new("bench-vu");
+    let report = bench_json(&dir.0, "vu", &["--vhost-user", "--samples", "2"]);
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 7, "{report}");
+    for r in rows {
+        assert!(r["value"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    // One plot per latency row: 1, 64, 4096 ports and the doorbell.
+    let plots: Vec<&str> = report["plots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        plots,
+        [
+            "vu-latency-1.svg",
+            "vu-latency-64.svg",
+            "vu-latency-4096.svg",
+            "vu-doorbell.svg"
+        ]
+    );
+}
+
+#[test]
+fn bench_rows_write_json_and_plots() {
+    if let Some(reason) = irqbridge_integration::kvm_unavailable_reason() {
+        eprintln!("SKIPPED: /dev/kvm not available ({reason})");
+        return;
+    }
+    let dir = TempDir::new("bench-kvm");
+    // Every row at once, with the fewest samples.
+    let all = bench_json(&dir.0, "all", &["--samples", "1"]);
+    let names: Vec<&str> = all["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["row"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["msix_fire", "intx_loop", "doorbell", "region_read"],
+        "{all}"
+    );
+    assert_eq!(all["iterations"], 1);
+    for r in all["rows"].as_array().unwrap() {
+        assert_eq!(r["measured_cdf"].as_array().unwrap().len(), 103, "{r}");
+        assert_eq!(r["baseline_cdf"].as_array().unwrap().len(), 103, "{r}");
+    }
+    // One row.
+    let one = bench_json(&dir.0, "msix", &["--row", "msix", "--samples", "1"]);
+    assert_eq!(one["rows"].as_array().unwrap().len(), 1);
+    assert_eq!(one["plots"], serde_json::json!(["msix-msix.svg"]));
+}
