@@ -147,13 +147,20 @@ pub fn cdf_svg(title: &str, subtitle: &str, series: &[Series<'_>]) -> String {
             i * 10
         );
     }
-    for t in log_ticks(lo, hi) {
+    let ticks = log_ticks(lo, hi);
+    let dense = ticks.len() > 7;
+    for t in ticks {
         let xx = x(t);
         let _ = writeln!(
             svg,
             r##"<line x1="{xx:.1}" y1="{TOP}" x2="{xx:.1}" y2="{:.1}" stroke="#e4e4e4"/>"##,
             TOP + plot_h
         );
+        // With every integer multiple gridded, label only 1, 2, 3 and 5 so labels do not touch.
+        let mantissa = (t / 10f64.powf(t.log10().floor())).round();
+        if dense && ![1.0, 2.0, 3.0, 5.0].contains(&mantissa) {
+            continue;
+        }
         let _ = writeln!(
             svg,
             r#"<text x="{xx:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
