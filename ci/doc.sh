@@ -7,8 +7,12 @@
 #   3. `cargo package` of every publishable library crate, verified: the crates are packaged
 #      together in one invocation, so cargo resolves the path dependencies between them through
 #      a temporary local registry (target/package/tmp-registry) instead of crates.io, where
-#      they are not published yet. A crate packaged alone (`cargo package -p irqbridge-kvm`)
-#      only verifies once its irqbridge dependencies are on crates.io; use `--no-verify` then.
+#      they are not published yet. Measured with cargo 1.95: a crate with irqbridge
+#      dependencies packaged alone (`cargo package -p irqbridge-kvm`) fails even with
+#      `--no-verify`, because cargo resolves its lock file against crates.io; it packages with
+#      `--no-verify --exclude-lockfile`. `cargo package --workspace` fails on the unpublished
+#      packages (irqbridge, irqbridge-integration, irqbridge-guest), whose path dependencies
+#      carry no version.
 #
 # Usage: ci/doc.sh [--no-package]
 set -euo pipefail
