@@ -38,8 +38,11 @@ mod help;
     propagate_version = true
 )]
 struct Cli {
-    /// Log level on stderr. Overrides RUST_LOG, which otherwise applies (env_logger filter
-    /// syntax); the default is info for the servers and warn for demo and bench.
+    /// Log level on stderr; overrides RUST_LOG.
+    ///
+    /// Without it RUST_LOG applies (env_logger filter syntax, e.g.
+    /// RUST_LOG=irqbridge_vfio_user=debug); the default is info for the servers and warn for
+    /// demo and bench.
     #[arg(
         long,
         global = true,
