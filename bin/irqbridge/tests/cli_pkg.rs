@@ -588,3 +588,102 @@ fn bench_rows_write_json_and_plots() {
     assert_eq!(one["rows"].as_array().unwrap().len(), 1);
     assert_eq!(one["plots"], serde_json::json!(["msix-msix.svg"]));
 }
+
+/// Starts `irqbridge vfio-user -s DIR/NAME.sock EXTRA` with `env` and stderr on a pipe whose
+/// identity is passed as `JOURNAL_STREAM` if `journal`; stops it with SIGTERM once the socket
+/// exists and returns its stderr.
+fn vfio_user_log(
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    journal: bool,
+) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let meta = std::fs::metadata(format!("/proc/self/fd/{}", writer.as_raw_fd())).unwrap();
+    let sock = dir.join(format!("{name}.sock"));
+    let mut cmd = Command::new(BIN);
+    cmd.arg("vfio-user")
+        .arg("--socket-path")
+        .arg(&sock)
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(writer);
+    if journal {
+        cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+    } else {
+        cmd.env_remove("JOURNAL_STREAM");
+    }
+    let mut child = Proc(cmd.spawn().unwrap());
+    // Our copy of the write end is gone with `cmd`, so reading ends when the child exits.
+    drop(cmd);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(child.0.try_wait().unwrap().is_none(), "exited early");
+        assert!(Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&child.0, libc::SIGTERM);
+    assert!(wait_exit(&mut child.0).success());
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut log).unwrap();
+    log
+}
+
+#[test]
+fn log_format_level_precedence_and_journal_priorities() {
+    let dir = TempDir::new("log");
+    // Plain stderr: time stamp, level, message; no module path, no doubled prefix.
+    let log = vfio_user_log(&dir.0, "plain", &[], &[], false);
+    let line = log
+        .lines()
+        .find(|l| l.contains("vfio-user: listening on"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let mut words = line.split_whitespace();
+    let ts = words.next().unwrap();
+    assert!(
+        ts.len() >= 20 && ts.ends_with('Z') && ts.contains('T'),
+        "{line}"
+    );
+    assert_eq!(words.next(), Some("INFO"), "{line}");
+    assert_eq!(words.next(), Some("vfio-user:"), "{line}");
+
+    // --log-level wins over RUST_LOG.
+    let log = vfio_user_log(
+        &dir.0,
+        "quiet",
+        &["--log-level", "warn"],
+        &[("RUST_LOG", "debug")],
+        false,
+    );
+    assert!(!log.contains("INFO") && !log.contains("DEBUG"), "{log}");
+    let log = vfio_user_log(
+        &dir.0,
+        "loud",
+        &["--log-level", "info"],
+        &[("RUST_LOG", "off")],
+        false,
+    );
+    assert!(log.contains(" INFO "), "{log}");
+    // RUST_LOG applies without it.
+    let log = vfio_user_log(&dir.0, "rustlog", &[], &[("RUST_LOG", "warn")], false);
+    assert!(!log.contains(" INFO "), "{log}");
+
+    // stderr is the journal: sd-daemon priority prefixes, no time stamps.
+    let log = vfio_user_log(&dir.0, "journal", &[], &[], true);
+    assert!(!log.is_empty());
+    for line in log.lines() {
+        assert!(
+            line.starts_with("<6>") || line.starts_with("<4>") || line.starts_with("<3>"),
+            "{line}"
+        );
+        assert!(!line.contains("Z INFO"), "{line}");
+    }
+    assert!(log.contains("<6>vfio-user: listening on"), "{log}");
+    // A JOURNAL_STREAM that names another file is not the journal.
+    let log = vfio_user_log(&dir.0, "other", &[], &[("JOURNAL_STREAM", "1:1")], false);
+    assert!(log.lines().all(|l| !l.starts_with('<')), "{log}");
+}
