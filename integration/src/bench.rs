@@ -57,7 +57,7 @@ use crate::error::{Error, Result};
 use crate::rig::{Rig, RigOptions};
 use crate::scenarios::{INTX_VECTOR, doorbell_burst};
 use crate::server::{HookEventKind, HookRequest};
-use crate::stats::LatencyStats;
+use crate::stats::{LatencyStats, cdf_of_durations, progress_advance, progress_begin};
 use crate::{Action, Guest};
 
 /// Settings of [`run`].
@@ -171,6 +171,10 @@ pub struct BenchRow {
     pub ratio: f64,
     /// Whether the goal is met.
     pub met: bool,
+    /// CDF of the measured path: `[fraction, µs]` at [`crate::stats::CDF_FRACTIONS`].
+    pub measured_cdf: Vec<[f64; 2]>,
+    /// CDF of the baseline, likewise.
+    pub baseline_cdf: Vec<[f64; 2]>,
 }
 
 impl BenchRow {
@@ -207,6 +211,8 @@ impl BenchRow {
             goal,
             ratio,
             met,
+            measured_cdf: cdf_of_durations(measured),
+            baseline_cdf: cdf_of_durations(base),
         })
     }
 }
@@ -278,17 +284,23 @@ impl fmt::Display for BenchReport {
 
 /// Runs the four benchmarks; see the [module documentation](self).
 ///
+/// Progress (one phase per row, one step per pair of samples) goes to the sink installed with
+/// [`crate::stats::set_progress_sink`], if any.
+///
 /// # Errors
 ///
+/// [`Error::InvalidArgument`] for `iterations` 0 (no samples, no goal can be judged);
 /// [`Error::KvmUnavailable`] without `/dev/kvm`; any failure of the rigs or the paths.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
+    if opts.iterations == 0 {
+        return Err(Error::InvalidArgument(
+            "the benchmark needs at least one sample per path".into(),
+        ));
+    }
     if let Some(reason) = crate::kvm_unavailable_reason() {
         return Err(Error::KvmUnavailable(reason));
     }
-    let opts = BenchOptions {
-        iterations: opts.iterations.max(1),
-        ..*opts
-    };
+    let opts = *opts;
     let cpu = match opts.pin_cpu {
         Some(c) => c,
         None => last_allowed_cpu()?,
@@ -303,20 +315,31 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     };
     let opts = BenchOptions { rig_cpus, ..opts };
     let want = |r: Row| opts.only.is_none_or(|o| o == r);
+    let wanted = Row::ALL.iter().filter(|&&r| want(r)).count();
+    let mut started = 0;
+    let mut phase = |row: Row| {
+        started += 1;
+        let rounds = (opts.warmup + opts.iterations) as u64;
+        progress_begin(&format!("[{started}/{wanted}] {}", row.name()), rounds);
+    };
     let mut rows = Vec::new();
     if want(Row::MsixFire) || want(Row::IntxLoop) {
         let rig = Rig::new(rig_options(&opts))?;
         if want(Row::MsixFire) {
+            phase(Row::MsixFire);
             rows.push(msix_fire(&rig, &opts)?);
         }
         if want(Row::IntxLoop) {
+            phase(Row::IntxLoop);
             rows.push(intx_loop(&rig, &opts)?);
         }
     }
     if want(Row::Doorbell) {
+        phase(Row::Doorbell);
         rows.push(doorbell(&opts)?);
     }
     if want(Row::RegionRead) {
+        phase(Row::RegionRead);
         rows.push(region_read(&opts, cpu)?);
     }
     Ok(BenchReport {
@@ -430,12 +453,14 @@ fn alternate(
     for _ in 0..opts.warmup {
         a()?;
         b()?;
+        progress_advance(1);
     }
     let mut sa = Vec::with_capacity(opts.iterations);
     let mut sb = Vec::with_capacity(opts.iterations);
     for _ in 0..opts.iterations {
         sa.push(a()?);
         sb.push(b()?);
+        progress_advance(1);
     }
     Ok((sa, sb))
 }

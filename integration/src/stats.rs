@@ -1,5 +1,6 @@
-//! Latency samples and their percentiles.
+//! Latency samples: percentiles, CDFs for plots, and progress reporting of long measurements.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -51,6 +52,98 @@ impl LatencyStats {
     }
 }
 
+/// The fractions at which [`cdf`] samples a distribution: every percent, then 99.5 %, 99.9 %
+/// and the maximum, so that a plot shows the tail.
+pub const CDF_FRACTIONS: [f64; 103] = {
+    let mut f = [0.0; 103];
+    let mut i = 0;
+    while i < 100 {
+        f[i] = i as f64 / 100.0;
+        i += 1;
+    }
+    f[100] = 0.995;
+    f[101] = 0.999;
+    f[102] = 1.0;
+    f
+};
+
+/// The empirical CDF of `samples_us` as `[fraction, latency µs]` points at [`CDF_FRACTIONS`]
+/// (nearest rank; fraction 0 is the minimum). Empty for no samples; NaNs are ignored.
+pub fn cdf(samples_us: &[f64]) -> Vec<[f64; 2]> {
+    let mut v: Vec<f64> = samples_us.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return Vec::new();
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    CDF_FRACTIONS
+        .iter()
+        .map(|&p| {
+            let rank = ((p * n as f64).ceil() as usize).clamp(1, n);
+            [p, v.get(rank - 1).copied().unwrap_or(f64::NAN)]
+        })
+        .collect()
+}
+
+/// [`cdf`] of durations.
+pub fn cdf_of_durations(samples: &[Duration]) -> Vec<[f64; 2]> {
+    let us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    cdf(&us)
+}
+
+/// Receives the progress of a long measurement (for a progress line on stderr).
+pub trait ProgressSink: Send + Sync {
+    /// `done` of `total` steps of the phase `label` are complete. A new label starts a new
+    /// phase; calls come from any thread.
+    fn step(&self, label: &str, done: u64, total: u64);
+}
+
+struct Phase {
+    sink: Arc<dyn ProgressSink>,
+    label: String,
+    done: u64,
+    total: u64,
+}
+
+/// The installed sink and the current phase. Global, because the rows measure on threads of
+/// their own and their signatures are shared with other code; see [`set_progress_sink`].
+static PROGRESS: Mutex<Option<Phase>> = Mutex::new(None);
+
+/// Installs (or with `None` removes) the sink that [`progress_begin`] and [`progress_advance`]
+/// report to. Without a sink they do nothing.
+pub fn set_progress_sink(sink: Option<Arc<dyn ProgressSink>>) {
+    let mut p = PROGRESS.lock().unwrap_or_else(PoisonError::into_inner);
+    *p = sink.map(|sink| Phase {
+        sink,
+        label: String::new(),
+        done: 0,
+        total: 0,
+    });
+}
+
+/// Starts the phase `label` of `total` steps.
+pub fn progress_begin(label: &str, total: u64) {
+    let mut p = PROGRESS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(phase) = p.as_mut() {
+        phase.label = label.to_string();
+        phase.done = 0;
+        phase.total = total;
+        phase.sink.step(label, 0, total);
+    }
+}
+
+/// `n` more steps of the current phase are done.
+pub fn progress_advance(n: u64) {
+    let mut p = PROGRESS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(phase) = p.as_mut() {
+        phase.done = phase
+            .done
+            .saturating_add(n)
+            .min(phase.total.max(phase.done));
+        phase.sink.step(&phase.label, phase.done, phase.total);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +161,49 @@ mod tests {
         let one = LatencyStats::from_durations(&[Duration::from_micros(7)]).unwrap();
         assert_eq!((one.p50_us, one.p99_us), (7.0, 7.0));
         assert!(LatencyStats::from_micros(&[]).is_none());
+    }
+
+    #[test]
+    fn cdf_points() {
+        let samples: Vec<f64> = (1..=1000).rev().map(f64::from).collect();
+        let c = cdf(&samples);
+        assert_eq!(c.len(), CDF_FRACTIONS.len());
+        assert_eq!(c[0], [0.0, 1.0]);
+        assert_eq!(c[50], [0.5, 500.0]);
+        assert_eq!(c[99], [0.99, 990.0]);
+        assert_eq!(c[101], [0.999, 999.0]);
+        assert_eq!(c[102], [1.0, 1000.0]);
+        assert!(
+            c.windows(2)
+                .all(|w| w[0][0] < w[1][0] && w[0][1] <= w[1][1])
+        );
+        assert!(cdf(&[]).is_empty());
+        assert!(cdf(&[f64::NAN]).is_empty());
+        let one = cdf_of_durations(&[Duration::from_micros(3)]);
+        assert!(one.iter().all(|p| p[1] == 3.0));
+    }
+
+    #[test]
+    fn progress_reaches_the_sink() {
+        struct Record(Mutex<Vec<(String, u64, u64)>>);
+        impl ProgressSink for Record {
+            fn step(&self, label: &str, done: u64, total: u64) {
+                self.0.lock().unwrap().push((label.into(), done, total));
+            }
+        }
+        progress_begin("no sink", 3);
+        progress_advance(1);
+        let rec = Arc::new(Record(Mutex::new(Vec::new())));
+        set_progress_sink(Some(rec.clone()));
+        progress_begin("a", 2);
+        progress_advance(1);
+        progress_advance(5);
+        set_progress_sink(None);
+        progress_advance(1);
+        let got = rec.0.lock().unwrap().clone();
+        assert_eq!(
+            got,
+            [("a".into(), 0, 2), ("a".into(), 1, 2), ("a".into(), 2, 2)]
+        );
     }
 }

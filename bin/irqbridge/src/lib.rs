@@ -19,6 +19,9 @@
 pub mod daemon;
 pub mod listen;
 pub mod logging;
+pub mod plot;
+pub mod progress;
+pub mod report;
 pub mod signals;
 
 pub use daemon::Error;

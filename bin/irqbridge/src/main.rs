@@ -38,8 +38,11 @@ mod help;
     propagate_version = true
 )]
 struct Cli {
-    /// Log level on stderr. Overrides RUST_LOG, which otherwise applies (env_logger filter
-    /// syntax); the default is info for the servers and warn for demo and bench.
+    /// Log level on stderr; overrides RUST_LOG.
+    ///
+    /// Without it RUST_LOG applies (env_logger filter syntax, e.g.
+    /// RUST_LOG=irqbridge_vfio_user=debug); the default is info for the servers and warn for
+    /// demo and bench.
     #[arg(
         long,
         global = true,
@@ -169,7 +172,8 @@ struct BenchArgs {
     /// 1, 64 and 4096 ports; interdomain doorbell against a direct eventfd write).
     #[arg(long, conflicts_with = "row")]
     vhost_user: bool,
-    /// Samples per measured path (at least 1).
+    /// Samples per measured path (at least 1). With --vhost-user: latency and doorbell round
+    /// trips per measurement; warm-up and throughput sizes shrink with it.
     #[arg(
         long,
         value_name = "N",
@@ -179,13 +183,11 @@ struct BenchArgs {
     /// Run one row only: msix, intx, doorbell or region-read.
     #[arg(long, value_name = "ROW")]
     row: Option<String>,
-    /// Also write the report as JSON to this file.
-    #[arg(
-        long,
-        value_name = "FILE",
-        default_value = "target/irqbridge-bench.json"
-    )]
-    json: PathBuf,
+    /// Also write the report as JSON to this file, and a latency CDF plot per row next to it
+    /// (FILE-STEM-ROW.svg). Default: target/irqbridge-bench.json, with --vhost-user
+    /// target/irqbridge-bench-vhost-user.json.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 /// Arguments of `irqbridge vfio-user`.
@@ -376,28 +378,59 @@ fn run_demo(args: DemoArgs) -> Result<bool, CliError> {
 }
 
 fn run_bench(args: BenchArgs) -> Result<bool, CliError> {
+    use irqbridge::progress::StderrProgress;
+    use irqbridge::report;
     use irqbridge_integration::bench::{self, BenchOptions, Row};
-    if args.vhost_user {
-        let report = irqbridge_vhost_user::bench::run().map_err(CliError::VhostUser)?;
-        report.print_table();
-        return Ok(true);
+    let progress = std::sync::Arc::new(StderrProgress::new("bench"));
+    let (json, report_json, plots, met) = if args.vhost_user {
+        use irqbridge_vhost_user::bench::{BenchOptions as VhostOptions, run_observed};
+        let mut opts = VhostOptions::default();
+        if let Some(n) = args.samples {
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            opts.latency_rounds = n;
+            opts.doorbell_rounds = n;
+            opts.warm_up_rounds = opts.warm_up_rounds.min(n.saturating_mul(3));
+            opts.throughput_events = opts.throughput_events.min(n.saturating_mul(200));
+        }
+        let result = run_observed(&opts, &*progress);
+        progress.finish();
+        let r = result.map_err(CliError::VhostUser)?;
+        r.print_table();
+        let json = args
+            .json
+            .unwrap_or_else(|| "target/irqbridge-bench-vhost-user.json".into());
+        (json, r.to_json(), report::vhost_user_plots(&r), true)
+    } else {
+        let mut opts = BenchOptions::default();
+        if let Some(n) = args.samples {
+            opts.iterations = n;
+        }
+        if let Some(name) = args.row {
+            opts.only = Some(Row::from_name(&name).ok_or(CliError::BenchRow(name))?);
+        }
+        irqbridge_integration::stats::set_progress_sink(Some(progress.clone()));
+        let result = bench::run(&opts);
+        irqbridge_integration::stats::set_progress_sink(None);
+        progress.finish();
+        let r = result.map_err(CliError::Integration)?;
+        r.print_table();
+        let json = args
+            .json
+            .unwrap_or_else(|| "target/irqbridge-bench.json".into());
+        (
+            json,
+            r.to_json(),
+            report::integration_plots(&r),
+            r.all_met(),
+        )
+    };
+    let paths =
+        report::write(&json, report_json, &plots).map_err(|(p, e)| CliError::WriteJson(p, e))?;
+    println!("JSON report: {}", json.display());
+    for p in paths {
+        println!("CDF plot: {}", p.display());
     }
-    let mut opts = BenchOptions::default();
-    if let Some(n) = args.samples {
-        opts.iterations = n;
-    }
-    if let Some(name) = args.row {
-        opts.only = Some(Row::from_name(&name).ok_or(CliError::BenchRow(name))?);
-    }
-    let report = bench::run(&opts).map_err(CliError::Integration)?;
-    report.print_table();
-    if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| CliError::WriteJson(args.json.clone(), e))?;
-    }
-    std::fs::write(&args.json, format!("{:#}\n", report.to_json()))
-        .map_err(|e| CliError::WriteJson(args.json.clone(), e))?;
-    println!("JSON report: {}", args.json.display());
-    Ok(report.all_met())
+    Ok(met)
 }
 
 /// The messages of an error and its sources, outermost first.

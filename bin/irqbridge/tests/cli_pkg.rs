@@ -467,3 +467,223 @@ fn vhost_user_descriptor_binary() {
     assert!(wait_exit(&mut child.0).success());
     assert!(!sock.exists(), "socket removed on exit");
 }
+
+/// Runs `irqbridge bench ARGS --json DIR/NAME.json` and checks the JSON report and its plots;
+/// returns the report.
+fn bench_json(dir: &Path, name: &str, args: &[&str]) -> Value {
+    let json = dir.join(format!("{name}.json"));
+    let out = Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    // A missed goal (status 1) is no failure of the plumbing at these sample counts.
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{args:?}: {}\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains(&format!("JSON report: {}", json.display())),
+        "{stdout}"
+    );
+    // Progress went to stderr, one phase at a time, each completed.
+    assert!(stderr.contains("bench "), "no progress on stderr: {stderr}");
+    assert!(stderr.contains(", done"), "no completed phase: {stderr}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert!(!rows.is_empty(), "{report}");
+    let plots = report["plots"].as_array().unwrap();
+    assert!(!plots.is_empty(), "{report}");
+    for p in plots {
+        let file = dir.join(p.as_str().unwrap());
+        assert!(
+            file.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with(&format!("{name}-")),
+            "{} is named after the report",
+            file.display()
+        );
+        let svg = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{}",
+            file.display()
+        );
+        assert_eq!(
+            svg.matches("<polyline").count(),
+            2,
+            "row and baseline: {}",
+            file.display()
+        );
+        assert!(
+            stdout.contains(&format!("CDF plot: {}", file.display())),
+            "{stdout}"
+        );
+    }
+    report
+}
+
+#[test]
+fn bench_vhost_user_writes_json_and_plots() {
+    // No /dev/kvm needed: the vhost-user benchmark runs its guests as threads.
+    let dir = TempDir::new("bench-vu");
+    let report = bench_json(&dir.0, "vu", &["--vhost-user", "--samples", "2"]);
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 7, "{report}");
+    for r in rows {
+        assert!(r["value"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    // One plot per latency row: 1, 64, 4096 ports and the doorbell.
+    let plots: Vec<&str> = report["plots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        plots,
+        [
+            "vu-latency-1.svg",
+            "vu-latency-64.svg",
+            "vu-latency-4096.svg",
+            "vu-doorbell.svg"
+        ]
+    );
+}
+
+#[test]
+fn bench_rows_write_json_and_plots() {
+    if let Some(reason) = irqbridge_integration::kvm_unavailable_reason() {
+        eprintln!("SKIPPED: /dev/kvm not available ({reason})");
+        return;
+    }
+    let dir = TempDir::new("bench-kvm");
+    // Every row at once, with the fewest samples.
+    let all = bench_json(&dir.0, "all", &["--samples", "1"]);
+    let names: Vec<&str> = all["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["row"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["msix_fire", "intx_loop", "doorbell", "region_read"],
+        "{all}"
+    );
+    assert_eq!(all["iterations"], 1);
+    for r in all["rows"].as_array().unwrap() {
+        assert_eq!(r["measured_cdf"].as_array().unwrap().len(), 103, "{r}");
+        assert_eq!(r["baseline_cdf"].as_array().unwrap().len(), 103, "{r}");
+    }
+    // One row.
+    let one = bench_json(&dir.0, "msix", &["--row", "msix", "--samples", "1"]);
+    assert_eq!(one["rows"].as_array().unwrap().len(), 1);
+    assert_eq!(one["plots"], serde_json::json!(["msix-msix.svg"]));
+}
+
+/// Starts `irqbridge vfio-user -s DIR/NAME.sock EXTRA` with `env` and stderr on a pipe whose
+/// identity is passed as `JOURNAL_STREAM` if `journal`; stops it with SIGTERM once the socket
+/// exists and returns its stderr.
+fn vfio_user_log(
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    journal: bool,
+) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let meta = std::fs::metadata(format!("/proc/self/fd/{}", writer.as_raw_fd())).unwrap();
+    let sock = dir.join(format!("{name}.sock"));
+    let mut cmd = Command::new(BIN);
+    cmd.arg("vfio-user")
+        .arg("--socket-path")
+        .arg(&sock)
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(writer);
+    if journal {
+        cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+    } else {
+        cmd.env_remove("JOURNAL_STREAM");
+    }
+    let mut child = Proc(cmd.spawn().unwrap());
+    // Our copy of the write end is gone with `cmd`, so reading ends when the child exits.
+    drop(cmd);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(child.0.try_wait().unwrap().is_none(), "exited early");
+        assert!(Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&child.0, libc::SIGTERM);
+    assert!(wait_exit(&mut child.0).success());
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut log).unwrap();
+    log
+}
+
+#[test]
+fn log_format_level_precedence_and_journal_priorities() {
+    let dir = TempDir::new("log");
+    // Plain stderr: time stamp, level, message; no module path, no doubled prefix.
+    let log = vfio_user_log(&dir.0, "plain", &[], &[], false);
+    let line = log
+        .lines()
+        .find(|l| l.contains("vfio-user: listening on"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let mut words = line.split_whitespace();
+    let ts = words.next().unwrap();
+    assert!(
+        ts.len() >= 20 && ts.ends_with('Z') && ts.contains('T'),
+        "{line}"
+    );
+    assert_eq!(words.next(), Some("INFO"), "{line}");
+    assert_eq!(words.next(), Some("vfio-user:"), "{line}");
+
+    // --log-level wins over RUST_LOG.
+    let log = vfio_user_log(
+        &dir.0,
+        "quiet",
+        &["--log-level", "warn"],
+        &[("RUST_LOG", "debug")],
+        false,
+    );
+    assert!(!log.contains("INFO") && !log.contains("DEBUG"), "{log}");
+    let log = vfio_user_log(
+        &dir.0,
+        "loud",
+        &["--log-level", "info"],
+        &[("RUST_LOG", "off")],
+        false,
+    );
+    assert!(log.contains(" INFO "), "{log}");
+    // RUST_LOG applies without it.
+    let log = vfio_user_log(&dir.0, "rustlog", &[], &[("RUST_LOG", "warn")], false);
+    assert!(!log.contains(" INFO "), "{log}");
+
+    // stderr is the journal: sd-daemon priority prefixes, no time stamps.
+    let log = vfio_user_log(&dir.0, "journal", &[], &[], true);
+    assert!(!log.is_empty());
+    for line in log.lines() {
+        assert!(
+            line.starts_with("<6>") || line.starts_with("<4>") || line.starts_with("<3>"),
+            "{line}"
+        );
+        assert!(!line.contains("Z INFO"), "{line}");
+    }
+    assert!(log.contains("<6>vfio-user: listening on"), "{log}");
+    // A JOURNAL_STREAM that names another file is not the journal.
+    let log = vfio_user_log(&dir.0, "other", &[], &[("JOURNAL_STREAM", "1:1")], false);
+    assert!(log.lines().all(|l| !l.starts_with('<')), "{log}");
+}

@@ -20,6 +20,10 @@
 //! - **doorbell A → B**: the main thread, as A's guest, rings A's doorbell queue for port 0,
 //!   which is linked to B's port 0; B's guest collects it and acks. Median round trip.
 //!   Baseline: an eventfd write from the main thread to B's guest thread, ack.
+//!
+//! The latency rows keep their CDFs ([`BenchRow::value_cdf`], [`BenchRow::baseline_cdf`]) for
+//! plots, the report serializes to JSON ([`BenchReport::to_json`]), and [`run_observed`]
+//! reports progress to a [`BenchProgress`].
 
 use std::fmt;
 use std::os::fd::AsRawFd;
@@ -30,6 +34,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use irqbridge_core::evtchn::guest_collect;
+use serde::Serialize;
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EventFd};
 
 use crate::abi::{Op, Request, Status, event_queue};
@@ -70,7 +75,7 @@ impl Default for BenchOptions {
 }
 
 /// One line of the report.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BenchRow {
     /// What was measured.
     pub test: String,
@@ -80,6 +85,11 @@ pub struct BenchRow {
     pub value: f64,
     /// The eventfd baseline between the same threads, same run.
     pub baseline: f64,
+    /// Latency rows: the CDF of the event-channel round trips as `[fraction, µs]` points at
+    /// [`CDF_FRACTIONS`]; empty for throughput rows.
+    pub value_cdf: Vec<[f64; 2]>,
+    /// Latency rows: the CDF of the baseline round trips, likewise.
+    pub baseline_cdf: Vec<[f64; 2]>,
 }
 
 impl BenchRow {
@@ -94,7 +104,7 @@ impl BenchRow {
 }
 
 /// The benchmark results.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct BenchReport {
     /// Measurements.
     pub rows: Vec<BenchRow>,
@@ -107,6 +117,58 @@ impl BenchReport {
     pub fn print_table(&self) {
         print!("{self}");
     }
+
+    /// The report as JSON (`{"rows": [...], "notes": [...]}`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+    }
+}
+
+/// The fractions at which the latency CDFs are sampled: every percent, then 99.5 %, 99.9 % and
+/// the maximum.
+pub const CDF_FRACTIONS: [f64; 103] = {
+    let mut f = [0.0; 103];
+    let mut i = 0;
+    while i < 100 {
+        f[i] = i as f64 / 100.0;
+        i += 1;
+    }
+    f[100] = 0.995;
+    f[101] = 0.999;
+    f[102] = 1.0;
+    f
+};
+
+/// The empirical CDF (nearest rank) of `samples` in µs at [`CDF_FRACTIONS`]; empty for none.
+pub fn cdf(samples: &[Duration]) -> Vec<[f64; 2]> {
+    let mut v: Vec<Duration> = samples.to_vec();
+    v.sort_unstable();
+    let n = v.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    CDF_FRACTIONS
+        .iter()
+        .map(|&p| {
+            let rank = ((p * n as f64).ceil() as usize).clamp(1, n);
+            let us = v.get(rank - 1).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
+            [p, us]
+        })
+        .collect()
+}
+
+/// Receives the progress of [`run_observed`].
+pub trait BenchProgress {
+    /// `done` of `total` steps of the phase `label` are complete; a new label is a new phase.
+    fn step(&self, label: &str, done: u64, total: u64);
+}
+
+/// Reports nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoProgress;
+
+impl BenchProgress for NoProgress {
+    fn step(&self, _: &str, _: u64, _: u64) {}
 }
 
 impl fmt::Display for BenchReport {
@@ -348,18 +410,32 @@ pub fn run() -> Result<BenchReport> {
 ///
 /// Setting up the sockets, drivers or threads failed.
 pub fn run_with(opts: &BenchOptions) -> Result<BenchReport> {
+    run_observed(opts, &NoProgress)
+}
+
+/// Run the benchmark with `opts`, reporting progress (one phase per measurement) to
+/// `progress`.
+///
+/// # Errors
+///
+/// Setting up the sockets, drivers or threads failed.
+pub fn run_observed(opts: &BenchOptions, progress: &dyn BenchProgress) -> Result<BenchReport> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     let dir =
         std::env::temp_dir().join(format!("irqbridge-vu-bench-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(io)?;
-    let result = run_in(&dir, opts);
+    let result = run_in(&dir, opts, progress);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn run_in(dir: &std::path::Path, opts: &BenchOptions) -> Result<BenchReport> {
+fn run_in(
+    dir: &std::path::Path,
+    opts: &BenchOptions,
+    progress: &dyn BenchProgress,
+) -> Result<BenchReport> {
     let (pa, pb) = (dir.join("a.sock"), dir.join("b.sock"));
     let server = Server::start(BackendConfig {
         sockets: vec![pa.clone(), pb.clone()],
@@ -374,7 +450,7 @@ fn run_in(dir: &std::path::Path, opts: &BenchOptions) -> Result<BenchReport> {
     backend.connect_interdomain((A, 0), (B, 0))?;
     let guest = Guest::start(drv_b)?;
     let mut report = BenchReport::default();
-    let measured = measure(&backend, &guest, &mut drv_a, opts, &mut report);
+    let measured = measure(&backend, &guest, &mut drv_a, opts, &mut report, progress);
     let drv_b = guest.stop();
     let counters = backend.counters(B)?;
     report.notes.push(format!(
@@ -400,15 +476,16 @@ fn send_burst(backend: &Backend, n: u32) -> Result<()> {
 }
 
 /// Time `rounds` round trips of each kind, alternating evtchn and eventfd rounds so that both
-/// see the same conditions; returns the medians in microseconds, after dropping a tenth of
-/// the rounds as warm-up.
+/// see the same conditions; returns the round trips of each kind, after dropping a tenth of
+/// the rounds as warm-up. Progress goes to `progress` as phase `label`.
 fn alternate(
     guest: &Guest,
     rounds: u64,
     per_ack: u64,
+    (progress, label): (&dyn BenchProgress, &str),
     mut evtchn: impl FnMut() -> Result<()>,
     mut eventfd: impl FnMut() -> Result<()>,
-) -> Result<(f64, f64)> {
+) -> Result<[Vec<Duration>; 2]> {
     let warm = rounds / 10 + 1;
     guest.phase(Phase {
         per_ack,
@@ -417,7 +494,9 @@ fn alternate(
         eventfd: per_ack * (rounds + warm),
     })?;
     let mut times = [Vec::new(), Vec::new()];
-    for i in 0..rounds + warm {
+    let total = rounds + warm;
+    progress.step(label, 0, total);
+    for i in 0..total {
         let t0 = Instant::now();
         evtchn()?;
         guest.wait_ack()?;
@@ -428,9 +507,23 @@ fn alternate(
             times[EVTCHN].push(t1 - t0);
             times[EVENTFD].push(t1.elapsed());
         }
+        if (i + 1) % 16 == 0 || i + 1 == total {
+            progress.step(label, i + 1, total);
+        }
     }
-    let [a, b] = times;
-    Ok((median_us(a), median_us(b)))
+    Ok(times)
+}
+
+/// A latency row from the round trips of [`alternate`].
+fn latency_row(test: String, [evtchn, eventfd]: [Vec<Duration>; 2]) -> BenchRow {
+    BenchRow {
+        test,
+        unit: "us",
+        value_cdf: cdf(&evtchn),
+        baseline_cdf: cdf(&eventfd),
+        value: median_us(evtchn),
+        baseline: median_us(eventfd),
+    }
 }
 
 fn measure(
@@ -439,6 +532,7 @@ fn measure(
     drv_a: &mut Driver,
     opts: &BenchOptions,
     report: &mut BenchReport,
+    progress: &dyn BenchProgress,
 ) -> Result<()> {
     // Warm up every path first: thread wake-ups are much slower for the first few thousand
     // round trips on a virtualised host (its halt polling adapts).
@@ -447,26 +541,34 @@ fn measure(
         guest,
         warm,
         1,
+        (progress, "warm-up: doorbell"),
         || drv_a.doorbell(&[0]).map_err(io),
         || guest.poke(1),
     )?;
-    alternate(guest, warm, 1, || send_burst(backend, 1), || guest.poke(1))?;
+    alternate(
+        guest,
+        warm,
+        1,
+        (progress, "warm-up: send"),
+        || send_burst(backend, 1),
+        || guest.poke(1),
+    )?;
     for n in [1u32, 64, 4096] {
         let per = u64::from(n);
         let rounds = (u64::from(opts.latency_rounds) * 64 / (64 + per)).max(20);
-        let (value, baseline) = alternate(
+        let label = format!("latency, {n} port(s)");
+        let times = alternate(
             guest,
             rounds,
             per,
+            (progress, &label),
             || send_burst(backend, n),
             || guest.poke(n),
         )?;
-        report.rows.push(BenchRow {
-            test: format!("latency, {n} port(s) per burst, median"),
-            unit: "us",
-            value,
-            baseline,
-        });
+        report.rows.push(latency_row(
+            format!("latency, {n} port(s) per burst, median"),
+            times,
+        ));
 
         // Throughput: blocks of rounds back to back, the sender spinning on the count of
         // collected events; evtchn and eventfd blocks alternate.
@@ -480,7 +582,9 @@ fn measure(
             eventfd: total,
         })?;
         let mut elapsed = [Duration::ZERO; 2];
-        for _ in 0..blocks {
+        let label = format!("throughput, {n} port(s)");
+        progress.step(&label, 0, blocks);
+        for block in 0..blocks {
             for kind in [EVTCHN, EVENTFD] {
                 let start = guest.collected(kind);
                 let t0 = Instant::now();
@@ -494,6 +598,7 @@ fn measure(
                 }
                 elapsed[kind] += t0.elapsed();
             }
+            progress.step(&label, block + 1, blocks);
         }
         let rate = |d: Duration| total as f64 / d.as_secs_f64();
         report.rows.push(BenchRow {
@@ -501,22 +606,86 @@ fn measure(
             unit: "events/s",
             value: rate(elapsed[EVTCHN]),
             baseline: rate(elapsed[EVENTFD]),
+            value_cdf: Vec::new(),
+            baseline_cdf: Vec::new(),
         });
     }
 
     // Interdomain doorbell A → B against an eventfd write from the same thread.
-    let (value, baseline) = alternate(
+    let times = alternate(
         guest,
         u64::from(opts.doorbell_rounds),
         1,
+        (progress, "doorbell A -> B"),
         || drv_a.doorbell(&[0]).map_err(io),
         || guest.poke(1),
     )?;
-    report.rows.push(BenchRow {
-        test: "doorbell A -> B round trip, median".into(),
-        unit: "us",
-        value,
-        baseline,
-    });
+    report.rows.push(latency_row(
+        "doorbell A -> B round trip, median".into(),
+        times,
+    ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn cdf_points() {
+        let samples: Vec<Duration> = (1..=200).rev().map(Duration::from_micros).collect();
+        let c = cdf(&samples);
+        assert_eq!(c.len(), CDF_FRACTIONS.len());
+        assert_eq!(c[0], [0.0, 1.0]);
+        assert_eq!(c[50], [0.5, 100.0]);
+        assert_eq!(c[102], [1.0, 200.0]);
+        assert!(c.windows(2).all(|w| w[0][1] <= w[1][1]));
+        assert!(cdf(&[]).is_empty());
+    }
+
+    #[derive(Default)]
+    struct Record(Mutex<Vec<(String, u64, u64)>>);
+
+    impl BenchProgress for Record {
+        fn step(&self, label: &str, done: u64, total: u64) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((label.to_string(), done, total));
+        }
+    }
+
+    #[test]
+    fn tiny_run_reports_cdfs_json_and_progress() {
+        let progress = Record::default();
+        let report = run_observed(
+            &BenchOptions {
+                latency_rounds: 20,
+                throughput_events: 200,
+                doorbell_rounds: 20,
+                warm_up_rounds: 10,
+            },
+            &progress,
+        )
+        .unwrap();
+        for r in &report.rows {
+            let latency = r.unit == "us";
+            assert_eq!(!r.value_cdf.is_empty(), latency, "{}", r.test);
+            assert_eq!(!r.baseline_cdf.is_empty(), latency, "{}", r.test);
+        }
+        let json = report.to_json();
+        assert_eq!(json["rows"].as_array().unwrap().len(), report.rows.len());
+        assert!(json["rows"][0]["value_cdf"].is_array(), "{json}");
+        let steps = progress.0.into_inner().unwrap();
+        for phase in [
+            "warm-up: doorbell",
+            "latency, 4096 port(s)",
+            "throughput, 64 port(s)",
+            "doorbell A -> B",
+        ] {
+            let last = steps.iter().rfind(|s| s.0 == phase).unwrap();
+            assert_eq!(last.1, last.2, "{phase} completes: {last:?}");
+        }
+    }
 }
