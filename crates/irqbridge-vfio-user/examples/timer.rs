@@ -22,6 +22,8 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use irqbridge_vfio_user::pci::{
@@ -38,46 +40,67 @@ pub const REG_TICKS: u64 = 0x08;
 pub const VECTORS: u16 = 4;
 
 /// The timer's registers and its ticker.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Timer {
-    period_ms: u32,
+    period_ms: Arc<AtomicU32>,
     vector: u32,
     ticks: u64,
-    /// Our end of the ticker's socket pair; dropping it ends the ticker thread.
+    /// Our end of the ticker's socket pair; dropping it ends the ticker thread. It exists for
+    /// the device's whole life: the poll set must not change on a register write (the server
+    /// looks at it again only after messages other than region accesses).
     ticker: Option<UnixStream>,
 }
 
 impl Timer {
-    /// Starts (or stops, with 0) the ticker.
-    fn set_period(&mut self, period_ms: u32) {
-        self.period_ms = period_ms;
-        self.ticker = None; // the old thread's next write fails and it exits
-        if period_ms == 0 {
-            return;
-        }
-        let Ok((ours, mut theirs)) = UnixStream::pair() else {
-            return;
-        };
-        if ours.set_nonblocking(true).is_err() {
-            return;
-        }
-        let period = Duration::from_millis(u64::from(period_ms));
-        std::thread::spawn(move || {
-            loop {
-                std::thread::sleep(period);
-                if theirs.write_all(&[1]).is_err() {
-                    return;
+    /// A stopped timer and its ticker thread (which writes one byte per period while the
+    /// period is not 0).
+    pub fn new() -> Self {
+        let period_ms = Arc::new(AtomicU32::new(0));
+        let ticker = UnixStream::pair().ok().and_then(|(ours, mut theirs)| {
+            ours.set_nonblocking(true).ok()?;
+            // The thread ends when the device is dropped (the period's last strong reference).
+            let period = Arc::downgrade(&period_ms);
+            std::thread::spawn(move || {
+                while let Some(ms) = period.upgrade().map(|p| p.load(Ordering::Relaxed)) {
+                    std::thread::sleep(Duration::from_millis(u64::from(ms.max(1))));
+                    if ms != 0 && theirs.write_all(&[1]).is_err() {
+                        return;
+                    }
                 }
-            }
+            });
+            Some(ours)
         });
-        self.ticker = Some(ours);
+        Self {
+            period_ms,
+            vector: 0,
+            ticks: 0,
+            ticker,
+        }
+    }
+
+    /// Starts (or stops, with 0) the timer.
+    fn set_period(&mut self, period_ms: u32) {
+        self.period_ms.store(period_ms, Ordering::Relaxed);
+        if period_ms == 0 {
+            // Ticks already written but not yet read are not delivered after a stop.
+            if let Some(t) = &mut self.ticker {
+                let mut buf = [0u8; 64];
+                while matches!(t.read(&mut buf), Ok(n) if n > 0) {}
+            }
+        }
+    }
+}
+
+impl Default for Timer {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
 impl PciDevice for Timer {
     fn bar_read(&mut self, _bar: BarIndex, offset: u64, data: &mut [u8], _pci: &mut PciCore) {
         let value = match offset {
-            REG_PERIOD_MS => self.period_ms,
+            REG_PERIOD_MS => self.period_ms.load(Ordering::Relaxed),
             REG_VECTOR => self.vector,
             REG_TICKS => self.ticks as u32,
             _ => 0,
@@ -120,6 +143,9 @@ impl PciDevice for Timer {
             }
             Ok(n) => n,
         };
+        if self.period_ms.load(Ordering::Relaxed) == 0 {
+            return; // a tick written just before a stop is not delivered after it
+        }
         for _ in 0..n {
             // Masked or disabled: the model sets the PBA bit and delivers on unmask.
             if pci.msix_fire(self.vector as u16).is_ok() {

@@ -174,7 +174,10 @@ pub trait PciDevice: Send {
     /// The ioeventfd of area `area` (index into [`Bar::ioeventfds`]) of BAR `bar` was signalled
     /// `count` times.
     fn ioeventfd(&mut self, _bar: BarIndex, _area: usize, _count: u64, _pci: &mut PciCore) {}
-    /// Extra fds to poll for readability, with tokens below [`DEVICE_TOKEN_LIMIT`].
+    /// Extra fds to poll for readability, with tokens below [`DEVICE_TOKEN_LIMIT`]. The set
+    /// must not change in a BAR access (the server asks again only after other messages and
+    /// events, see [`VfioUserDevice::poll_fds`](crate::device::VfioUserDevice::poll_fds)):
+    /// create the fds up front, as `examples/timer.rs` does with its ticker.
     fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, u64)> {
         Vec::new()
     }
