@@ -51,6 +51,30 @@ enum Command {
     Demo(DemoArgs),
     /// Benchmark the interrupt paths against baselines measured in the same run.
     Bench(BenchArgs),
+    /// Serve a host PCI device bound to vfio-pci over vfio-user (docs/passthrough.md): its
+    /// interrupts go from the host kernel straight into the client's eventfds.
+    Passthrough(PassthroughArgs),
+}
+
+/// Arguments of `irqbridge passthrough`.
+#[derive(Debug, Args)]
+struct PassthroughArgs {
+    /// The host PCI device, DDDD:BB:SS.F, bound to vfio-pci.
+    #[arg(long, value_name = "DDDD:BB:SS.F")]
+    device: String,
+    /// Listen for the VMM on this unix socket (created with mode 0600, removed on exit).
+    #[arg(short = 's', long, value_name = "PATH", required_unless_present = "fd")]
+    socket_path: Option<PathBuf>,
+    /// Serve on this already listening unix socket inherited from the parent.
+    #[arg(long, value_name = "N", conflicts_with = "socket_path")]
+    fd: Option<RawFd>,
+    /// Let the client mmap the BAR pages that hold neither the MSI-X table nor the PBA. Trust:
+    /// the client then drives those device registers directly, unseen by the server, and can
+    /// start device DMA on its own (only into memory it DMA-mapped, the IOMMU enforces that);
+    /// interrupt routing and masking stay with the server. Without it every BAR access is a
+    /// message the server checks and performs.
+    #[arg(long)]
+    mmap_bars: bool,
 }
 
 /// Arguments of `irqbridge vhost-user`.
@@ -207,6 +231,9 @@ enum CliError {
     /// The vhost-user backend failed.
     #[error("vhost-user backend failed.")]
     VhostUser(#[source] irqbridge_vhost_user::Error),
+    /// The device to pass through could not be opened.
+    #[error("Cannot pass the device through.")]
+    Passthrough(#[source] irqbridge_vfio_user::passthrough::PassthroughError),
     /// Writing the benchmark JSON failed.
     #[error("Cannot write {0}.")]
     WriteJson(PathBuf, #[source] std::io::Error),
@@ -381,6 +408,44 @@ fn run_vfio_user(cfg: VfioUserConfig) -> Result<(), CliError> {
     result.map_err(CliError::Server)
 }
 
+fn run_passthrough(a: PassthroughArgs) -> Result<(), CliError> {
+    use irqbridge_vfio_user::passthrough::{self, PassthroughOptions};
+    let listen = match (a.socket_path, a.fd) {
+        (Some(p), None) => Listen::Path(p),
+        (None, Some(fd)) if fd >= 0 => Listen::Fd(fd),
+        (None, Some(fd)) => return Err(CliError::BadFd(fd)),
+        _ => return Err(CliError::Listen),
+    };
+    let signals = signals::Signals::block().map_err(CliError::Signals)?;
+    let opts = PassthroughOptions {
+        mmap_bars: a.mmap_bars,
+    };
+    let mut device = passthrough::open(&a.device, opts).map_err(CliError::Passthrough)?;
+    let mut server = match &listen {
+        Listen::Path(p) => Server::bind(p).map_err(CliError::Server)?,
+        Listen::Fd(fd) => Server::from_listener(adopt_listener(*fd)?).map_err(CliError::Server)?,
+    };
+    info!(
+        "irqbridge: passing through {} (mmap BARs: {}) on {listen:?}",
+        a.device, a.mmap_bars
+    );
+    let stop = server.stop_handle();
+    signals.spawn_waiter(move |sig| {
+        info!("irqbridge: signal {sig}, shutting down");
+        if let Err(e) = stop.stop() {
+            error!("irqbridge: cannot stop the server: {e}");
+        }
+    });
+    let result = server.run(&mut device);
+    info!(
+        "irqbridge: passthrough counters at exit: {:?}",
+        device.stats()
+    );
+    drop(server);
+    drop(device);
+    result.map_err(CliError::Server)
+}
+
 fn run_control(args: ControlArgs) -> Result<bool, CliError> {
     let mut client = ControlClient::connect(&args.socket).map_err(CliError::Control)?;
     let reply = client
@@ -488,6 +553,7 @@ fn main() -> ExitCode {
         Command::VhostUser(args) => run_vhost_user(args),
         Command::Demo(args) => run_demo(args),
         Command::Bench(args) => run_bench(args),
+        Command::Passthrough(args) => run_passthrough(args).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -31,6 +31,7 @@ pub mod control;
 pub mod device;
 pub mod dma;
 pub mod error;
+pub mod passthrough;
 pub mod pci;
 pub mod proto;
 pub mod server;
