@@ -15,6 +15,11 @@
 #           event-channel backend (`irqbridge vhost-user` with loopback links
 #           --link 1:5 --link 2:70 --link 3:700), one upcall (num_vqs 3, config_size 24); the guest binds the
 #           device to vfio-pci and runs scenario vhost-evtchn (INTx, exact upcall counts).
+#   passthrough  intel-iommu + QEMU's edu device: the guest binds edu to its vfio-pci, runs
+#           `irqbridge passthrough --device BDF --socket-path /tmp/p.sock --mmap-bars` (a static
+#           build in the initramfs) and drives it with a vfio-user client holding plain eventfds
+#           (scenario passthrough: INTx with the resample eventfd, MSI, DMA, server wakeups,
+#           reset, a second client).
 #
 # Every QEMU run has a hard timeout. Fails on any FAIL line, a missing result or DONE line, a
 # timeout or a server that died. Prints "SKIPPED: <reason>" and exits 0 only on a machine where
@@ -40,7 +45,7 @@ REPO=$(cd "$HERE/.." && pwd)
 T0=$(now)
 OUT=${IRQBRIDGE_QEMU_OUT:-$REPO/target-qemu-tests}
 QTIMEOUT=${IRQBRIDGE_QEMU_TIMEOUT:-240}
-CASES=${IRQBRIDGE_QEMU_CASES:-uio vfio reboot vhost}
+CASES=${IRQBRIDGE_QEMU_CASES:-uio vfio reboot vhost passthrough}
 VHOST_VIRTIO_ID=${IRQBRIDGE_VHOST_VIRTIO_ID:-21}
 # One upcall: control + doorbell + one event queue (crates/irqbridge-vhost-user/src/abi.rs).
 VHOST_UPCALLS=1
@@ -61,6 +66,9 @@ t=$(now)
 "$HERE/setup-qemu.sh"
 mkdir -p "$OUT"
 rm -f "$OUT"/*.log "$OUT"/*.sock
+if [[ " $CASES " == *" passthrough "* ]]; then
+    export IRQBRIDGE_GUEST_SERVER=1
+fi
 "$HERE/build-initramfs.sh" "$OUT/initramfs.cpio.gz"
 KENV=$("$HERE/guest-kernel.sh" 2>/dev/null)
 # shellcheck disable=SC1090
@@ -250,6 +258,7 @@ check_serial() {
 
 VFIO_RESULTS=(vfio-open vfio-intx vfio-msix vfio-msix-mask)
 EVTCHN_RESULTS=(evtchn-setup evtchn-basic evtchn-coalesce evtchn-mask evtchn-unbind-close evtchn-totals)
+PASSTHROUGH_RESULTS=(pt-open pt-intx pt-msi pt-dma pt-wakeups pt-reset pt-reconnect)
 VHOST_RESULTS=(vhost-open vhost-init vhost-evtchn-setup vhost-evtchn-send vhost-evtchn-coalesce
     vhost-evtchn-doorbell vhost-evtchn-mask vhost-evtchn-totals)
 
@@ -296,7 +305,11 @@ for c in $CASES; do
         stop_server vhost
         check_serial vhost 1 boot "${VHOST_RESULTS[@]}"
         ;;
-    *) die "unknown case $c (known: uio vfio reboot vhost)" ;;
+    passthrough)
+        run_qemu passthrough "" 1 1 boot,passthrough -device edu
+        check_serial passthrough 1 boot "${PASSTHROUGH_RESULTS[@]}"
+        ;;
+    *) die "unknown case $c (known: uio vfio reboot vhost passthrough)" ;;
     esac
 done
 

@@ -1,0 +1,517 @@
+//! Scenario `passthrough`: QEMU's `edu` device bound to the guest's vfio-pci, served by
+//! `irqbridge passthrough` running in the guest, driven by a vfio-user client (the plugin's
+//! client, `irqbridge_kvm::client`) that holds plain eventfds. Interrupts go from the guest
+//! kernel's vfio-pci straight into those eventfds.
+//!
+//! Results: `pt-open` (server up, IDs, virtual BAR sizing), `pt-intx` (edu INTx raised and
+//! acked through its registers, the unmask eventfd as the resample path, exact counts and one
+//! level re-fire), `pt-msi` (edu MSI, exact counts), `pt-dma` (edu's DMA engine copies from
+//! and to client memory DMA-mapped through the server into the guest IOMMU, bytes checked;
+//! bad DMA_MAPs refused), `pt-wakeups` (1000 MSIs raised through the mmapped BAR: the server
+//! does not wake), `pt-reset` (DEVICE_RESET), `pt-reconnect` (a second client after the
+//! first disconnected finds the device quiesced and works).
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use irqbridge_kvm::client::{Client, ClientConfig};
+
+use crate::pci::{self, PciDev};
+use crate::report::{Error, Facts, Reporter, Result};
+use crate::sys::{EventFd, Mapping};
+use crate::{EVENT_TIMEOUT, QUIET_TIMEOUT};
+
+const EDU_VENDOR: u16 = 0x1234;
+const EDU_DEVICE: u16 = 0x11e8;
+const SOCK: &str = "/tmp/p.sock";
+const LOG: &str = "/tmp/passthrough.log";
+const SERVER: &str = "/bin/irqbridge";
+
+const CFG: u32 = 7;
+const BAR0: u32 = 0;
+const INTX: u32 = 0;
+const MSI: u32 = 1;
+
+const EDU_ID: u64 = 0x00;
+const EDU_LIVENESS: u64 = 0x04;
+const EDU_IRQ_STATUS: u64 = 0x24;
+const EDU_IRQ_RAISE: u64 = 0x60;
+const EDU_IRQ_ACK: u64 = 0x64;
+const EDU_DMA_SRC: u64 = 0x80;
+const EDU_DMA_DST: u64 = 0x88;
+const EDU_DMA_COUNT: u64 = 0x90;
+const EDU_DMA_CMD: u64 = 0x98;
+const EDU_DMA_BUF: u32 = 0x40000;
+
+const ACTION_UNMASK: u32 = 0x10;
+const ACTION_TRIGGER: u32 = 0x20;
+/// DMA address of the client's buffer: below edu's 28-bit DMA mask.
+const IOVA: u64 = 0x10_0000;
+const DMA_LEN: u64 = 0x1_0000;
+
+fn e(x: impl std::fmt::Display) -> Error {
+    Error::msg(x.to_string())
+}
+
+fn bfd(ev: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the EventFd owns the descriptor and outlives the borrow.
+    unsafe { BorrowedFd::borrow_raw(ev.raw()) }
+}
+
+fn rd32(c: &mut Client, index: u32, off: u64) -> Result<u32> {
+    let mut b = [0u8; 4];
+    c.region_read(index, off, &mut b).map_err(e)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn wr32(c: &mut Client, index: u32, off: u64, v: u32) -> Result<()> {
+    c.region_write(index, off, &v.to_le_bytes()).map_err(e)
+}
+
+fn rd16(c: &mut Client, off: u64) -> Result<u16> {
+    let mut b = [0u8; 2];
+    c.region_read(CFG, off, &mut b).map_err(e)?;
+    Ok(u16::from_le_bytes(b))
+}
+
+fn set_command(c: &mut Client, bits: u16) -> Result<u16> {
+    let v = rd16(c, 4)? | bits;
+    c.region_write(CFG, 4, &v.to_le_bytes()).map_err(e)?;
+    rd16(c, 4)
+}
+
+/// Context switches of every thread of process `pid` (voluntary + involuntary).
+fn ctx_switches(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(e)?;
+    for t in dir.flatten() {
+        let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        for line in s.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Ok(total)
+}
+
+struct Server {
+    child: Child,
+}
+
+impl Server {
+    fn start(bdf: &str) -> Result<Server> {
+        let _ = std::fs::remove_file(SOCK);
+        let log = std::fs::File::create(LOG).map_err(e)?;
+        let child = Command::new(SERVER)
+            .args([
+                "passthrough",
+                "--device",
+                bdf,
+                "--socket-path",
+                SOCK,
+                "--mmap-bars",
+            ])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|x| e(format!("starting {SERVER}: {x}")))?;
+        let mut s = Server { child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !Path::new(SOCK).exists() {
+            if let Ok(Some(st)) = s.child.try_wait() {
+                return Err(e(format!("the server exited ({st}): {}", s.log_tail())));
+            }
+            if Instant::now() > deadline {
+                return Err(e("the server socket did not appear"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(s)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(LOG).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(6)..].join(" | ")
+    }
+
+    fn connect(&self) -> Result<Client> {
+        let cfg = ClientConfig {
+            connect_timeout: Duration::from_secs(10),
+            call_timeout: Duration::from_secs(20),
+            ..ClientConfig::default()
+        };
+        Client::connect(Path::new(SOCK), &cfg).map_err(e)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: SIGTERM to the child this struct started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn open(pci: &PciDev, server: &mut Option<Server>, f: &mut Facts) -> Result<Client> {
+    f.set("bdf", &pci.bdf);
+    pci.bind("vfio-pci")?;
+    f.set("group", pci.iommu_group()?);
+    let s = Server::start(&pci.bdf)?;
+    let mut c = s.connect()?;
+    *server = Some(s);
+    let info = c.device_info().map_err(e)?;
+    f.expect_eq("pci", info.is_pci(), true)?;
+    f.expect_hex("ids", u64::from(rd32(&mut c, CFG, 0)?), 0x11e8_1234)?;
+    // BAR0 sizing is answered from the server's virtual copy.
+    let bar0 = rd32(&mut c, CFG, 0x10)?;
+    wr32(&mut c, CFG, 0x10, u32::MAX)?;
+    f.expect_hex(
+        "bar0_sizing",
+        u64::from(rd32(&mut c, CFG, 0x10)? & !0xf),
+        0xfff0_0000,
+    )?;
+    wr32(&mut c, CFG, 0x10, bar0)?;
+    f.expect_hex(
+        "bar0_restored",
+        u64::from(rd32(&mut c, CFG, 0x10)?),
+        u64::from(bar0),
+    )?;
+    let r0 = c.region_info(BAR0).map_err(e)?;
+    f.expect_hex("bar0_size", r0.size, 0x10_0000)?;
+    f.expect_eq("bar0_mmap", r0.is_mappable(), true)?;
+    f.expect_eq("intx_count", c.irq_info(INTX).map_err(e)?.count, 1)?;
+    f.expect_eq("msi_count", c.irq_info(MSI).map_err(e)?.count, 1)?;
+    f.expect_eq("msix_count", c.irq_info(2).map_err(e)?.count, 0)?;
+    let cmd = set_command(&mut c, 0x2)?;
+    f.expect_eq("mem_enabled", cmd & 2, 2)?;
+    f.expect_hex(
+        "edu_id",
+        u64::from(rd32(&mut c, BAR0, EDU_ID)?),
+        0x0100_00ed,
+    )?;
+    wr32(&mut c, BAR0, EDU_LIVENESS, 0x1234_5678)?;
+    f.expect_hex(
+        "liveness",
+        u64::from(rd32(&mut c, BAR0, EDU_LIVENESS)?),
+        u64::from(!0x1234_5678u32),
+    )?;
+    // Past the BAR: an error reply, the connection stays usable.
+    let mut b = [0u8; 4];
+    f.expect_eq(
+        "past_bar_refused",
+        c.region_read(BAR0, 0x10_0000 - 2, &mut b).is_err(),
+        true,
+    )?;
+    Ok(c)
+}
+
+fn raise(c: &mut Client, bits: u32) -> Result<()> {
+    wr32(c, BAR0, EDU_IRQ_RAISE, bits)
+}
+
+fn ack(c: &mut Client, bits: u32) -> Result<()> {
+    wr32(c, BAR0, EDU_IRQ_ACK, bits)
+}
+
+fn intx(c: &mut Client, f: &mut Facts, rounds: u32) -> Result<()> {
+    let trigger = EventFd::new()?;
+    let unmask = EventFd::new()?;
+    c.set_irq_eventfds(INTX, ACTION_TRIGGER, 0, &[Some(bfd(&trigger))])
+        .map_err(e)?;
+    c.set_irq_eventfds(INTX, ACTION_UNMASK, 0, &[Some(bfd(&unmask))])
+        .map_err(e)?;
+    let mut got = 0;
+    for _ in 0..rounds {
+        raise(c, 1)?;
+        got += trigger.wait(EVENT_TIMEOUT)?;
+        ack(c, 1)?;
+        // The resample path: the unmask eventfd, written like KVM does on EOI.
+        unmask_signal(&unmask)?;
+        got += trigger.wait(QUIET_TIMEOUT)?;
+    }
+    f.expect_eq("interrupts", got, u64::from(rounds))?;
+    // Level: unmasking while the line is still high signals again (once), then quiet.
+    raise(c, 1)?;
+    let first = trigger.wait(EVENT_TIMEOUT)?;
+    unmask_signal(&unmask)?;
+    let refire = trigger.wait(EVENT_TIMEOUT)?;
+    ack(c, 1)?;
+    unmask_signal(&unmask)?;
+    let after = trigger.wait(QUIET_TIMEOUT)?;
+    f.expect_eq(
+        "level_refire",
+        format!("{first}/{refire}/{after}"),
+        "1/1/0".to_string(),
+    )?;
+    f.expect_eq("irq_status", rd32(c, BAR0, EDU_IRQ_STATUS)?, 0)?;
+    c.disable_irqs(INTX).map_err(e)?;
+    Ok(())
+}
+
+fn unmask_signal(ev: &EventFd) -> Result<()> {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: an 8-byte write from a live buffer to the eventfd.
+    let r = unsafe { libc::write(ev.raw(), one.as_ptr().cast(), 8) };
+    if r != 8 {
+        return Err(e(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn msi_on(c: &mut Client) -> Result<EventFd> {
+    let m = EventFd::new()?;
+    c.set_irq_eventfds(MSI, ACTION_TRIGGER, 0, &[Some(bfd(&m))])
+        .map_err(e)?;
+    Ok(m)
+}
+
+fn msi(c: &mut Client, f: &mut Facts, rounds: u32) -> Result<()> {
+    let m = msi_on(c)?;
+    // INTx is off: enabling it now is refused (one index at a time, like the kernel).
+    let t = EventFd::new()?;
+    f.expect_eq(
+        "intx_while_msi_refused",
+        c.set_irq_eventfds(INTX, ACTION_TRIGGER, 0, &[Some(bfd(&t))])
+            .is_err(),
+        true,
+    )?;
+    let mut got = 0;
+    for _ in 0..rounds {
+        raise(c, 1)?;
+        got += m.wait(EVENT_TIMEOUT)?;
+        ack(c, 1)?;
+    }
+    got += m.wait(QUIET_TIMEOUT)?;
+    f.expect_eq("interrupts", got, u64::from(rounds))?;
+    f.expect_eq("intx_quiet", t.take()?, 0)?;
+    c.disable_irqs(MSI).map_err(e)?;
+    Ok(())
+}
+
+fn memfd(len: u64) -> Result<OwnedFd> {
+    // SAFETY: memfd_create with a static name; checked.
+    let fd = unsafe { libc::memfd_create(c"pt-dma".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(e(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate on a live memfd.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+        return Err(e(std::io::Error::last_os_error()));
+    }
+    Ok(fd)
+}
+
+fn dma_wait(c: &mut Client) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rd32(c, BAR0, EDU_DMA_CMD)? & 1 != 0 {
+        if Instant::now() > deadline {
+            return Err(e("edu DMA did not finish"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn dma(c: &mut Client, f: &mut Facts) -> Result<()> {
+    let fd = memfd(DMA_LEN)?;
+    let mem = Mapping::new(
+        // SAFETY: `fd` outlives the mapping's creation; Mapping keeps its own mmap.
+        unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) },
+        0,
+        DMA_LEN as usize,
+    )
+    .map_err(e)?;
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    mem.write_bytes(0, &pattern).map_err(e)?;
+    // Bad DMA_MAPs first: past the end of the file, and an unaligned DMA address.
+    let bfd_mem = || {
+        // SAFETY: `fd` is open for the whole scenario.
+        unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
+    };
+    f.expect_eq(
+        "map_past_file_refused",
+        c.dma_map(3, Some(bfd_mem()), 0, IOVA, 2 * DMA_LEN).is_err(),
+        true,
+    )?;
+    f.expect_eq(
+        "map_unaligned_refused",
+        c.dma_map(3, Some(bfd_mem()), 0, IOVA + 0x800, 0x1000)
+            .is_err(),
+        true,
+    )?;
+    c.dma_map(3, Some(bfd_mem()), 0, IOVA, DMA_LEN).map_err(e)?;
+    let cmd = set_command(c, 0x6)?;
+    f.expect_eq("bus_master", cmd & 4, 4)?;
+    let m = msi_on(c)?;
+    // Client memory → edu buffer.
+    wr32(c, BAR0, EDU_DMA_SRC, IOVA as u32)?;
+    wr32(c, BAR0, EDU_DMA_DST, EDU_DMA_BUF)?;
+    wr32(c, BAR0, EDU_DMA_COUNT, 4096)?;
+    wr32(c, BAR0, EDU_DMA_CMD, 1)?;
+    dma_wait(c)?;
+    // edu buffer → client memory at +0x2000, with the completion interrupt (MSI).
+    wr32(c, BAR0, EDU_DMA_SRC, EDU_DMA_BUF)?;
+    wr32(c, BAR0, EDU_DMA_DST, (IOVA + 0x2000) as u32)?;
+    wr32(c, BAR0, EDU_DMA_COUNT, 4096)?;
+    wr32(c, BAR0, EDU_DMA_CMD, 1 | 2 | 4)?;
+    dma_wait(c)?;
+    f.expect_eq("completion_msi", m.wait(EVENT_TIMEOUT)?, 1)?;
+    f.expect_hex(
+        "irq_status",
+        u64::from(rd32(c, BAR0, EDU_IRQ_STATUS)?),
+        0x100,
+    )?;
+    ack(c, 0x100)?;
+    let mut back = vec![0u8; 4096];
+    mem.read_bytes(0x2000, &mut back).map_err(e)?;
+    let same = back == pattern;
+    f.set(
+        "first_bytes",
+        format!(
+            "{:02x}{:02x}{:02x}{:02x}",
+            back[0], back[1], back[2], back[3]
+        ),
+    );
+    f.expect_eq("bytes_match", same, true)?;
+    c.disable_irqs(MSI).map_err(e)?;
+    c.dma_unmap(IOVA, DMA_LEN).map_err(e)?;
+    Ok(())
+}
+
+fn wakeups(c: &mut Client, f: &mut Facts, pid: u32, n: u32) -> Result<()> {
+    let r = c.region_info(BAR0).map_err(e)?;
+    let area = r
+        .mmap_areas()
+        .into_iter()
+        .find(|a| a.offset == 0)
+        .ok_or_else(|| e("BAR0 has no mmap area at 0"))?;
+    let fd = r.fd.as_ref().ok_or_else(|| e("BAR0 came without an fd"))?;
+    let bar = Mapping::new(
+        // SAFETY: `fd` lives until the end of this function, past the mmap call.
+        unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) },
+        r.offset + area.offset,
+        area.size.min(0x1000) as usize,
+    )
+    .map_err(e)?;
+    f.expect_hex("mmap_id", u64::from(bar.read32(0).map_err(e)?), 0x0100_00ed)?;
+    let m = msi_on(c)?;
+    let before = ctx_switches(pid)?;
+    let t0 = Instant::now();
+    let mut got = 0;
+    for _ in 0..n {
+        bar.write32(EDU_IRQ_RAISE as usize, 1).map_err(e)?;
+        got += m.wait(EVENT_TIMEOUT)?;
+        bar.write32(EDU_IRQ_ACK as usize, 1).map_err(e)?;
+    }
+    let elapsed = t0.elapsed();
+    let after = ctx_switches(pid)?;
+    got += m.wait(QUIET_TIMEOUT)?;
+    f.set("us_per_irq", elapsed.as_micros() / u128::from(n.max(1)));
+    f.expect_eq("interrupts", got, u64::from(n))?;
+    f.expect_eq("server_wakeups", after - before, 0)?;
+    c.disable_irqs(MSI).map_err(e)?;
+    Ok(())
+}
+
+fn reset(c: &mut Client, f: &mut Facts) -> Result<()> {
+    set_command(c, 0x6)?;
+    let bar0 = rd32(c, CFG, 0x10)?;
+    wr32(c, CFG, 0x10, 0xfe00_0000)?;
+    c.reset().map_err(e)?;
+    f.expect_hex(
+        "bar0_after_reset",
+        u64::from(rd32(c, CFG, 0x10)?),
+        u64::from(bar0),
+    )?;
+    f.expect_eq("command_after_reset", rd16(c, 4)? & 7, 0)?;
+    // Usable again: memory on, one MSI.
+    set_command(c, 0x2)?;
+    let m = msi_on(c)?;
+    raise(c, 1)?;
+    f.expect_eq("msi_after_reset", m.wait(EVENT_TIMEOUT)?, 1)?;
+    ack(c, 1)?;
+    c.disable_irqs(MSI).map_err(e)?;
+    Ok(())
+}
+
+fn reconnect(server: &mut Server, old: Client, f: &mut Facts) -> Result<()> {
+    // The first client leaves with MSI on and bus mastering on: the server must quiesce.
+    let mut old = old;
+    set_command(&mut old, 0x6)?;
+    let m_old = msi_on(&mut old)?;
+    drop(old);
+    std::thread::sleep(Duration::from_millis(300));
+    f.expect_eq("server_alive", server.alive(), true)?;
+    let mut c = server.connect()?;
+    f.expect_eq("bus_master_off", rd16(&mut c, 4)? & 4, 0)?;
+    set_command(&mut c, 0x2)?;
+    raise(&mut c, 1)?;
+    f.expect_eq("old_fd_silent", m_old.wait(QUIET_TIMEOUT)?, 0)?;
+    ack(&mut c, 1)?;
+    let m = msi_on(&mut c)?;
+    raise(&mut c, 1)?;
+    f.expect_eq("msi", m.wait(EVENT_TIMEOUT)?, 1)?;
+    ack(&mut c, 1)?;
+    c.disable_irqs(MSI).map_err(e)?;
+    Ok(())
+}
+
+/// Runs every passthrough result (see the module documentation).
+pub fn run(rep: &mut Reporter, rounds: u32, irqs: u32) {
+    let pci = match pci::find_by_ids(EDU_VENDOR, EDU_DEVICE) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            rep.record(
+                "pt-open",
+                &Facts::default(),
+                &Err(e("no edu device (1234:11e8)")),
+            );
+            return;
+        }
+        Err(x) => {
+            rep.record("pt-open", &Facts::default(), &Err(x));
+            return;
+        }
+    };
+    let mut server = None;
+    let mut client = None;
+    rep.run("pt-open", |f| {
+        client = Some(open(&pci, &mut server, f)?);
+        Ok(())
+    });
+    let (Some(mut c), Some(mut s)) = (client, server) else {
+        if let Ok(log) = std::fs::read_to_string(LOG) {
+            println!("IRQBRIDGE-LOG {}", log.replace('\n', " | "));
+        }
+        return;
+    };
+    rep.run("pt-intx", |f| intx(&mut c, f, rounds));
+    rep.run("pt-msi", |f| msi(&mut c, f, rounds));
+    rep.run("pt-dma", |f| dma(&mut c, f));
+    let pid = s.pid();
+    rep.run("pt-wakeups", |f| wakeups(&mut c, f, pid, irqs));
+    rep.run("pt-reset", |f| reset(&mut c, f));
+    rep.run("pt-reconnect", |f| reconnect(&mut s, c, f));
+    if !s.alive() {
+        println!("IRQBRIDGE-LOG server died: {}", s.log_tail());
+    }
+}
