@@ -283,6 +283,8 @@ fn msi_on(c: &mut Client) -> Result<EventFd> {
 }
 
 fn msi(c: &mut Client, f: &mut Facts, rounds: u32) -> Result<()> {
+    // An MSI is a memory write of the device: bus mastering on.
+    set_command(c, 0x6)?;
     let m = msi_on(c)?;
     // INTx is off: enabling it now is refused (one index at a time, like the kernel).
     let t = EventFd::new()?;
@@ -295,8 +297,13 @@ fn msi(c: &mut Client, f: &mut Facts, rounds: u32) -> Result<()> {
     let mut got = 0;
     for _ in 0..rounds {
         raise(c, 1)?;
-        got += m.wait(EVENT_TIMEOUT)?;
+        let n = m.wait(EVENT_TIMEOUT)?;
         ack(c, 1)?;
+        if n == 0 {
+            f.set("proc_interrupts", vfio_interrupts());
+            break;
+        }
+        got += n;
     }
     got += m.wait(QUIET_TIMEOUT)?;
     f.expect_eq("interrupts", got, u64::from(rounds))?;
@@ -419,8 +426,12 @@ fn wakeups(c: &mut Client, f: &mut Facts, pid: u32, n: u32) -> Result<()> {
     let mut got = 0;
     for _ in 0..n {
         bar.write32(EDU_IRQ_RAISE as usize, 1).map_err(e)?;
-        got += m.wait(EVENT_TIMEOUT)?;
+        let k = m.wait(EVENT_TIMEOUT)?;
         bar.write32(EDU_IRQ_ACK as usize, 1).map_err(e)?;
+        if k == 0 {
+            break;
+        }
+        got += k;
     }
     let elapsed = t0.elapsed();
     let after = ctx_switches(pid)?;
@@ -443,8 +454,8 @@ fn reset(c: &mut Client, f: &mut Facts) -> Result<()> {
         u64::from(bar0),
     )?;
     f.expect_eq("command_after_reset", rd16(c, 4)? & 7, 0)?;
-    // Usable again: memory on, one MSI.
-    set_command(c, 0x2)?;
+    // Usable again: memory and bus master on, one MSI.
+    set_command(c, 0x6)?;
     let m = msi_on(c)?;
     raise(c, 1)?;
     f.expect_eq("msi_after_reset", m.wait(EVENT_TIMEOUT)?, 1)?;
@@ -463,16 +474,25 @@ fn reconnect(server: &mut Server, old: Client, f: &mut Facts) -> Result<()> {
     f.expect_eq("server_alive", server.alive(), true)?;
     let mut c = server.connect()?;
     f.expect_eq("bus_master_off", rd16(&mut c, 4)? & 4, 0)?;
-    set_command(&mut c, 0x2)?;
-    raise(&mut c, 1)?;
-    f.expect_eq("old_fd_silent", m_old.wait(QUIET_TIMEOUT)?, 0)?;
-    ack(&mut c, 1)?;
+    set_command(&mut c, 0x6)?;
     let m = msi_on(&mut c)?;
     raise(&mut c, 1)?;
     f.expect_eq("msi", m.wait(EVENT_TIMEOUT)?, 1)?;
+    f.expect_eq("old_fd_silent", m_old.wait(QUIET_TIMEOUT)?, 0)?;
     ack(&mut c, 1)?;
     c.disable_irqs(MSI).map_err(e)?;
     Ok(())
+}
+
+/// The vfio lines of /proc/interrupts, for failure reports.
+fn vfio_interrupts() -> String {
+    std::fs::read_to_string("/proc/interrupts")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("vfio"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(";")
 }
 
 /// Runs every passthrough result (see the module documentation).
@@ -513,5 +533,11 @@ pub fn run(rep: &mut Reporter, rounds: u32, irqs: u32) {
     rep.run("pt-reconnect", |f| reconnect(&mut s, c, f));
     if !s.alive() {
         println!("IRQBRIDGE-LOG server died: {}", s.log_tail());
+    }
+    drop(s);
+    if rep.failed() > 0 {
+        for l in std::fs::read_to_string(LOG).unwrap_or_default().lines() {
+            println!("IRQBRIDGE-LOG {l}");
+        }
     }
 }

@@ -468,17 +468,21 @@ impl VfioDevice {
                 ..Default::default()
             };
             // SAFETY: `q` is a live vfio_irq_info with argsz and index set.
-            unsafe {
+            let res = unsafe {
                 ioctl(
                     device.as_fd(),
                     VFIO_DEVICE_GET_IRQ_INFO,
                     &mut q as *mut _ as libc::c_ulong,
                 )
-            }
-            .map_err(ioctl_err("VFIO_DEVICE_GET_IRQ_INFO"))?;
-            irqs.push(HostIrq {
-                flags: q.flags,
-                count: q.count,
+            };
+            irqs.push(match res {
+                Ok(_) => HostIrq {
+                    flags: q.flags,
+                    count: q.count,
+                },
+                // vfio-pci answers EINVAL for indexes the device lacks (ERR without PCIe).
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => HostIrq::default(),
+                Err(e) => return Err(ioctl_err("VFIO_DEVICE_GET_IRQ_INFO")(e)),
             });
         }
         Ok(VfioDevice {
