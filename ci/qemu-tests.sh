@@ -19,7 +19,8 @@
 #           `irqbridge passthrough --device BDF --socket-path /tmp/p.sock --mmap-bars` (a static
 #           build in the initramfs) and drives it with a vfio-user client holding plain eventfds
 #           (scenario passthrough: INTx with the resample eventfd, MSI, DMA, server wakeups,
-#           reset, a second client).
+#           reset, a second client); then the same for QEMU's e1000e: MSI-X raised with IMS/ICS,
+#           table mask and function mask → pending → exactly one on unmask.
 #
 # Every QEMU run has a hard timeout. Fails on any FAIL line, a missing result or DONE line, a
 # timeout or a server that died. Prints "SKIPPED: <reason>" and exits 0 only on a machine where
@@ -258,7 +259,7 @@ check_serial() {
 
 VFIO_RESULTS=(vfio-open vfio-intx vfio-msix vfio-msix-mask)
 EVTCHN_RESULTS=(evtchn-setup evtchn-basic evtchn-coalesce evtchn-mask evtchn-unbind-close evtchn-totals)
-PASSTHROUGH_RESULTS=(pt-open pt-intx pt-msi pt-dma pt-wakeups pt-reset pt-reconnect)
+PASSTHROUGH_RESULTS=(pt-open pt-intx pt-msi pt-dma pt-wakeups pt-reset pt-reconnect pt-msix-direct pt-msix)
 VHOST_RESULTS=(vhost-open vhost-init vhost-evtchn-setup vhost-evtchn-send vhost-evtchn-coalesce
     vhost-evtchn-doorbell vhost-evtchn-mask vhost-evtchn-totals)
 
@@ -306,7 +307,7 @@ for c in $CASES; do
         check_serial vhost 1 boot "${VHOST_RESULTS[@]}"
         ;;
     passthrough)
-        run_qemu passthrough "" 1 1 boot,passthrough -device edu
+        run_qemu passthrough "" 1 1 boot,passthrough -device edu -device e1000e
         check_serial passthrough 1 boot "${PASSTHROUGH_RESULTS[@]}"
         ;;
     *) die "unknown case $c (known: uio vfio reboot vhost passthrough)" ;;
