@@ -259,7 +259,7 @@ check_serial() {
 
 VFIO_RESULTS=(vfio-open vfio-intx vfio-msix vfio-msix-mask)
 EVTCHN_RESULTS=(evtchn-setup evtchn-basic evtchn-coalesce evtchn-mask evtchn-unbind-close evtchn-totals)
-PASSTHROUGH_RESULTS=(pt-open pt-intx pt-msi pt-dma pt-wakeups pt-reset pt-reconnect pt-msix-direct pt-msix)
+PASSTHROUGH_RESULTS=(pt-open pt-intx pt-msi pt-dma pt-wakeups pt-reset pt-reconnect pt-bench pt-msix-direct pt-msix)
 VHOST_RESULTS=(vhost-open vhost-init vhost-evtchn-setup vhost-evtchn-send vhost-evtchn-coalesce
     vhost-evtchn-doorbell vhost-evtchn-mask vhost-evtchn-totals)
 

@@ -494,6 +494,83 @@ fn reconnect(server: &mut Server, old: Client, f: &mut Facts) -> Result<()> {
     Ok(())
 }
 
+/// Samples per block and blocks per path of the latency benchmark.
+const BENCH_SAMPLES: usize = 300;
+const BENCH_BLOCKS: usize = 3;
+
+/// One latency sample per raise through an mmapped edu BAR0: write IRQ_RAISE, wait for the
+/// MSI eventfd, ack. Nanoseconds.
+fn msi_latencies(bar: &Mapping, m: &EventFd, n: usize, out: &mut Vec<u64>) -> Result<()> {
+    for _ in 0..n {
+        let t0 = Instant::now();
+        bar.write32(EDU_IRQ_RAISE as usize, 1).map_err(e)?;
+        let got = m.wait(EVENT_TIMEOUT)?;
+        let dt = t0.elapsed();
+        bar.write32(EDU_IRQ_ACK as usize, 1).map_err(e)?;
+        if got != 1 {
+            bail!("a benchmark interrupt counted {got}");
+        }
+        out.push(u64::try_from(dt.as_nanos()).unwrap_or(u64::MAX));
+    }
+    Ok(())
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+/// edu MSI latency, raise → client eventfd: through `irqbridge passthrough` (the client mmaps
+/// BAR0; the kernel signals the client's eventfd) against the guest's own vfio-pci with the
+/// same kind of eventfd, in alternating blocks; plus the server's context switches over its
+/// blocks.
+fn bench(pci: &PciDev, f: &mut Facts) -> Result<()> {
+    let mut direct = Vec::new();
+    let mut through = Vec::new();
+    let mut wakeups = 0;
+    for _ in 0..BENCH_BLOCKS {
+        {
+            let d = crate::vfio::VfioDevice::open(pci, &mut Facts::default())?;
+            d.set_command_bits(0x6)?;
+            let m = EventFd::new()?;
+            d.set_triggers(MSI, 0, &[m.raw()])?;
+            let bar = d.map(0, 0x1000)?;
+            msi_latencies(&bar, &m, BENCH_SAMPLES, &mut direct)?;
+            d.disable_irq(MSI)?;
+        }
+        let s = Server::start(&pci.bdf)?;
+        let mut c = s.connect()?;
+        set_command(&mut c, 0x6)?;
+        let m = msi_on(&mut c)?;
+        let r = c.region_info(BAR0).map_err(e)?;
+        let fd = r.fd.as_ref().ok_or_else(|| e("BAR0 came without an fd"))?;
+        let bar = Mapping::new(
+            // SAFETY: `fd` lives until the end of this block, past the mmap call.
+            unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) },
+            r.offset,
+            0x1000,
+        )
+        .map_err(e)?;
+        let before = ctx_switches(s.pid())?;
+        msi_latencies(&bar, &m, BENCH_SAMPLES, &mut through)?;
+        wakeups += ctx_switches(s.pid())? - before;
+        c.disable_irqs(MSI).map_err(e)?;
+        drop(bar);
+        drop(c);
+        drop(s);
+    }
+    let d50 = median(&mut direct);
+    let p50 = median(&mut through);
+    let ratio = p50 as f64 / d50.max(1) as f64;
+    f.set("samples", through.len());
+    f.set("direct_p50_us", format!("{:.1}", d50 as f64 / 1000.0));
+    f.set("passthrough_p50_us", format!("{:.1}", p50 as f64 / 1000.0));
+    f.set("ratio", format!("{ratio:.3}"));
+    f.set("goal_1_05", ratio <= 1.05);
+    f.expect_eq("server_wakeups", wakeups, 0)?;
+    Ok(())
+}
+
 /// The vfio lines of /proc/interrupts, for failure reports.
 fn vfio_interrupts() -> String {
     std::fs::read_to_string("/proc/interrupts")
@@ -545,6 +622,7 @@ pub fn run(rep: &mut Reporter, rounds: u32, irqs: u32) {
         println!("IRQBRIDGE-LOG server died: {}", s.log_tail());
     }
     drop(s);
+    rep.run("pt-bench", |f| bench(&pci, f));
     if rep.failed() > 0 {
         for l in std::fs::read_to_string(LOG).unwrap_or_default().lines() {
             println!("IRQBRIDGE-LOG {l}");
