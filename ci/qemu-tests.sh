@@ -20,7 +20,9 @@
 #           build in the initramfs) and drives it with a vfio-user client holding plain eventfds
 #           (scenario passthrough: INTx with the resample eventfd, MSI, DMA, server wakeups,
 #           reset, a second client); then the same for QEMU's e1000e: MSI-X raised with IMS/ICS,
-#           table mask and function mask → pending → exactly one on unmask.
+#           table mask and function mask → pending → exactly one on unmask; then the irqbridge
+#           test device, served into QEMU by a host `irqbridge vfio-user`, passed through again
+#           (INTx with the resample eventfd, MSI-X with mask → pending → exactly one).
 #
 # Every QEMU run has a hard timeout. Fails on any FAIL line, a missing result or DONE line, a
 # timeout or a server that died. Prints "SKIPPED: <reason>" and exits 0 only on a machine where
@@ -75,7 +77,7 @@ KENV=$("$HERE/guest-kernel.sh" 2>/dev/null)
 # shellcheck disable=SC1090
 . "$KENV"
 SERVER=
-if [[ " $CASES " =~ \ (uio|vfio|reboot|vhost)\  ]]; then
+if [[ " $CASES " =~ \ (uio|vfio|reboot|vhost|passthrough)\  ]]; then
     if [ -n "${IRQBRIDGE_SERVER:-}" ]; then
         SERVER=$IRQBRIDGE_SERVER
     else
@@ -259,7 +261,8 @@ check_serial() {
 
 VFIO_RESULTS=(vfio-open vfio-intx vfio-msix vfio-msix-mask)
 EVTCHN_RESULTS=(evtchn-setup evtchn-basic evtchn-coalesce evtchn-mask evtchn-unbind-close evtchn-totals)
-PASSTHROUGH_RESULTS=(pt-open pt-intx pt-msi pt-dma pt-wakeups pt-reset pt-reconnect pt-bench pt-msix-direct pt-msix)
+PASSTHROUGH_RESULTS=(pt-open pt-intx pt-msi pt-dma pt-wakeups pt-reset pt-reconnect pt-bench pt-msix-direct pt-msix
+    pt-nested-intx pt-nested-msix)
 VHOST_RESULTS=(vhost-open vhost-init vhost-evtchn-setup vhost-evtchn-send vhost-evtchn-coalesce
     vhost-evtchn-doorbell vhost-evtchn-mask vhost-evtchn-totals)
 
@@ -307,7 +310,12 @@ for c in $CASES; do
         check_serial vhost 1 boot "${VHOST_RESULTS[@]}"
         ;;
     passthrough)
-        run_qemu passthrough "" 1 1 boot,passthrough -device edu -device e1000e
+        # The irqbridge test device comes from a host `irqbridge vfio-user` and is passed
+        # through a second time inside the guest.
+        start_server passthrough || { fail "passthrough: the server did not start"; continue; }
+        run_qemu passthrough "$SOCK" 1 1 boot,passthrough -device edu -device e1000e \
+            -device "$(printf '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"%s"}}' "$SOCK")"
+        stop_server passthrough
         check_serial passthrough 1 boot "${PASSTHROUGH_RESULTS[@]}"
         ;;
     *) die "unknown case $c (known: uio vfio reboot vhost passthrough)" ;;

@@ -232,6 +232,7 @@ fn main() -> ExitCode {
         if name == PASSTHROUGH {
             passthrough::run(&mut rep, opts.count, PASSTHROUGH_IRQS);
             passthrough::run_e1000e(&mut rep, opts.rounds);
+            passthrough::run_nested(&mut rep, opts.rounds);
             continue;
         }
         let pci = match &device {

@@ -431,6 +431,8 @@ fn wakeups(c: &mut Client, f: &mut Facts, pid: u32, n: u32) -> Result<()> {
     .map_err(e)?;
     f.expect_hex("mmap_id", u64::from(bar.read32(0).map_err(e)?), 0x0100_00ed)?;
     let m = msi_on(c)?;
+    // Let the server finish the last request and park in poll before counting.
+    std::thread::sleep(PARK);
     let before = ctx_switches(pid)?;
     let t0 = Instant::now();
     let mut got = 0;
@@ -494,6 +496,9 @@ fn reconnect(server: &mut Server, old: Client, f: &mut Facts) -> Result<()> {
     Ok(())
 }
 
+/// How long the server gets to go back to sleep before its context switches are counted.
+const PARK: Duration = Duration::from_millis(100);
+
 /// Samples per block and blocks per path of the latency benchmark.
 const BENCH_SAMPLES: usize = 300;
 const BENCH_BLOCKS: usize = 3;
@@ -551,6 +556,8 @@ fn bench(pci: &PciDev, f: &mut Facts) -> Result<()> {
             0x1000,
         )
         .map_err(e)?;
+        // Let the server finish the last request and park in poll before counting.
+        std::thread::sleep(PARK);
         let before = ctx_switches(s.pid())?;
         msi_latencies(&bar, &m, BENCH_SAMPLES, &mut through)?;
         wakeups += ctx_switches(s.pid())? - before;
@@ -678,9 +685,9 @@ fn e_pba(c: &mut Client, bar: u32, pba: u64) -> Result<u64> {
 /// Time for late duplicates of an e1000e MSI-X message to arrive (see [`direct_per_raise`]).
 const SETTLE: Duration = Duration::from_millis(400);
 
-/// Signals the guest's own vfio-pci delivers per e1000e ICS write on vector 0, without the
-/// server: QEMU 11.1's e1000e under TCG was seen to deliver two MSI-X messages per raise through
-/// guest vfio-pci, so the passthrough path is held to the same count rather than to 1.
+/// The most signals the guest's own vfio-pci delivers for one e1000e ICS write on vector 0,
+/// without the server: QEMU 11.1's e1000e under TCG was seen to deliver one or two MSI-X
+/// messages per raise through guest vfio-pci, so the passthrough path is held to that bound.
 fn direct_per_raise(pci: &PciDev, f: &mut Facts, rounds: u32) -> Result<u64> {
     let d = crate::vfio::VfioDevice::open(pci, f)?;
     d.set_command_bits(0x6)?;
@@ -700,11 +707,10 @@ fn direct_per_raise(pci: &PciDev, f: &mut Facts, rounds: u32) -> Result<u64> {
     d.write32(0, E_ICR, E_CAUSE.iter().sum())?;
     d.disable_irq(MSIX)?;
     f.set("direct", format!("{seen:?}").replace(' ', ""));
-    let k = seen.first().copied().unwrap_or(0);
-    if k == 0 || seen.iter().any(|n| *n != k) {
-        bail!("the guest's own vfio-pci delivers {seen:?} per raise: not a constant");
+    if seen.contains(&0) {
+        bail!("the guest's own vfio-pci lost a raise: {seen:?}");
     }
-    Ok(k)
+    Ok(seen.iter().copied().max().unwrap_or(1))
 }
 
 fn msix(c: &mut Client, f: &mut Facts, rounds: u32, per_raise: u64) -> Result<()> {
@@ -725,8 +731,9 @@ fn msix(c: &mut Client, f: &mut Facts, rounds: u32, per_raise: u64) -> Result<()
     wr32(c, BAR0, E_IVAR, E_IVAR_VALUE)?;
     let all: u32 = E_CAUSE.iter().sum();
     wr32(c, BAR0, E_IMS, all)?;
-    // Every raise must bring exactly what the same raise brings through the guest's own
-    // vfio-pci (`per_raise`, measured first without the server).
+    // Every raise must be delivered on its own vector and nowhere else. QEMU 11.1's e1000e
+    // under TCG sometimes sends a second message for one raise, through the guest's own
+    // vfio-pci too (`pt-msix-direct`), so a raise counts 1 up to the most seen there.
     let mut seen = Vec::new();
     for _ in 0..rounds {
         for (v, fd) in fds.iter().enumerate().take(4) {
@@ -743,8 +750,8 @@ fn msix(c: &mut Client, f: &mut Facts, rounds: u32, per_raise: u64) -> Result<()
     }
     f.set("seen", format!("{seen:?}").replace(' ', ""));
     f.expect_eq(
-        "every_raise_as_direct",
-        seen.iter().all(|n| *n == per_raise),
+        "every_raise_delivered",
+        seen.iter().all(|n| (1..=per_raise.max(1)).contains(n)),
         true,
     )?;
 
@@ -762,11 +769,11 @@ fn msix(c: &mut Client, f: &mut Facts, rounds: u32, per_raise: u64) -> Result<()
     f.expect_eq("exactly_once", fds[1].wait(SETTLE)?, 0)?;
     f.expect_hex("pba_after", e_pba(c, bar, pba_off)?, 0)?;
     e_raise(c, 1)?;
-    f.expect_eq(
-        "unmasked_again",
-        fds[1].wait(EVENT_TIMEOUT)? + fds[1].wait(SETTLE)?,
-        per_raise,
-    )?;
+    let again = fds[1].wait(EVENT_TIMEOUT)? + fds[1].wait(SETTLE)?;
+    f.set("unmasked_again", again);
+    if !(1..=per_raise.max(1)).contains(&again) {
+        bail!("a raise after the unmask brought {again}");
+    }
 
     // Function mask: vectors 0 and 2 pending, one each on clearing it.
     let mc = rd16(c, cap + 2)?;
@@ -834,4 +841,122 @@ pub fn run_e1000e(rep: &mut Reporter, rounds: u32) {
             println!("IRQBRIDGE-LOG {l}");
         }
     }
+}
+
+// --- the irqbridge test device, served into QEMU by a host `irqbridge vfio-user` ---------
+
+const SOCK3: &str = "/tmp/p3.sock";
+const LOG3: &str = "/tmp/passthrough-irqbridge.log";
+
+fn nested_intx(c: &mut Client, f: &mut Facts, rounds: u32) -> Result<()> {
+    let trigger = EventFd::new()?;
+    let unmask = EventFd::new()?;
+    c.set_irq_eventfds(INTX, ACTION_TRIGGER, 0, &[Some(bfd(&trigger))])
+        .map_err(e)?;
+    c.set_irq_eventfds(INTX, ACTION_UNMASK, 0, &[Some(bfd(&unmask))])
+        .map_err(e)?;
+    let mut got = 0;
+    for _ in 0..rounds {
+        wr32(c, BAR0, crate::regs::INTX_ASSERT, 1)?;
+        got += trigger.wait(EVENT_TIMEOUT)?;
+        wr32(c, BAR0, crate::regs::INTX_DEASSERT, 1)?;
+        unmask_signal(&unmask)?;
+        got += trigger.wait(QUIET_TIMEOUT)?;
+    }
+    f.expect_eq("interrupts", got, u64::from(rounds))?;
+    wr32(c, BAR0, crate::regs::INTX_ASSERT, 1)?;
+    let first = trigger.wait(EVENT_TIMEOUT)?;
+    unmask_signal(&unmask)?;
+    let refire = trigger.wait(EVENT_TIMEOUT)?;
+    wr32(c, BAR0, crate::regs::INTX_DEASSERT, 1)?;
+    unmask_signal(&unmask)?;
+    let after = trigger.wait(QUIET_TIMEOUT)?;
+    f.expect_eq(
+        "level_refire",
+        format!("{first}/{refire}/{after}"),
+        "1/1/0".to_string(),
+    )?;
+    c.disable_irqs(INTX).map_err(e)?;
+    Ok(())
+}
+
+fn nested_msix(c: &mut Client, f: &mut Facts, rounds: u32) -> Result<()> {
+    let n = c.irq_info(MSIX).map_err(e)?.count;
+    f.set("msix_count", n);
+    let cap = find_cap(c, 0x11)?;
+    let table = rd32(c, CFG, cap + 4)?;
+    let pba = rd32(c, CFG, cap + 8)?;
+    let (bar, table_off, pba_off) = (table & 7, u64::from(table & !7), u64::from(pba & !7));
+    const V: usize = 4;
+    if (n as usize) < V {
+        bail!("{n} MSI-X vectors, the test needs {V}");
+    }
+    let fds: Vec<EventFd> = (0..V)
+        .map(|_| EventFd::new())
+        .collect::<std::io::Result<_>>()?;
+    let b: Vec<Option<BorrowedFd<'_>>> = fds.iter().map(|x| Some(bfd(x))).collect();
+    c.set_irq_eventfds(MSIX, ACTION_TRIGGER, 0, &b).map_err(e)?;
+    let mut counts = [0u64; V];
+    for _ in 0..rounds {
+        for (v, n) in counts.iter_mut().enumerate() {
+            wr32(c, BAR0, crate::regs::MSIX_FIRE, v as u32)?;
+            *n += fds[v].wait(EVENT_TIMEOUT)?;
+        }
+    }
+    let extra: u64 = fds
+        .iter()
+        .map(|x| x.wait(QUIET_TIMEOUT).unwrap_or(99))
+        .sum();
+    f.set("counts", format!("{counts:?}").replace(' ', ""));
+    f.expect_eq(
+        "exact",
+        counts.iter().all(|n| *n == u64::from(rounds)) && extra == 0,
+        true,
+    )?;
+    // Vector 2 masked in this server's virtual table: pending, then exactly one.
+    let ctrl = table_off + 2 * 16 + 12;
+    wr32(c, bar, ctrl, 1)?;
+    for _ in 0..3 {
+        wr32(c, BAR0, crate::regs::MSIX_FIRE, 2)?;
+    }
+    f.expect_eq("masked_quiet", fds[2].wait(QUIET_TIMEOUT)?, 0)?;
+    let mut pb = [0u8; 8];
+    c.region_read(bar, pba_off, &mut pb).map_err(e)?;
+    f.expect_hex("pba_masked", u64::from_le_bytes(pb), 0b100)?;
+    wr32(c, bar, ctrl, 0)?;
+    f.expect_eq("unmask_delivers", fds[2].wait(EVENT_TIMEOUT)?, 1)?;
+    f.expect_eq("exactly_once", fds[2].wait(QUIET_TIMEOUT)?, 0)?;
+    c.disable_irqs(MSIX).map_err(e)?;
+    Ok(())
+}
+
+/// The irqbridge test device (served into QEMU by the host's `irqbridge vfio-user`) passed
+/// through again by `irqbridge passthrough` in the guest: `pt-nested-intx`, `pt-nested-msix`.
+pub fn run_nested(rep: &mut Reporter, rounds: u32) {
+    let pci = match pci::find_device() {
+        Ok(p) => p,
+        Err(x) => {
+            rep.record("pt-nested-intx", &Facts::default(), &Err(x));
+            return;
+        }
+    };
+    let mut server: Option<Server> = None;
+    let mut client = None;
+    rep.run("pt-nested-intx", |f| {
+        f.set("bdf", &pci.bdf);
+        pci.bind("vfio-pci")?;
+        let s = Server::start_at(&pci.bdf, SOCK3, LOG3)?;
+        let mut c = s.connect()?;
+        server = Some(s);
+        set_command(&mut c, 0x6)?;
+        nested_intx(&mut c, f, rounds)?;
+        client = Some(c);
+        Ok(())
+    });
+    if let Some(mut c) = client {
+        rep.run("pt-nested-msix", |f| nested_msix(&mut c, f, rounds));
+    } else {
+        rep.record("pt-nested-msix", &Facts::default(), &Err(e("no client")));
+    }
+    drop(server);
 }
