@@ -222,6 +222,22 @@ fn open(pci: &PciDev, server: &mut Option<Server>, f: &mut Facts) -> Result<Clie
         u64::from(rd32(&mut c, BAR0, EDU_LIVENESS)?),
         u64::from(!0x1234_5678u32),
     )?;
+    // A SET_IRQS whose descriptor is not an eventfd: an error reply, nothing bound.
+    let not_eventfd = memfd(4096)?;
+    f.expect_eq(
+        "non_eventfd_refused",
+        c.set_irq_eventfds(
+            INTX,
+            ACTION_TRIGGER,
+            0,
+            // SAFETY: `not_eventfd` is open for the call.
+            &[Some(unsafe {
+                BorrowedFd::borrow_raw(not_eventfd.as_raw_fd())
+            })],
+        )
+        .is_err(),
+        true,
+    )?;
     // Past the BAR: an error reply, the connection stays usable.
     let mut b = [0u8; 4];
     f.expect_eq(
@@ -764,6 +780,12 @@ fn msix(c: &mut Client, f: &mut Facts, rounds: u32, per_raise: u64) -> Result<()
     }
     f.expect_eq("masked_quiet", fds[1].wait(SETTLE)?, 0)?;
     f.expect_hex("pba_masked", e_pba(c, bar, pba_off)?, 0b10)?;
+    f.expect_eq(
+        "pba_write_refused",
+        c.region_write(bar, pba_off, &[0; 8]).is_err(),
+        true,
+    )?;
+    f.expect_hex("pba_unchanged", e_pba(c, bar, pba_off)?, 0b10)?;
     wr32(c, bar, ctrl1, 0)?;
     f.expect_eq("unmask_delivers", fds[1].wait(EVENT_TIMEOUT)?, 1)?;
     f.expect_eq("exactly_once", fds[1].wait(SETTLE)?, 0)?;
