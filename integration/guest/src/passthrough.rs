@@ -817,6 +817,33 @@ fn msix(c: &mut Client, f: &mut Facts, rounds: u32, per_raise: u64) -> Result<()
         "1/1/0".into(),
     )?;
     wr32(c, BAR0, E_ICR, all)?;
+
+    // DEVICE_RESET with MSI-X on: the host reset runs (e1000e has one), MSI-X is off
+    // afterwards and the device registers are back to their reset values; enabling again works.
+    c.reset().map_err(e)?;
+    let host_reset = std::fs::read_to_string(LOG2)
+        .unwrap_or_default()
+        .contains("VFIO_DEVICE_RESET");
+    f.expect_eq("host_reset", host_reset, true)?;
+    f.expect_eq("msix_ctrl_after_reset", rd16(c, cap + 2)? & 0xc000, 0)?;
+    // MSI-X is off: a raise reaches nobody (the old fds are no longer bound).
+    wr32(c, BAR0, E_IVAR, E_IVAR_VALUE)?;
+    wr32(c, BAR0, E_IMS, all)?;
+    e_raise(c, 3)?;
+    f.expect_eq("off_after_reset", fds[3].wait(SETTLE)?, 0)?;
+    // Without MSI-X that raise went to the (unused) INTx line: clear it.
+    wr32(c, BAR0, E_ICR, all)?;
+    set_command(c, 0x6)?;
+    c.set_irq_eventfds(MSIX, ACTION_TRIGGER, 0, &b).map_err(e)?;
+    wr32(c, BAR0, E_IVAR, E_IVAR_VALUE)?;
+    wr32(c, BAR0, E_IMS, all)?;
+    e_raise(c, 3)?;
+    let n = fds[3].wait(EVENT_TIMEOUT)? + fds[3].wait(SETTLE)?;
+    f.set("after_reset", n);
+    if !(1..=per_raise.max(1)).contains(&n) {
+        bail!("a raise after the reset brought {n}");
+    }
+    wr32(c, BAR0, E_ICR, all)?;
     c.disable_irqs(MSIX).map_err(e)?;
     Ok(())
 }
@@ -848,6 +875,10 @@ pub fn run_e1000e(rep: &mut Reporter, rounds: u32) {
     let mut server: Option<Server> = None;
     let ok = rep.run("pt-msix", |f| {
         f.set("bdf", &pci.bdf);
+        let methods =
+            std::fs::read_to_string(format!("/sys/bus/pci/devices/{}/reset_method", pci.bdf))
+                .unwrap_or_default();
+        f.set("reset_method", methods.trim().replace(' ', "+"));
         if per_raise == 0 {
             bail!("no direct baseline");
         }

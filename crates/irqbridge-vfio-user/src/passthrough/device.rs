@@ -1045,6 +1045,7 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
             m.reset();
         }
         if self.backend.device_flags() & VFIO_DEVICE_FLAGS_RESET != 0 {
+            info!("passthrough: DEVICE_RESET: VFIO_DEVICE_RESET and a reset of the virtual state");
             self.backend.reset().map_err(|e| errno_of(&e))
         } else {
             info!(
