@@ -7,6 +7,8 @@
 # Env:   IRQBRIDGE_CACHE               cache root (see ci/guest-kernel.sh)
 #        IRQBRIDGE_GUEST_BIN=PATH      use this guest binary instead of building it
 #        IRQBRIDGE_GUEST_TARGET_DIR    cargo target dir for the guest build (default target-guest)
+#        IRQBRIDGE_GUEST_SERVER=1      also put a static irqbridge binary in /bin (the passthrough
+#                                      case runs `irqbridge passthrough` inside the guest)
 #
 # Kernel command line understood by /init:
 #   irqbridge.args=a,b,c   arguments for irqbridge-guest (commas become spaces)
@@ -34,13 +36,20 @@ if [ -n "${IRQBRIDGE_GUEST_BIN:-}" ]; then
     GUEST=$IRQBRIDGE_GUEST_BIN
 else
     TDIR=${IRQBRIDGE_GUEST_TARGET_DIR:-$REPO/target-guest}
-    log "cargo build --release -p irqbridge-guest (static, target dir $TDIR)"
+    PKGS=(-p irqbridge-guest)
+    [ "${IRQBRIDGE_GUEST_SERVER:-0}" = 1 ] && PKGS+=(-p irqbridge)
+    log "cargo build --release ${PKGS[*]} (static, target dir $TDIR)"
     (cd "$REPO" && CARGO_TARGET_DIR=$TDIR RUSTFLAGS='-C target-feature=+crt-static' \
-        nice cargo build --quiet --release -p irqbridge-guest --target x86_64-unknown-linux-gnu)
+        nice cargo build --quiet --release "${PKGS[@]}" --target x86_64-unknown-linux-gnu)
     GUEST=$TDIR/x86_64-unknown-linux-gnu/release/irqbridge-guest
+    GUEST_SERVER=$TDIR/x86_64-unknown-linux-gnu/release/irqbridge
 fi
 [ -x "$GUEST" ] || die "no guest binary at $GUEST"
 file_is_static "$GUEST" || die "$GUEST is dynamically linked"
+if [ "${IRQBRIDGE_GUEST_SERVER:-0}" = 1 ]; then
+    [ -x "${GUEST_SERVER:-}" ] || die "no static irqbridge binary for the guest (IRQBRIDGE_GUEST_SERVER=1)"
+    file_is_static "$GUEST_SERVER" || die "$GUEST_SERVER is dynamically linked"
+fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/irqbridge-initramfs.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -49,6 +58,9 @@ mkdir -p "$R"/{bin,dev,proc,sys,tmp,run,lib/modules}
 cp "$BUSYBOX" "$R/bin/busybox"
 ln -s busybox "$R/bin/sh"
 cp "$GUEST" "$R/bin/irqbridge-guest"
+if [ "${IRQBRIDGE_GUEST_SERVER:-0}" = 1 ]; then
+    strip -o "$R/bin/irqbridge" "$GUEST_SERVER" 2>/dev/null || cp "$GUEST_SERVER" "$R/bin/irqbridge"
+fi
 
 # Modules in load order (dependencies first), decompressed so that busybox insmod can load them.
 : >"$R/lib/modules/load-order"

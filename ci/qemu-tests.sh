@@ -15,6 +15,14 @@
 #           event-channel backend (`irqbridge vhost-user` with loopback links
 #           --link 1:5 --link 2:70 --link 3:700), one upcall (num_vqs 3, config_size 24); the guest binds the
 #           device to vfio-pci and runs scenario vhost-evtchn (INTx, exact upcall counts).
+#   passthrough  intel-iommu + QEMU's edu device: the guest binds edu to its vfio-pci, runs
+#           `irqbridge passthrough --device BDF --socket-path /tmp/p.sock --mmap-bars` (a static
+#           build in the initramfs) and drives it with a vfio-user client holding plain eventfds
+#           (scenario passthrough: INTx with the resample eventfd, MSI, DMA, server wakeups,
+#           reset, a second client); then the same for QEMU's e1000e: MSI-X raised with IMS/ICS,
+#           table mask and function mask → pending → exactly one on unmask; then the irqbridge
+#           test device, served into QEMU by a host `irqbridge vfio-user`, passed through again
+#           (INTx with the resample eventfd, MSI-X with mask → pending → exactly one).
 #
 # Every QEMU run has a hard timeout. Fails on any FAIL line, a missing result or DONE line, a
 # timeout or a server that died. Prints "SKIPPED: <reason>" and exits 0 only on a machine where
@@ -40,7 +48,7 @@ REPO=$(cd "$HERE/.." && pwd)
 T0=$(now)
 OUT=${IRQBRIDGE_QEMU_OUT:-$REPO/target-qemu-tests}
 QTIMEOUT=${IRQBRIDGE_QEMU_TIMEOUT:-240}
-CASES=${IRQBRIDGE_QEMU_CASES:-uio vfio reboot vhost}
+CASES=${IRQBRIDGE_QEMU_CASES:-uio vfio reboot vhost passthrough}
 VHOST_VIRTIO_ID=${IRQBRIDGE_VHOST_VIRTIO_ID:-21}
 # One upcall: control + doorbell + one event queue (crates/irqbridge-vhost-user/src/abi.rs).
 VHOST_UPCALLS=1
@@ -61,12 +69,15 @@ t=$(now)
 "$HERE/setup-qemu.sh"
 mkdir -p "$OUT"
 rm -f "$OUT"/*.log "$OUT"/*.sock
+if [[ " $CASES " == *" passthrough "* ]]; then
+    export IRQBRIDGE_GUEST_SERVER=1
+fi
 "$HERE/build-initramfs.sh" "$OUT/initramfs.cpio.gz"
 KENV=$("$HERE/guest-kernel.sh" 2>/dev/null)
 # shellcheck disable=SC1090
 . "$KENV"
 SERVER=
-if [[ " $CASES " =~ \ (uio|vfio|reboot|vhost)\  ]]; then
+if [[ " $CASES " =~ \ (uio|vfio|reboot|vhost|passthrough)\  ]]; then
     if [ -n "${IRQBRIDGE_SERVER:-}" ]; then
         SERVER=$IRQBRIDGE_SERVER
     else
@@ -250,6 +261,8 @@ check_serial() {
 
 VFIO_RESULTS=(vfio-open vfio-intx vfio-msix vfio-msix-mask vfio-msi vfio-msi-mask vfio-msi-disable)
 EVTCHN_RESULTS=(evtchn-setup evtchn-basic evtchn-coalesce evtchn-mask evtchn-unbind-close evtchn-totals)
+PASSTHROUGH_RESULTS=(pt-open pt-intx pt-msi pt-dma pt-wakeups pt-reset pt-reconnect pt-bench pt-msix-direct pt-msix
+    pt-nested-intx pt-nested-msix)
 VHOST_RESULTS=(vhost-open vhost-init vhost-evtchn-setup vhost-evtchn-send vhost-evtchn-coalesce
     vhost-evtchn-doorbell vhost-evtchn-mask vhost-evtchn-totals)
 
@@ -296,7 +309,16 @@ for c in $CASES; do
         stop_server vhost
         check_serial vhost 1 boot "${VHOST_RESULTS[@]}"
         ;;
-    *) die "unknown case $c (known: uio vfio reboot vhost)" ;;
+    passthrough)
+        # The irqbridge test device comes from a host `irqbridge vfio-user` and is passed
+        # through a second time inside the guest.
+        start_server passthrough || { fail "passthrough: the server did not start"; continue; }
+        run_qemu passthrough "$SOCK" 1 1 boot,passthrough -device edu -device e1000e \
+            -device "$(printf '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"%s"}}' "$SOCK")"
+        stop_server passthrough
+        check_serial passthrough 1 boot "${PASSTHROUGH_RESULTS[@]}"
+        ;;
+    *) die "unknown case $c (known: uio vfio reboot vhost passthrough)" ;;
     esac
 done
 

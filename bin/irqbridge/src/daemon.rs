@@ -49,6 +49,10 @@ pub enum Error {
     /// The vhost-user backend failed.
     #[error("vhost-user backend failed.")]
     VhostUser(#[source] irqbridge_vhost_user::Error),
+    /// The host device to pass through could not be opened (not found, not bound to vfio-pci,
+    /// group not viable, no access to /dev/vfio).
+    #[error("Cannot pass the device through.")]
+    Passthrough(#[source] irqbridge_vfio_user::passthrough::PassthroughError),
 }
 
 impl Error {
@@ -66,7 +70,8 @@ impl Error {
             | Error::Server(_)
             | Error::Control(_)
             | Error::Signals(_)
-            | Error::VhostUser(_) => false,
+            | Error::VhostUser(_)
+            | Error::Passthrough(_) => false,
         }
     }
 }
@@ -177,6 +182,60 @@ pub fn run_vfio_user(cfg: VfioUserConfig) -> Result<(), Error> {
         log_fields(&device.counters())
     );
     // Dropping the server and the device removes the socket files they created.
+    drop(server);
+    drop(device);
+    result.map_err(Error::Server)
+}
+
+/// What `irqbridge passthrough` serves and where.
+#[derive(Debug)]
+pub struct PassthroughConfig {
+    /// The listening socket.
+    pub listen: Listen,
+    /// The host PCI device, `DDDD:BB:SS.F`, bound to vfio-pci.
+    pub device: String,
+    /// Offer the BAR pages without the MSI-X table or PBA as sparse-mmap areas.
+    pub mmap_bars: bool,
+}
+
+/// Serves a host PCI device (bound to vfio-pci) over vfio-user until SIGTERM or SIGINT
+/// (docs/passthrough.md).
+///
+/// # Errors
+///
+/// [`Error::Passthrough`] when the device cannot be opened, otherwise as
+/// [`run_vfio_user`].
+pub fn run_passthrough(cfg: PassthroughConfig) -> Result<(), Error> {
+    use irqbridge_vfio_user::passthrough::{self, PassthroughOptions};
+    let signals = Signals::block().map_err(Error::Signals)?;
+    let listener = match &cfg.listen {
+        Listen::Fd(fd) | Listen::Activated(fd) => Some(adopt_listener(*fd)?),
+        Listen::Path(_) => None,
+    };
+    let opts = PassthroughOptions {
+        mmap_bars: cfg.mmap_bars,
+    };
+    let mut device = passthrough::open(&cfg.device, opts).map_err(Error::Passthrough)?;
+    let mut server = match (&cfg.listen, listener) {
+        (_, Some(l)) => Server::from_listener(l).map_err(Error::Server)?,
+        (Listen::Path(p), None) => Server::bind(p).map_err(Error::Server)?,
+        (_, None) => return Err(Error::Listen),
+    };
+    info!(
+        "passthrough: serving {} (mmap BARs: {})",
+        cfg.device,
+        if cfg.mmap_bars { "yes" } else { "no" }
+    );
+    let stop: StopHandle = server.stop_handle();
+    signals.spawn_waiter(move |sig| {
+        info!("{}, shutting down", signal_name(sig));
+        if let Err(e) = stop.stop() {
+            error!("passthrough: cannot stop the server: {e}");
+        }
+    });
+    let result = server.run(&mut device);
+    let st = device.stats();
+    info!("passthrough: counters at exit: {st:?}");
     drop(server);
     drop(device);
     result.map_err(Error::Server)

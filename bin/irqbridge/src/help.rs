@@ -178,3 +178,28 @@ Exit status:
   0  written
   1  the output cannot be written
   2  usage error";
+
+/// `irqbridge passthrough --help`: description.
+pub const PASSTHROUGH_ABOUT: &str = "\
+Serve a host PCI device bound to vfio-pci over vfio-user (docs/passthrough.md).
+
+The server opens the device through VFIO (container, group, device) and serves it to one VMM at a
+time. Interrupts go from the host kernel straight into the client's eventfds (INTx trigger and
+unmask/resample, MSI and MSI-X vectors); the MSI-X table and PBA and the MSI mask bits are virtual
+in the server, which switches a masked vector to its own eventfd and signals the client's once on
+unmask if an event came meanwhile. DMA_MAP is mirrored into the VFIO container. The device must be
+bound to vfio-pci, its IOMMU group viable, and /dev/vfio/N accessible to this process.";
+
+/// `irqbridge passthrough --help`: after the options.
+pub const PASSTHROUGH_AFTER: &str = "\
+Examples:
+  echo vfio-pci > /sys/bus/pci/devices/0000:00:04.0/driver_override
+  echo 0000:00:04.0 > /sys/bus/pci/drivers_probe
+  irqbridge passthrough --device 0000:00:04.0 -s /run/irqbridge/pt.sock
+  irqbridge passthrough --device 0000:00:04.0 -s /tmp/pt.sock --mmap-bars
+
+Exit status:
+  0  stopped by SIGTERM or SIGINT
+  1  the device cannot be opened (not found, not bound to vfio-pci, group not viable, no
+     access to /dev/vfio) or the server failed
+  2  usage error (malformed option, bad --fd, no listening socket)";

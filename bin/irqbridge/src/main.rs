@@ -72,6 +72,9 @@ enum Command {
     /// Benchmark the interrupt paths against baselines measured in the same run.
     #[command(long_about = help::BENCH_ABOUT, after_long_help = help::BENCH_AFTER)]
     Bench(BenchArgs),
+    /// Serve a host PCI device bound to vfio-pci over vfio-user (docs/passthrough.md).
+    #[command(long_about = help::PASSTHROUGH_ABOUT, after_long_help = help::PASSTHROUGH_AFTER)]
+    Passthrough(PassthroughArgs),
     /// Print a shell completion script.
     #[command(long_about = help::COMPLETIONS_ABOUT, after_long_help = help::COMPLETIONS_AFTER)]
     Completions {
@@ -86,6 +89,27 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+/// Arguments of `irqbridge passthrough`.
+#[derive(Debug, Args)]
+struct PassthroughArgs {
+    /// The host PCI device, DDDD:BB:SS.F, bound to vfio-pci.
+    #[arg(long, value_name = "DDDD:BB:SS.F")]
+    device: String,
+    /// Listen for the VMM on this unix socket (created with mode 0600, removed on exit).
+    #[arg(short = 's', long, value_name = "PATH")]
+    socket_path: Option<PathBuf>,
+    /// Serve on this already listening unix socket inherited from the parent.
+    #[arg(long, value_name = "N", conflicts_with = "socket_path")]
+    fd: Option<RawFd>,
+    /// Let the client mmap the BAR pages that hold neither the MSI-X table nor the PBA. Trust:
+    /// the client then drives those device registers directly, unseen by the server, and can
+    /// start device DMA on its own (only into memory it DMA-mapped, the IOMMU enforces that);
+    /// interrupt routing and masking stay with the server. Without it every BAR access is a
+    /// message the server checks and performs.
+    #[arg(long)]
+    mmap_bars: bool,
 }
 
 /// Arguments of `irqbridge vhost-user`.
@@ -597,6 +621,17 @@ fn main() -> ExitCode {
         Command::VhostUser(args) => run_vhost_user(args),
         Command::Demo(args) => run_demo(args),
         Command::Bench(args) => run_bench(args),
+        Command::Passthrough(a) => irqbridge::daemon::Listen::from_args(a.socket_path, a.fd)
+            .map_err(CliError::from)
+            .and_then(|listen| {
+                let cfg = irqbridge::daemon::PassthroughConfig {
+                    listen,
+                    device: a.device,
+                    mmap_bars: a.mmap_bars,
+                };
+                irqbridge::daemon::run_passthrough(cfg).map_err(CliError::from)
+            })
+            .map(|()| true),
         Command::Completions { shell } => run_completions(shell),
         Command::Man { dir } => run_man(dir),
     };

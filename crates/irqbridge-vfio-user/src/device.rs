@@ -146,4 +146,12 @@ pub trait VfioUserDevice: Send {
     fn dma_map(&mut self, _iova: u64, _size: u64, _fd: Option<&OwnedFd>) {}
     /// A DMA_UNMAP was accepted.
     fn dma_unmap(&mut self, _iova: u64, _size: u64) {}
+    /// A DMA_MAP the server accepted into its table, with its flags, file offset and fd. A
+    /// device that maps DMA elsewhere (passthrough: into the host IOMMU) may refuse it: the
+    /// server then drops the mapping again and replies with the errno. The default calls
+    /// [`VfioUserDevice::dma_map`] and accepts.
+    fn try_dma_map(&mut self, map: &crate::dma::DmaMapping) -> Result<(), Errno> {
+        self.dma_map(map.iova(), map.size(), map.fd());
+        Ok(())
+    }
 }

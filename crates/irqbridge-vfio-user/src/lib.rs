@@ -64,6 +64,8 @@ pub mod device;
 #[cfg(feature = "server")]
 pub mod dma;
 #[cfg(feature = "server")]
+pub mod passthrough;
+#[cfg(feature = "server")]
 pub mod pci;
 #[cfg(feature = "server")]
 pub mod server;

@@ -731,8 +731,12 @@ impl Session {
                 }
                 let req = DmaMapRequest::parse(&body)?;
                 self.dma.map(&req, fds.into_iter().next())?;
-                let fd = self.dma.get(req.address).and_then(|m| m.fd());
-                device.dma_map(req.address, req.size, fd);
+                if let Some(m) = self.dma.get(req.address) {
+                    if let Err(errno) = device.try_dma_map(m) {
+                        drop(self.dma.unmap(req.address, req.size));
+                        return Err(Error::Device(errno));
+                    }
+                }
                 Ok(Reply::body(Vec::new()))
             }
             Command::DmaUnmap => {

@@ -13,6 +13,7 @@
 mod dma;
 mod evtchn;
 mod kmsg;
+mod passthrough;
 mod pci;
 mod regs;
 mod report;
@@ -38,6 +39,10 @@ pub const QUIET_TIMEOUT: Duration = Duration::from_millis(200);
 const ALL: &[&str] = &["enum", "doorbell", "uio-intx", "vfio", "evtchn"];
 /// The scenario of the virtio event-channel device (not part of `all`: another device).
 const VHOST_EVTCHN: &str = "vhost-evtchn";
+/// QEMU's edu device passed through by `irqbridge passthrough` in the guest (not part of `all`).
+const PASSTHROUGH: &str = "passthrough";
+/// Interrupts raised through the mmapped BAR in the passthrough wakeup count.
+const PASSTHROUGH_IRQS: u32 = 1000;
 /// Default virtio device ID of the event-channel device (the backend's `DEFAULT_VIRTIO_ID`).
 pub const DEFAULT_VIRTIO_ID: u16 = 63;
 
@@ -93,7 +98,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> std::result::Result<Opt
             }
         } else if a == "all" {
             o.scenarios.extend(ALL.iter().map(|s| s.to_string()));
-        } else if a == "boot" || a == VHOST_EVTCHN || ALL.contains(&a.as_str()) {
+        } else if a == "boot" || a == VHOST_EVTCHN || a == PASSTHROUGH || ALL.contains(&a.as_str())
+        {
             o.scenarios.push(a);
         } else {
             return Err(format!("unknown scenario or option {a:?}"));
@@ -221,6 +227,12 @@ fn main() -> ExitCode {
         }
         if name == VHOST_EVTCHN {
             vhost_evtchn::run(&mut rep, &opts);
+            continue;
+        }
+        if name == PASSTHROUGH {
+            passthrough::run(&mut rep, opts.count, PASSTHROUGH_IRQS);
+            passthrough::run_e1000e(&mut rep, opts.rounds);
+            passthrough::run_nested(&mut rep, opts.rounds);
             continue;
         }
         let pci = match &device {
