@@ -142,6 +142,20 @@ impl Delivery {
         }
     }
 
+    /// The event-channel page at `gpa` in the current table of `mem`, whose table is covered
+    /// by the SIGBUS handler before anyone touches the page (other connections' workers do,
+    /// when they send to this guest).
+    fn resolve_page(&self, mem: &Mem, gpa: u64) -> crate::Result<Arc<dyn SharedWords>> {
+        let page = GuestPage::resolve(mem, gpa)?;
+        if !self.cover.cover(page.table()) {
+            return Err(crate::Error::BadPage {
+                gpa,
+                reason: "its memory cannot be covered",
+            });
+        }
+        Ok(Arc::new(page))
+    }
+
     fn vring(&self, index: usize) -> Option<&Vring> {
         self.vrings.get(index).and_then(OnceLock::get)
     }
@@ -539,10 +553,7 @@ impl Session {
         });
         let reply = match request {
             Some(req) => {
-                let page_mem = self.delivery.mem.clone();
-                let resolve = |gpa| {
-                    GuestPage::resolve(&page_mem, gpa).map(|p| Arc::new(p) as Arc<dyn SharedWords>)
-                };
+                let resolve = |gpa| self.delivery.resolve_page(&self.delivery.mem, gpa);
                 let mut out = Vec::new();
                 let reply = lock(&self.router).control(
                     self.params.conn,
@@ -707,8 +718,7 @@ impl VhostUserBackend for Session {
             self.breaker.break_connection(&why);
             return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
         }
-        let resolve =
-            |gpa| GuestPage::resolve(&mem, gpa).map(|p| Arc::new(p) as Arc<dyn SharedWords>);
+        let resolve = |gpa| self.delivery.resolve_page(&mem, gpa);
         // Not an error for the frontend (that would end the connection): the page falls back
         // to the latch page and the guest sees it through its next REGISTER_PAGE.
         if let Err(e) = lock(&self.router).remap(self.params.conn, self.generation, resolve) {
