@@ -107,6 +107,22 @@ fn vhost_user_saturated_call_fd_and_deaf_peer_cost_only_their_connection() {
             b
         })
     };
+    // And B keeps making its call fd blocking again (the flag is shared with the backend's
+    // copy), racing the backend's check before each write.
+    let clearer = {
+        let stop = Arc::clone(&stop);
+        let fd = bad.as_raw_fd();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                // SAFETY: F_GETFL / F_SETFL on a descriptor the test keeps open until the
+                // thread is joined.
+                unsafe {
+                    let flags = libc::fcntl(fd, libc::F_GETFL);
+                    libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+                }
+            }
+        })
+    };
     // C: floods GET_FEATURES (with NEED_REPLY) and never reads a reply.
     let mut c = UnixStream::connect(&socks[2]).unwrap();
     c.set_write_timeout(Some(Duration::from_millis(200)))
@@ -123,6 +139,7 @@ fn vhost_user_saturated_call_fd_and_deaf_peer_cost_only_their_connection() {
     let during: Vec<Duration> = (0..rounds).map(|_| round_trip(&mut a, &[5, 1])).collect();
     stop.store(true, Ordering::SeqCst);
     let b = b_thread.join().unwrap();
+    clearer.join().unwrap();
     let (mb, md) = (median(before.clone()), median(during.clone()));
     eprintln!(
         "round trip median before {:?}, during {:?}; B got {} records",

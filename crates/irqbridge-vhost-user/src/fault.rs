@@ -52,6 +52,9 @@ const FILLING: u64 = 1;
 
 /// One covered host address range.
 struct Slot {
+    /// Incremented before and after every change of `start`/`end` (odd while changing), so
+    /// that the handler never acts on a range torn between two fills.
+    seq: AtomicU64,
     token: AtomicU64,
     start: AtomicUsize,
     end: AtomicUsize,
@@ -62,6 +65,7 @@ struct Slot {
 /// The covered ranges, read by the signal handler.
 static TABLE: [Slot; SLOTS] = [const {
     Slot {
+        seq: AtomicU64::new(0),
         token: AtomicU64::new(FREE),
         start: AtomicUsize::new(0),
         end: AtomicUsize::new(0),
@@ -110,12 +114,13 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     };
     let mut handled = false;
     for slot in &TABLE {
-        if slot.token.load(Ordering::Acquire) <= FILLING {
+        let seq = slot.seq.load(Ordering::Acquire);
+        if seq % 2 == 1 || slot.token.load(Ordering::Acquire) <= FILLING {
             continue;
         }
         let start = slot.start.load(Ordering::Acquire);
         let end = slot.end.load(Ordering::Acquire);
-        if addr < start || addr >= end {
+        if addr < start || addr >= end || slot.seq.load(Ordering::Acquire) != seq {
             continue;
         }
         // SAFETY: replaces the pages of a guest memory region that this process mapped and
@@ -333,9 +338,11 @@ impl MemCover {
                 .compare_exchange(FREE, FILLING, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
+                slot.seq.fetch_add(1, Ordering::AcqRel);
                 slot.start.store(start, Ordering::Release);
                 slot.end.store(end, Ordering::Release);
                 slot.fault.store(0, Ordering::Release);
+                slot.seq.fetch_add(1, Ordering::AcqRel);
                 slot.token.store(self.token, Ordering::Release);
                 return Some(i);
             }
@@ -350,6 +357,10 @@ impl MemCover {
                 let i = e.0;
                 held.ranges.remove(&range);
                 if let Some(slot) = TABLE.get(i) {
+                    slot.seq.fetch_add(1, Ordering::AcqRel);
+                    slot.start.store(0, Ordering::Release);
+                    slot.end.store(0, Ordering::Release);
+                    slot.seq.fetch_add(1, Ordering::AcqRel);
                     slot.token.store(FREE, Ordering::Release);
                 }
             }

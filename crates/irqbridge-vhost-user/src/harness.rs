@@ -131,6 +131,19 @@ impl ControlHarness {
         self.router.connect_interdomain(a, b)
     }
 
+    /// The guest of `conn` stores `value` into word `word` (0..512) of its page `page`
+    /// (0..[`HARNESS_PAGES`]), as a guest may at any time (mask and pending bits, upcall
+    /// blocks). Out-of-range indexes do nothing.
+    pub fn guest_write(&mut self, conn: ConnId, page: u64, word: usize, value: u64) {
+        if page >= HARNESS_PAGES || conn.0 >= self.router.num_connections() {
+            return;
+        }
+        let p = self.pages.entry((conn.0, page)).or_insert_with(zeroed_page);
+        if let Some(w) = p.words().get(word) {
+            w.store(value, Ordering::SeqCst);
+        }
+    }
+
     /// Upcalls raised to the guest of `conn` so far.
     pub fn upcalls(&self, conn: ConnId) -> u64 {
         self.sinks

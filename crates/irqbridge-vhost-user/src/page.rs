@@ -76,6 +76,11 @@ impl GuestPage {
     pub fn gpa(&self) -> u64 {
         self.gpa
     }
+
+    /// The memory table the page was resolved in (kept alive by the page).
+    pub(crate) fn table(&self) -> &Arc<GuestMemoryMmap> {
+        &self._mem
+    }
 }
 
 impl SharedWords for GuestPage {

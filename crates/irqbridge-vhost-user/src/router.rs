@@ -51,6 +51,13 @@ pub type Endpoint = (ConnId, u32);
 pub(crate) trait UpcallSink: Send + Sync + fmt::Debug {
     /// Deliver one upcall. Must not lock the router.
     fn raise(&self, upcall: u16);
+
+    /// Deliver one upcall caused by another connection's frontend: by default as
+    /// [`raise`](Self::raise); a session hands it to its own worker thread instead, so that no
+    /// thread serving one frontend ever touches another frontend's descriptors.
+    fn raise_remote(&self, upcall: u16) {
+        self.raise(upcall);
+    }
 }
 
 /// An upcall decided under the router lock, delivered after the lock is released: delivery

@@ -21,6 +21,7 @@ use vhost::vhost_user::Error as VhostUserError;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{Error as VhostUserDaemonError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use crate::abi::{ABI_VERSION, ConfigSpace, DEFAULT_VIRTIO_ID, FEATURES, MAX_UPCALLS};
@@ -618,6 +619,19 @@ fn serve_one(
         session.detach();
         session.retire_memory();
     };
+    // Upcalls that other connections' frontends cause are raised on this session's worker
+    // thread, never on theirs (see crate::vring for why that matters).
+    let (wake_fd, wake_id) = session.wake_listener();
+    let handlers = daemon.get_epoll_handlers();
+    let registered = handlers
+        .iter()
+        .all(|h| h.register_listener(wake_fd, EventSet::IN, wake_id).is_ok());
+    if registered && !handlers.is_empty() {
+        session.enable_handoff();
+    } else {
+        warn!("vhost-user: {conn}: cannot register the upcall wake-up; upcalls raised inline");
+    }
+    drop(handlers);
     if let Err(e) = daemon.start(listener) {
         end(&daemon);
         return Err(Error::Daemon(e.to_string()));

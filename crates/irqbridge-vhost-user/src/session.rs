@@ -17,7 +17,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use irqbridge_core::SharedWords;
@@ -35,6 +35,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use crate::abi::{
     CONTROL_QUEUE, ConfigSpace, DOORBELL_ENTRY_SIZE, DOORBELL_QUEUE, FIRST_EVENT_QUEUE,
@@ -43,7 +44,7 @@ use crate::abi::{
 };
 use crate::fault::MemCover;
 use crate::page::GuestPage;
-use crate::router::{ConnId, Counters, Router, UpcallSink, bump, deliver};
+use crate::router::{ConnId, Counters, Raise, Router, UpcallSink, bump};
 use crate::vring::{Breaker, Signal, signal};
 
 /// Guest memory as vhost-user-backend shares it.
@@ -88,6 +89,14 @@ pub(crate) struct Delivery {
     /// after it is released, and one that arrives after the detach must not write into the
     /// queues of a frontend that is gone (its RAM may be the next frontend's).
     active: AtomicBool,
+    /// Upcalls raised by other connections' frontends, one bit each, for this session's
+    /// worker thread (see [`UpcallSink::raise_remote`]).
+    remote: AtomicU64,
+    /// Wakes this session's worker for `remote` (our own non-blocking eventfd).
+    wake: EventFd,
+    /// `wake` is registered with the worker; until then remote upcalls are raised inline
+    /// (no frontend is connected before that, so no descriptor of one can be touched).
+    handoff: AtomicBool,
     /// Keeps the guest memory this session touches covered by the SIGBUS handler.
     cover: Arc<MemCover>,
     breaker: Arc<Breaker>,
@@ -131,6 +140,20 @@ impl Delivery {
                 .break_connection("its guest memory cannot be covered (too many regions)");
             None
         }
+    }
+
+    /// The event-channel page at `gpa` in the current table of `mem`, whose table is covered
+    /// by the SIGBUS handler before anyone touches the page (other connections' workers do,
+    /// when they send to this guest).
+    fn resolve_page(&self, mem: &Mem, gpa: u64) -> crate::Result<Arc<dyn SharedWords>> {
+        let page = GuestPage::resolve(mem, gpa)?;
+        if !self.cover.cover(page.table()) {
+            return Err(crate::Error::BadPage {
+                gpa,
+                reason: "its memory cannot be covered",
+            });
+        }
+        Ok(Arc::new(page))
     }
 
     fn vring(&self, index: usize) -> Option<&Vring> {
@@ -233,6 +256,17 @@ impl Delivery {
         }
     }
 
+    /// The worker was woken for remote upcalls: raise them here, on this session's thread.
+    fn take_remote(&self) {
+        let _ = self.wake.read();
+        let bits = self.remote.swap(0, Ordering::SeqCst);
+        for v in 0..64u16 {
+            if bits & (1 << v) != 0 {
+                self.raise(v);
+            }
+        }
+    }
+
     fn reset(&self) {
         for e in &self.events {
             *lock(e) = EventQueue::default();
@@ -266,6 +300,16 @@ impl UpcallSink for Delivery {
             ev.owed = true;
             self.flush(upcall, &mut ev);
         }
+    }
+
+    fn raise_remote(&self, upcall: u16) {
+        if !self.handoff.load(Ordering::SeqCst) || upcall >= 64 {
+            self.raise(upcall);
+            return;
+        }
+        self.remote.fetch_or(1 << upcall, Ordering::SeqCst);
+        // Our own eventfd, non-blocking: a full counter means a wake-up is already pending.
+        let _ = self.wake.write(1);
     }
 }
 
@@ -334,6 +378,9 @@ impl Session {
                 .collect(),
             counters,
             active: AtomicBool::new(true),
+            remote: AtomicU64::new(0),
+            wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(crate::Error::Io)?,
+            handoff: AtomicBool::new(false),
             cover: MemCover::new(&breaker).map_err(crate::Error::Io)?,
             breaker: Arc::clone(&breaker),
         });
@@ -358,6 +405,35 @@ impl Session {
         // Wait for deliveries already past the check (each holds its queue's lock).
         for e in &self.delivery.events {
             drop(lock(e));
+        }
+    }
+
+    /// The descriptor and event id to register with the session's worker (see
+    /// [`enable_handoff`](Self::enable_handoff)).
+    pub(crate) fn wake_listener(&self) -> (RawFd, u64) {
+        (
+            self.delivery.wake.as_raw_fd(),
+            crate::abi::num_queues(self.params.upcalls) as u64 + 1,
+        )
+    }
+
+    /// The wake descriptor is registered with the worker: from now on upcalls caused by other
+    /// connections are raised on this session's worker thread.
+    pub(crate) fn enable_handoff(&self) {
+        self.delivery.handoff.store(true, Ordering::SeqCst);
+        let _ = self.delivery.wake.write(1);
+    }
+
+    /// Deliver upcalls that this session's frontend caused: its own inline (this is its
+    /// worker thread), other connections' through their workers.
+    fn deliver_from(&self, out: Vec<Raise>) {
+        let me = Arc::as_ptr(&self.delivery).cast::<()>();
+        for (sink, v) in out {
+            if Arc::as_ptr(&sink).cast::<()>() == me {
+                sink.raise(v);
+            } else {
+                sink.raise_remote(v);
+            }
         }
     }
 
@@ -477,10 +553,7 @@ impl Session {
         });
         let reply = match request {
             Some(req) => {
-                let page_mem = self.delivery.mem.clone();
-                let resolve = |gpa| {
-                    GuestPage::resolve(&page_mem, gpa).map(|p| Arc::new(p) as Arc<dyn SharedWords>)
-                };
+                let resolve = |gpa| self.delivery.resolve_page(&self.delivery.mem, gpa);
                 let mut out = Vec::new();
                 let reply = lock(&self.router).control(
                     self.params.conn,
@@ -489,7 +562,7 @@ impl Session {
                     resolve,
                     &mut out,
                 );
-                deliver(out);
+                self.deliver_from(out);
                 match reply {
                     Some(r) => r,
                     None => return 0,
@@ -529,7 +602,7 @@ impl Session {
                 }
             }
             drop(router);
-            deliver(out);
+            self.deliver_from(out);
             vec![0; chains.len()]
         });
     }
@@ -645,8 +718,7 @@ impl VhostUserBackend for Session {
             self.breaker.break_connection(&why);
             return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
         }
-        let resolve =
-            |gpa| GuestPage::resolve(&mem, gpa).map(|p| Arc::new(p) as Arc<dyn SharedWords>);
+        let resolve = |gpa| self.delivery.resolve_page(&mem, gpa);
         // Not an error for the frontend (that would end the connection): the page falls back
         // to the latch page and the guest sees it through its next REGISTER_PAGE.
         if let Err(e) = lock(&self.router).remap(self.params.conn, self.generation, resolve) {
@@ -677,6 +749,10 @@ impl VhostUserBackend for Session {
     ) -> io::Result<()> {
         // Errors are never returned: that would end the worker thread for good.
         self.capture(vrings);
+        if (u64::from(device_event)) == self.wake_listener().1 {
+            self.delivery.take_remote();
+            return Ok(());
+        }
         match usize::from(device_event) {
             CONTROL_QUEUE => self.process_control(),
             DOORBELL_QUEUE => self.process_doorbells(),

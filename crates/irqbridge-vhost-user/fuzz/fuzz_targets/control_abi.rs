@@ -4,7 +4,8 @@
 //!
 //! Input: one configuration byte (ports 1..=64 in bits 5:0, upcalls 1..=4 in bits 7:6), then
 //! operations, each a tag byte (bit 0: connection 0 or 1; bits 2:1: 0/1 control request of the
-//! next 16 bytes, 2 doorbell buffer of a length byte and that many bytes, 3 link of 4 bytes).
+//! next 16 bytes, 2 doorbell buffer of a length byte and that many bytes, 3 link of 4 bytes,
+//! or with bit 3 set a guest write into its page: page, word u16, value u64).
 
 #![no_main]
 
@@ -120,6 +121,16 @@ fuzz_target!(|data: &[u8]| {
                     "an upcall per port at most"
                 );
                 rest = next;
+            }
+            _ if tag & 8 != 0 => {
+                // The guest writes its page behind the device's back.
+                let Some(w) = tail.get(..11) else {
+                    break;
+                };
+                let word = usize::from(u16::from_le_bytes([w[1], w[2]])) % 512;
+                let value = u64::from_le_bytes(w[3..11].try_into().expect("8 bytes"));
+                h.guest_write(conn, u64::from(w[0] % 4), word, value);
+                rest = &tail[11..];
             }
             _ => {
                 let Some(l) = tail.get(..4) else {
