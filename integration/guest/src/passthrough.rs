@@ -468,6 +468,34 @@ fn wakeups(c: &mut Client, f: &mut Facts, pid: u32, n: u32) -> Result<()> {
     f.expect_eq("interrupts", got, u64::from(n))?;
     f.expect_eq("server_wakeups", after - before, 0)?;
     c.disable_irqs(MSI).map_err(e)?;
+
+    // INTx the same way: raise and ack through the mapping, the unmask eventfd written like
+    // KVM's resamplefd on EOI; the host kernel masks and unmasks, the server sleeps.
+    let trigger = EventFd::new()?;
+    let unmask = EventFd::new()?;
+    c.set_irq_eventfds(INTX, ACTION_TRIGGER, 0, &[Some(bfd(&trigger))])
+        .map_err(e)?;
+    c.set_irq_eventfds(INTX, ACTION_UNMASK, 0, &[Some(bfd(&unmask))])
+        .map_err(e)?;
+    std::thread::sleep(PARK);
+    let rounds = (n / 5).max(1);
+    let before = ctx_switches(pid)?;
+    let mut got = 0;
+    for _ in 0..rounds {
+        bar.write32(EDU_IRQ_RAISE as usize, 1).map_err(e)?;
+        let k = trigger.wait(EVENT_TIMEOUT)?;
+        bar.write32(EDU_IRQ_ACK as usize, 1).map_err(e)?;
+        unmask_signal(&unmask)?;
+        if k == 0 {
+            break;
+        }
+        got += k;
+    }
+    let after = ctx_switches(pid)?;
+    got += trigger.wait(QUIET_TIMEOUT)?;
+    f.expect_eq("intx_interrupts", got, u64::from(rounds))?;
+    f.expect_eq("intx_server_wakeups", after - before, 0)?;
+    c.disable_irqs(INTX).map_err(e)?;
     Ok(())
 }
 

@@ -1226,10 +1226,11 @@ fn mmap_areas(size: u64, (table, pba): MsixRanges) -> Vec<SparseArea> {
     let mut at = 0;
     let end = size;
     for (s, e) in holes {
-        if s > at {
+        let stop = s.min(end);
+        if stop > at {
             out.push(SparseArea {
                 offset: at,
-                size: s.min(end) - at,
+                size: stop - at,
             });
         }
         at = at.max(e);

@@ -685,6 +685,14 @@ fn sparse_mmap_areas_leave_out_the_msix_pages() {
             size: 0x3000
         }]
     );
+    // Holes past the end of the BAR (a bogus capability) change nothing and do not underflow.
+    assert_eq!(
+        mmap_areas(0x2000, (Some((0x1000, 16)), Some((0x9000, 8)))),
+        vec![SparseArea {
+            offset: 0,
+            size: 0x1000
+        }]
+    );
     let (dev, _) = device(PassthroughOptions { mmap_bars: true });
     // The fake offers no fd, so no MMAP is advertised.
     assert_eq!(dev.region_info(0).flags & VFIO_REGION_INFO_FLAG_MMAP, 0);
@@ -794,4 +802,95 @@ fn disconnect_quiesces_and_reset_resets_the_virtual_state() {
     assert!(dev.poll_fds().is_empty());
     fake.fire(0);
     assert_eq!(fds.iter().map(count).sum::<u64>(), 0);
+}
+
+/// Seeded random accesses and SET_IRQS against the device: no panic, every error is a
+/// positive errno, and the device ends quiesced.
+#[test]
+fn random_input_never_panics() {
+    let (mut ok, mut refused) = (0u32, 0u32);
+    {
+        let (mut dev, fake) = device(PassthroughOptions { mmap_bars: true });
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut buf = [0u8; 16];
+        for i in 0..20_000u32 {
+            let r = next();
+            let index = (r % 10) as u32;
+            let len = 1 + ((r >> 8) % 16) as usize;
+            let size = dev.region_info(index.min(8)).size.max(1);
+            let offset = if r & (1 << 40) != 0 {
+                (r >> 16) % (size + 64)
+            } else {
+                ((r >> 16) % size) & !3
+            };
+            if r & (1 << 41) != 0 {
+                let data: Vec<u8> = (0..len).map(|k| (r >> (k % 8 * 8)) as u8).collect();
+                match dev.region_write(index, offset, &data) {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        assert!(e > 0);
+                        refused += 1;
+                    }
+                }
+            } else {
+                match dev.region_read(index, offset, &mut buf[..len]) {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        assert!(e > 0);
+                        refused += 1;
+                    }
+                }
+            }
+            if i % 16 == 0 {
+                let irq = ((r >> 44) % 5) as u32;
+                let n = dev.irq_info(irq).count;
+                if n == 0 {
+                    continue;
+                }
+                let start = ((r >> 48) % u64::from(n)) as u32;
+                let count = 1 + ((r >> 52) % u64::from(n - start)) as u32;
+                let action = match (r >> 56) % 3 {
+                    0 => IrqAction::Mask,
+                    1 => IrqAction::Unmask,
+                    _ => IrqAction::Trigger,
+                };
+                let data = match (r >> 58) % 4 {
+                    0 => IrqData::None,
+                    1 => IrqData::Bool((0..count).map(|k| (r >> k) & 1 == 1).collect()),
+                    2 => IrqData::Eventfds((0..count).map(|_| Some(efd())).collect()),
+                    _ => IrqData::Eventfds((0..count).map(|_| None).collect()),
+                };
+                let (start, count) = if (r >> 60) % 8 == 0 {
+                    (0, 0)
+                } else {
+                    (start, count)
+                };
+                let data = if count == 0 { IrqData::None } else { data };
+                let res = dev.set_irqs(SetIrqs {
+                    index: irq,
+                    action,
+                    start,
+                    count,
+                    data,
+                });
+                assert!(res.is_ok() || res.unwrap_err() > 0);
+                fake.fire(((r >> 62) % 5) as usize);
+                poll_once(&mut dev);
+            }
+        }
+        dev.client_disconnected();
+        assert!(dev.poll_fds().is_empty());
+        assert_eq!(
+            fake.enabled_index(),
+            None,
+            "interrupts off after the client left"
+        );
+    }
+    assert!(ok > 1000 && refused > 1000, "ok {ok}, refused {refused}");
 }
