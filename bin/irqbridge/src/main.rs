@@ -122,7 +122,7 @@ struct BenchArgs {
     /// Samples per measured path.
     #[arg(long, value_name = "N")]
     samples: Option<usize>,
-    /// Run one row only: msix, intx, doorbell or region-read.
+    /// Run one row only: msix, intx, doorbell, region-read or region-write.
     #[arg(long, value_name = "ROW")]
     row: Option<String>,
     /// Also write the report as JSON to this file.
@@ -199,7 +199,7 @@ enum CliError {
     #[error("Cannot run on this machine.")]
     Integration(#[source] irqbridge_integration::Error),
     /// An unknown benchmark row.
-    #[error("Unknown benchmark row {0:?} (expected msix, intx, doorbell or region-read).")]
+    #[error("Unknown benchmark row {0:?} (expected msix, intx, doorbell, region-read or region-write).")]
     BenchRow(String),
     /// `irqbridge vhost-user` without a socket.
     #[error("At least one --socket-path or --fd is required.")]
