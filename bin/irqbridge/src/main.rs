@@ -199,7 +199,9 @@ enum CliError {
     #[error("Cannot run on this machine.")]
     Integration(#[source] irqbridge_integration::Error),
     /// An unknown benchmark row.
-    #[error("Unknown benchmark row {0:?} (expected msix, intx, doorbell, region-read or region-write).")]
+    #[error(
+        "Unknown benchmark row {0:?} (expected msix, intx, doorbell, region-read or region-write)."
+    )]
     BenchRow(String),
     /// `irqbridge vhost-user` without a socket.
     #[error("At least one --socket-path or --fd is required.")]

@@ -974,12 +974,12 @@ fn malformed_input_keeps_the_stream_in_step_and_leaks_nothing() {
         &[],
         libc::EINVAL,
     );
-    // An fd that cannot be mmapped.
+    // An fd that is not a file (refused by the fstat check before any mmap).
     c.expect_errno(
         Command::DmaMap,
         &DmaMapRequest::new(3, 0, 0x40000, 0x1000).encode(),
         &[bfd(&e)],
-        libc::ENODEV,
+        libc::EINVAL,
     );
     c.expect_errno(
         Command::DmaUnmap,
