@@ -505,7 +505,16 @@ impl Connection {
             scm_rights(fds)
         };
         let mut sent = 0usize;
+        let started = Instant::now();
         while sent < total {
+            // A reply the peer does not take within the message timeout is given up (each
+            // blocked sendmsg is bounded by SO_SNDTIMEO).
+            if sent > 0 && self.msg_timeout.is_some_and(|t| started.elapsed() >= t) {
+                return Err(Error::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer did not take a message in time",
+                )));
+            }
             let (h, b) = if sent < first.len() {
                 (&first[sent..], second)
             } else {

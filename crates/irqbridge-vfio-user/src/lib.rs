@@ -9,8 +9,9 @@
 //! - [`proto`]: every message as a parse/encode pair over little-endian bytes, for both the
 //!   server and a client (the `irqbridge-kvm` plugin uses it).
 //! - [`conn`]: framing over an AF_UNIX stream with SCM_RIGHTS, size and fd limits.
-//! - [`server`]: one client at a time in a single-threaded poll loop; validates every request
-//!   before a [`device::VfioUserDevice`] sees it; [`dma`] keeps the client's DMA mappings.
+//! - [`server`]: one client at a time, served in blocking I/O on the connection thread while
+//!   a device thread polls the device's own fds; validates every request before a
+//!   [`device::VfioUserDevice`] sees it; [`dma`] keeps the client's DMA mappings.
 //! - [`pci`]: the irqbridge test device (docs/device-abi.md) on the `irqbridge-core` models,
 //!   with its event-channel page in [`shmem`] and its external [`control`] socket.
 //!
