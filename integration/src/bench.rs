@@ -6,7 +6,8 @@
 //! | [`Row::MsixFire`] | the server fires an MSI-X vector (device model + its eventfd write) → guest handler done | the VMM writes the same irqfd itself | ≤ 1.10× |
 //! | [`Row::IntxLoop`] | INTx assert → guest handler → EOI → resample → server unmask → line ready | the same loop with the VMM acting as the device (own irqfd + resamplefd on another pin) | ≤ 1.25× |
 //! | [`Row::Doorbell`] | guest doorbell → server notified, through the ioeventfd | the same doorbell trapped and forwarded as a REGION_WRITE (posted, like QEMU) | ≥ 3× faster |
-//! | [`Row::RegionRead`] | vfio-user REGION_READ of 4 bytes, round trip | a raw AF_UNIX ping-pong of the same sizes | ≤ 1.15× |
+//! | [`Row::RegionRead`] | vfio-user REGION_READ of 4 bytes, round trip, on the `irqbridge vfio-user` process | a two-process AF_UNIX ping-pong of the same sizes | ≤ 1.10× |
+//! | [`Row::RegionWritePosted`] | posted REGION_WRITEs at pipeline depth 16 (+ one REGION_READ), per write | the same bytes through a forked echo | ≤ 1.25× |
 //!
 //! How each is timed:
 //!
@@ -29,27 +30,18 @@
 //!   the server's first wake-up (the same on both paths). The trapped path is a second rig
 //!   without the ioeventfd, whose writes are forwarded as posted REGION_WRITEs (like QEMU; the
 //!   fastest trapped variant).
-//! - **REGION_READ**: a dedicated server thread serving a plain `IrqbridgeDevice` and the
-//!   plugin's vfio-user client, both pinned to one CPU; the baseline is two threads on a socket
-//!   pair pinned to the same CPU exchanging a 32-byte request and a 36-byte reply (the sizes
-//!   of REGION_READ of 4 bytes).
+//! - **REGION_READ** and **posted REGION_WRITE**: see [`crate::bench_socket`] (the server in
+//!   its own process, a forked echo as the baseline, everything pinned to one CPU).
 //!
 //! Samples of the two paths of a row are taken alternately, after a warm-up, so that drift and
 //! background load hit both alike. Goals are judged on p50.
 
 use std::fmt;
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use irqbridge_kvm::client::{Client, ClientConfig};
-use irqbridge_vfio_user::pci::regs::{REG_MAGIC, REGION_BAR0};
-use irqbridge_vfio_user::pci::{DeviceConfig, IrqbridgeDevice};
-use irqbridge_vfio_user::proto::{HEADER_SIZE, RegionAccess};
-use irqbridge_vfio_user::server::Server;
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
@@ -110,19 +102,29 @@ pub enum Row {
     Doorbell,
     /// vfio-user REGION_READ of 4 bytes.
     RegionRead,
+    /// Posted REGION_WRITE throughput at pipeline depth 16.
+    RegionWritePosted,
 }
 
 impl Row {
     /// Every row, in report order.
-    pub const ALL: [Row; 4] = [Row::MsixFire, Row::IntxLoop, Row::Doorbell, Row::RegionRead];
+    pub const ALL: [Row; 5] = [
+        Row::MsixFire,
+        Row::IntxLoop,
+        Row::Doorbell,
+        Row::RegionRead,
+        Row::RegionWritePosted,
+    ];
 
-    /// The row's name on the command line: `msix`, `intx`, `doorbell`, `region-read`.
+    /// The row's name on the command line: `msix`, `intx`, `doorbell`, `region-read`,
+    /// `region-write`.
     pub fn name(self) -> &'static str {
         match self {
             Row::MsixFire => "msix",
             Row::IntxLoop => "intx",
             Row::Doorbell => "doorbell",
             Row::RegionRead => "region-read",
+            Row::RegionWritePosted => "region-write",
         }
     }
 
@@ -178,7 +180,7 @@ pub struct BenchRow {
 }
 
 impl BenchRow {
-    fn new(
+    pub(crate) fn new(
         row: Row,
         path: &str,
         baseline: &str,
@@ -340,7 +342,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     }
     if want(Row::RegionRead) {
         phase(Row::RegionRead);
-        rows.push(region_read(&opts, cpu)?);
+        rows.push(crate::bench_socket::region_read_row(&opts, cpu)?);
+    }
+    if want(Row::RegionWritePosted) {
+        phase(Row::RegionWritePosted);
+        rows.push(crate::bench_socket::region_write_posted_row(&opts, cpu)?);
     }
     Ok(BenchReport {
         rig_cpus,
@@ -702,107 +708,6 @@ fn doorbell(opts: &BenchOptions) -> Result<BenchRow> {
         &format!("guest doorbell -> server, ioeventfd (x{burst})"),
         "trapped, posted REGION_WRITE",
         Goal::FasterBy(3.0),
-        &m,
-        &b,
-    )
-}
-
-/// Row 4: REGION_READ round trip vs. a raw socket ping-pong, pinned to one CPU.
-fn region_read(opts: &BenchOptions, cpu: usize) -> Result<BenchRow> {
-    let request = HEADER_SIZE + RegionAccess::SIZE;
-    let reply = HEADER_SIZE + RegionAccess::SIZE + 4;
-
-    // The vfio-user side: a plain server and device (no metering), on a pinned thread.
-    let dir = std::env::temp_dir().join(format!("irqbridge-bench-{}-{}", std::process::id(), cpu));
-    std::fs::create_dir_all(&dir).map_err(Error::Io)?;
-    let path = dir.join("rr.sock");
-    let mut server = Server::bind(&path).map_err(Error::Server)?;
-    let stop = server.stop_handle();
-    let mut device = IrqbridgeDevice::new(DeviceConfig::default()).map_err(Error::Device)?;
-    let server_thread = thread::Builder::new()
-        .name("bench-server".into())
-        .spawn(move || -> Result<()> {
-            pin_current_thread(cpu)?;
-            server.run(&mut device).map_err(Error::Server)
-        })
-        .map_err(Error::Io)?;
-
-    // The raw side: an echo thread on a socket pair.
-    let (mut near, mut far) = UnixStream::pair().map_err(Error::Io)?;
-    let echo = thread::Builder::new()
-        .name("bench-echo".into())
-        .spawn(move || -> Result<()> {
-            pin_current_thread(cpu)?;
-            let mut req = vec![0u8; request];
-            let rep = vec![0u8; reply];
-            loop {
-                match far.read_exact(&mut req) {
-                    Ok(()) => far.write_all(&rep).map_err(Error::Io)?,
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                    Err(e) => return Err(Error::Io(e)),
-                }
-            }
-        })
-        .map_err(Error::Io)?;
-
-    let opts2 = *opts;
-    let path2 = path.clone();
-    let client_thread = thread::Builder::new()
-        .name("bench-client".into())
-        .spawn(move || -> Result<(Vec<Duration>, Vec<Duration>)> {
-            pin_current_thread(cpu)?;
-            let mut client = Client::connect(&path2, &ClientConfig::default())
-                .map_err(Error::plugin("connect"))?;
-            let req = vec![0u8; request];
-            let mut rep = vec![0u8; reply];
-            let vfio = || -> Result<Duration> {
-                let mut data = [0u8; 4];
-                let t0 = Instant::now();
-                client
-                    .region_read(REGION_BAR0, REG_MAGIC, &mut data)
-                    .map_err(Error::plugin("REGION_READ"))?;
-                let d = t0.elapsed();
-                crate::scenarios::expect_eq(
-                    "MAGIC",
-                    u32::from_le_bytes(data),
-                    irqbridge_vfio_user::pci::regs::MAGIC,
-                )?;
-                Ok(d)
-            };
-            let raw = || -> Result<Duration> {
-                let t0 = Instant::now();
-                near.write_all(&req).map_err(Error::Io)?;
-                near.read_exact(&mut rep).map_err(Error::Io)?;
-                Ok(t0.elapsed())
-            };
-            // Two closures borrow different captures; run them through `alternate`.
-            let mut vfio = vfio;
-            let mut raw = raw;
-            alternate(&opts2, &mut vfio, &mut raw)
-        })
-        .map_err(Error::Io)?;
-    let samples = client_thread.join();
-    let _ = stop.stop();
-    let server_result = server_thread.join();
-    let echo_result = echo.join();
-    let _ = std::fs::remove_dir_all(&dir);
-    let (m, b) = match samples {
-        Ok(r) => r?,
-        Err(_) => return Err(Error::InvalidArgument("the client thread panicked".into())),
-    };
-    match server_result {
-        Ok(r) => r?,
-        Err(_) => return Err(Error::InvalidArgument("the server thread panicked".into())),
-    }
-    match echo_result {
-        Ok(r) => r?,
-        Err(_) => return Err(Error::InvalidArgument("the echo thread panicked".into())),
-    }
-    BenchRow::new(
-        Row::RegionRead,
-        &format!("vfio-user REGION_READ 4 B (CPU {cpu})"),
-        &format!("raw AF_UNIX {request}/{reply} B ping-pong"),
-        Goal::AtMost(1.15),
         &m,
         &b,
     )

@@ -38,6 +38,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bench_socket;
 pub mod demo;
 mod error;
 pub mod layout;

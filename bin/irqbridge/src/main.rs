@@ -204,7 +204,7 @@ struct BenchArgs {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
     )]
     samples: Option<usize>,
-    /// Run one row only: msix, intx, doorbell or region-read.
+    /// Run one row only: msix, intx, doorbell, region-read or region-write.
     #[arg(long, value_name = "ROW")]
     row: Option<String>,
     /// Also write the report as JSON to this file, and a latency CDF plot per row next to it
@@ -253,7 +253,10 @@ enum CliError {
     #[error("Cannot run on this machine.")]
     Integration(#[source] irqbridge_integration::Error),
     /// An unknown benchmark row.
-    #[error("--row {0:?} is not a benchmark row (expected msix, intx, doorbell or region-read).")]
+    #[error(
+        "--row {0:?} is not a benchmark row (expected msix, intx, doorbell, region-read or \
+         region-write)."
+    )]
     BenchRow(String),
     /// The vhost-user backend failed.
     #[error("vhost-user backend failed.")]

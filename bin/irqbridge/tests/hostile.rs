@@ -417,3 +417,206 @@ fn trickling_client_is_dropped_at_the_message_deadline() {
     assert!(served >= start + Duration::from_secs(4));
     server.terminate();
 }
+
+fn memfd(size: u64) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the name is a NUL-terminated literal; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"hostile-dma".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: just created, owned by nobody else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    truncate(&fd, size);
+    fd
+}
+
+fn truncate(fd: &std::os::fd::OwnedFd, size: u64) {
+    // SAFETY: ftruncate on a live memfd.
+    assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }, 0);
+}
+
+fn dma_map(
+    c: &mut Client,
+    offset: u64,
+    iova: u64,
+    size: u64,
+    fd: BorrowedFd<'_>,
+) -> Result<(), u32> {
+    let body = proto::DmaMapRequest::new(3, offset, iova, size).encode();
+    match c.conn.request(Cmd::DmaMap, &body, &[fd]) {
+        Ok(_) => Ok(()),
+        Err(Error::Peer { errno, .. }) => Err(errno),
+        Err(e) => panic!("DMA_MAP: {e}"),
+    }
+}
+
+/// DMA_MAP regions must lie inside their file; a client that shrinks its file after DMA_MAP
+/// cannot make the server fault (it never touches DMA memory): the server keeps serving, the
+/// unmaps and the disconnect go through, the next client is served.
+#[test]
+fn dma_regions_outside_or_shrunk_files_do_not_kill_the_server() {
+    use std::os::fd::AsFd;
+    let server = Server::start("dma", &[]);
+    let mut c = server.client();
+    let small = memfd(0x1000);
+    assert_eq!(
+        dma_map(&mut c, 0, 0x10_0000, 0x10_0000, small.as_fd()),
+        Err(libc::EINVAL as u32),
+        "a region larger than its file is refused"
+    );
+    assert_eq!(
+        dma_map(&mut c, 0x1000, 0x10_0000, 0x1000, small.as_fd()),
+        Err(libc::EINVAL as u32),
+        "a region past the end of its file is refused"
+    );
+    let ram = memfd(0x10_0000);
+    dma_map(&mut c, 0, 0x10_0000, 0x10_0000, ram.as_fd()).unwrap();
+    dma_map(&mut c, 0, 0x40_0000, 0x8000, small.as_fd()).unwrap_err();
+    let other = memfd(0x8000);
+    dma_map(&mut c, 0, 0x40_0000, 0x8000, other.as_fd()).unwrap();
+    // The client shrinks both files under the server's mappings.
+    truncate(&ram, 0);
+    truncate(&other, 0);
+    for _ in 0..100 {
+        assert_eq!(c.read32(REGION_BAR0, REG_MAGIC), MAGIC);
+        c.write(REGION_BAR0, REG_MSIX_FIRE, &0u32.to_le_bytes());
+    }
+    let unmap = proto::DmaUnmapRequest::new(0, 0x40_0000, 0x8000).encode();
+    c.conn.request(Cmd::DmaUnmap, &unmap, &[]).unwrap();
+    assert_eq!(c.info().num_regions, 9);
+    // Disconnect with the shrunk region still mapped: the server unmaps it.
+    drop(c);
+    let mut c2 = server.client();
+    assert_eq!(c2.read32(REGION_BAR0, REG_MAGIC), MAGIC);
+    drop(c2);
+    server.terminate();
+}
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// One hostile vfio-user or control connection of kind `i % 8`; each leaves the server with
+/// something to clean up (descriptors, mappings, half-read messages, queued replies).
+fn hostile_connection(server: &Server, i: usize, fds: &[EventFd], ram: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsFd;
+    match i % 8 {
+        // Garbage bytes, then gone.
+        0 => {
+            let mut s = UnixStream::connect(&server.vu).unwrap();
+            let _ = s.write_all(&[0xa5; 100]);
+        }
+        // A header claiming a huge message.
+        1 => {
+            let mut s = UnixStream::connect(&server.vu).unwrap();
+            let mut h = proto::Header::command(1, Cmd::RegionWrite, 0);
+            h.msg_size = u32::MAX;
+            let _ = s.write_all(&h.encode());
+        }
+        // Eventfds bound to every interrupt, then gone.
+        2 => {
+            let mut c = server.client();
+            let b: Vec<BorrowedFd<'_>> = fds.iter().map(bfd).collect();
+            let bind = VFIO_IRQ_SET_ACTION_TRIGGER | VFIO_IRQ_SET_DATA_EVENTFD;
+            c.set_irqs(IRQ_MSIX, bind, 16, &b[..16]).unwrap();
+            c.set_irqs(IRQ_INTX, bind, 1, &b[..1]).unwrap();
+            let unmask = proto::VFIO_IRQ_SET_ACTION_UNMASK | VFIO_IRQ_SET_DATA_EVENTFD;
+            c.set_irqs(IRQ_INTX, unmask, 1, &b[1..2]).unwrap();
+            c.set_irqs(IRQ_ERR, bind, 1, &b[2..3]).unwrap();
+        }
+        // Guest memory mapped, then gone.
+        3 => {
+            let mut c = server.client();
+            dma_map(&mut c, 0, 0x10_0000, 0x10_0000, ram.as_fd()).unwrap();
+            dma_map(&mut c, 0, 0x100_0000, 0x10_0000, ram.as_fd()).unwrap();
+        }
+        // Half a message with descriptors, then gone.
+        4 => {
+            let conn = Connection::new(UnixStream::connect(&server.vu).unwrap());
+            let h = proto::Header::command(1, Cmd::DeviceSetIrqs, 40).encode();
+            let _ = conn.send_raw(&h[..10], &[bfd(&fds[0]), bfd(&fds[1])]);
+        }
+        // Too many descriptors on one message.
+        5 => {
+            let c = server.client();
+            let b: Vec<BorrowedFd<'_>> = fds.iter().map(bfd).collect();
+            let body = SetIrqsRequest::new(IRQ_MSIX, 0x24, 0, 20).encode();
+            let _ = c.conn.send(
+                &proto::Header::command(9, Cmd::DeviceSetIrqs, body.len()),
+                &body,
+                &b,
+            );
+            let _ = c.conn.recv();
+        }
+        // A control client that queues requests and leaves without reading.
+        6 => {
+            let mut s = UnixStream::connect(&server.ctl).unwrap();
+            let _ = s.write_all(b"{\"cmd\":\"counters\"}\n{\"cmd\":\"snapshot\"}\n{bad\n");
+        }
+        // REGION_INFO with fds in the reply, never read.
+        _ => {
+            let c = server.client();
+            let body = proto::RegionInfoRequest::new(4, 1024).encode();
+            let _ = c.conn.send(
+                &proto::Header::command(7, Cmd::DeviceGetRegionInfo, body.len()),
+                &body,
+                &[],
+            );
+        }
+    }
+}
+
+/// The server's descriptor count and RSS are flat over 1000 hostile connections.
+#[test]
+fn fd_count_and_rss_are_flat_over_1000_hostile_connections() {
+    let server = Server::start("flat", &[]);
+    let pid = server.pid();
+    let fds: Vec<EventFd> = (0..20)
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+        .collect();
+    let ram = memfd(0x10_0000);
+    let settle = |server: &Server| {
+        // A well-behaved client after the hostile ones: the server has finished with them.
+        let mut c = server.client();
+        assert_eq!(c.read32(REGION_BAR0, REG_MAGIC), MAGIC);
+        drop(c);
+        let mut ctl = server.control();
+        assert_eq!(
+            ctl.request(&json!({"cmd": "counters"})).unwrap()["ok"],
+            true
+        );
+        drop(ctl);
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    // Warm-up: allocator pools, lazily created buffers (RSS settles within a few hundred).
+    for i in 0..400 {
+        hostile_connection(&server, i, &fds, &ram);
+    }
+    settle(&server);
+    let (fd0, rss0) = (open_fds(pid), rss_kib(pid));
+    for i in 0..1000 {
+        hostile_connection(&server, i, &fds, &ram);
+    }
+    settle(&server);
+    let (fd1, rss1) = (open_fds(pid), rss_kib(pid));
+    eprintln!("server fds {fd0} -> {fd1}, VmRSS {rss0} kB -> {rss1} kB");
+    assert_eq!(
+        fd1, fd0,
+        "descriptor count changed over 1000 hostile connections"
+    );
+    assert!(
+        rss1 <= rss0 + 2048,
+        "RSS grew from {rss0} kB to {rss1} kB over 1000 hostile connections"
+    );
+    server.terminate();
+}

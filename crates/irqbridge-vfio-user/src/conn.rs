@@ -505,7 +505,16 @@ impl Connection {
             scm_rights(fds)
         };
         let mut sent = 0usize;
+        let started = Instant::now();
         while sent < total {
+            // A reply the peer does not take within the message timeout is given up (each
+            // blocked sendmsg is bounded by SO_SNDTIMEO).
+            if sent > 0 && self.msg_timeout.is_some_and(|t| started.elapsed() >= t) {
+                return Err(Error::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer did not take a message in time",
+                )));
+            }
             let (h, b) = if sent < first.len() {
                 (&first[sent..], second)
             } else {
@@ -1247,6 +1256,42 @@ mod tests {
         assert!(same_eventfd(&e, &m.fds[0], 5));
         let m = b.recv().unwrap();
         assert_eq!((m.header.msg_id, m.fds.len()), (10, 0));
+    }
+
+    #[test]
+    fn message_deadline_cuts_off_a_trickle_but_not_an_idle_peer() {
+        let (a, mut b) = pair();
+        b.set_message_timeout(Some(Duration::from_millis(150)));
+        // Idle longer than the timeout between messages: no deadline applies.
+        let msg = Header::command(3, Command::DeviceReset, 0).encode();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            a.send_raw(&msg, &[]).unwrap();
+            // The next message trickles: a byte every 60 ms, each read well inside the
+            // timeout, the message as a whole not.
+            for byte in Header::command(4, Command::DeviceReset, 0).encode() {
+                if a.send_raw(&[byte], &[]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(60));
+            }
+            a
+        });
+        assert_eq!(b.recv().unwrap().header.msg_id, 3);
+        let t0 = Instant::now();
+        let e = b.recv().unwrap_err();
+        assert!(
+            matches!(&e, Error::Io(io) if io.kind() == io::ErrorKind::TimedOut),
+            "{e:?}"
+        );
+        assert!(e.is_fatal());
+        let waited = t0.elapsed();
+        assert!(
+            waited < Duration::from_millis(600),
+            "cut off after {waited:?}, the deadline is 150 ms after the first byte"
+        );
+        drop(b);
+        drop(sender.join().unwrap());
     }
 
     #[test]

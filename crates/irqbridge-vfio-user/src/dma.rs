@@ -1,10 +1,24 @@
 //! The DMA table of one client: the regions announced with DMA_MAP, keyed by DMA address.
 //!
-//! A region that comes with a file descriptor is mmapped `MAP_SHARED` with the protection its
-//! flags ask for; the mapping and the descriptor live until DMA_UNMAP, an unmap-all, or the end
-//! of the client's session ([`DmaTable`] unmaps everything when dropped). Ranges may not
-//! overlap (EEXIST) and an unmap must name a mapping exactly (ENOENT / EINVAL), as in
-//! libvfio-user and the kernel's type1 IOMMU.
+//! A region that comes with a file descriptor is checked with `fstat` (a regular file, memfd
+//! included, and the region inside it: EINVAL otherwise) and mmapped `MAP_SHARED` with the
+//! protection its flags ask for; the mapping and the descriptor live until DMA_UNMAP, an
+//! unmap-all, or the end of the client's session ([`DmaTable`] unmaps everything when
+//! dropped). Ranges may not overlap (EEXIST) and an unmap must name a mapping exactly (ENOENT /
+//! EINVAL), as in libvfio-user and the kernel's type1 IOMMU.
+//!
+//! # Guest memory the client can shrink
+//!
+//! The client keeps its own copy of the file and may truncate it after DMA_MAP; touching a
+//! mapped page past the new end raises SIGBUS, which would kill the whole server. The server
+//! therefore never reads or writes DMA memory: no code in this crate dereferences a mapping
+//! (the irqbridge test device does no DMA), and the mapping only exists for a device that
+//! would. Such a device must not touch it with plain loads and stores; see
+//! docs/reliability.md.
+//!
+//! The wrapper is written here rather than taken from vm-memory's `MmapRegion`: that one owns
+//! its file (`FileOffset` holds an `Arc<File>`) while the device seam lends the client's
+//! descriptor as `&OwnedFd`, so it would cost a second descriptor per mapping.
 
 #![deny(missing_docs)]
 
@@ -175,7 +189,10 @@ impl DmaTable {
             return Err(Error::DmaTableFull { max: self.max_maps });
         }
         let host = match &fd {
-            Some(fd) => mmap_region(fd, req)?,
+            Some(fd) => {
+                check_file(fd, req)?;
+                mmap_region(fd, req)?
+            }
             None => 0,
         };
         self.maps.insert(
@@ -213,6 +230,30 @@ impl DmaTable {
     /// Removes every region; returns them in address order (drop them to unmap).
     pub fn unmap_all(&mut self) -> Vec<DmaMapping> {
         std::mem::take(&mut self.maps).into_values().collect()
+    }
+}
+
+/// The region must lie inside a regular file (a memfd is one).
+fn check_file(fd: &OwnedFd, req: &DmaMapRequest) -> Result<()> {
+    // SAFETY: `stat` is plain data; fstat fills it for a live descriptor.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable stat buffer; `fd` is open.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(Error::DmaMmap(io::Error::last_os_error()));
+    }
+    let kind = st.st_mode & libc::S_IFMT;
+    if kind != libc::S_IFREG {
+        return Err(Error::DmaNotAFile { mode: kind });
+    }
+    let file_size = u64::try_from(st.st_size).unwrap_or(0);
+    let outside = Error::DmaOutsideFile {
+        offset: req.offset,
+        size: req.size,
+        file_size,
+    };
+    match req.offset.checked_add(req.size) {
+        Some(end) if end <= file_size => Ok(()),
+        _ => Err(outside),
     }
 }
 
@@ -343,6 +384,56 @@ mod tests {
             t.map(&req(0x1000, 0x1000), None),
             Err(Error::DmaTableFull { max: 1 })
         ));
+    }
+
+    #[test]
+    fn regions_must_lie_inside_a_regular_file() {
+        let mut t = DmaTable::new(8);
+        assert!(matches!(
+            t.map(&req(0, 0x2000), Some(memfd(0x1000))),
+            Err(Error::DmaOutsideFile {
+                file_size: 0x1000,
+                ..
+            })
+        ));
+        assert!(matches!(
+            t.map(
+                &DmaMapRequest::new(3, 0x1000, 0, 0x1000),
+                Some(memfd(0x1000))
+            ),
+            Err(Error::DmaOutsideFile { .. })
+        ));
+        assert!(matches!(
+            t.map(
+                &DmaMapRequest::new(3, u64::MAX, 0, 0x1000),
+                Some(memfd(0x1000))
+            ),
+            Err(Error::DmaOutsideFile { .. })
+        ));
+        let e = EventFdLike::new();
+        let e = t.map(&req(0, 0x1000), Some(e)).unwrap_err();
+        assert!(matches!(e, Error::DmaNotAFile { .. }), "{e:?}");
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert!(t.is_empty());
+        t.map(
+            &DmaMapRequest::new(3, 0x1000, 0, 0x1000),
+            Some(memfd(0x2000)),
+        )
+        .unwrap();
+    }
+
+    /// A descriptor that is not a regular file.
+    struct EventFdLike;
+
+    impl EventFdLike {
+        #[allow(clippy::new_ret_no_self)]
+        fn new() -> OwnedFd {
+            // SAFETY: plain eventfd creation; the result is checked.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: just created, owned by nobody else.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        }
     }
 
     #[test]

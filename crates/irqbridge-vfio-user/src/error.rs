@@ -206,6 +206,24 @@ pub enum Error {
     /// mmap of a DMA region failed.
     #[error("Mapping a DMA region failed.")]
     DmaMmap(#[source] io::Error),
+    /// A DMA_MAP region does not lie inside its file (EINVAL).
+    #[error(
+        "DMA_MAP region at file offset {offset:#x}, {size:#x} bytes, is outside its file of {file_size:#x} bytes."
+    )]
+    DmaOutsideFile {
+        /// File offset of the region.
+        offset: u64,
+        /// Size of the region.
+        size: u64,
+        /// Size of the file at DMA_MAP.
+        file_size: u64,
+    },
+    /// A DMA_MAP descriptor is not a regular file (a memfd, a tmpfs or hugetlbfs file) (EINVAL).
+    #[error("DMA_MAP needs a regular file or memfd, not file type {mode:#o}.")]
+    DmaNotAFile {
+        /// `st_mode & S_IFMT` of the descriptor.
+        mode: u32,
+    },
     /// The request asks for a feature this server does not implement.
     #[error("Unsupported request: {0}.")]
     Unsupported(&'static str),
@@ -259,6 +277,8 @@ impl Error {
             | Error::OutOfRange { .. }
             | Error::NotEventfd { .. }
             | Error::DmaSizeMismatch { .. }
+            | Error::DmaOutsideFile { .. }
+            | Error::DmaNotAFile { .. }
             | Error::BadReply(_) => libc::EINVAL,
             Error::UnknownCommand(_) => libc::ENOSYS,
             Error::IrqActionUnsupported { .. } => libc::ENOTTY,

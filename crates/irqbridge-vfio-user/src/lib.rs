@@ -22,9 +22,10 @@
 //! - [`proto`]: every message as a parse/encode pair over little-endian bytes, for both the
 //!   server and the client.
 //! - [`conn`]: framing over an AF_UNIX stream with SCM_RIGHTS, size and fd limits.
-//! - `server` (feature `server`): one client at a time in a single-threaded poll loop;
-//!   validates every request before a `device::VfioUserDevice` sees it; `dma` keeps the
-//!   client's DMA mappings.
+//! - `server` (feature `server`): one client at a time, served in blocking I/O on the
+//!   connection thread (one recvmsg and one sendmsg per request) while a device thread polls
+//!   the device's own fds; validates every request before a `device::VfioUserDevice` sees it;
+//!   `dma` keeps the client's DMA mappings.
 //! - `pci` (feature `server`): a reusable PCI function (`pci::PciFunction`): config space,
 //!   BARs, the capability list and the `irqbridge-core` interrupt models (INTx, MSI, MSI-X)
 //!   around a device that implements the small `pci::PciDevice` trait; see "Writing a device"
@@ -32,6 +33,8 @@
 //! - `testdev` (feature `server`): the irqbridge test device (docs/device-abi.md) built on it,
 //!   with its event-channel page in `shmem` and its external `control` socket (also reachable
 //!   as `pci::{IrqbridgeDevice, DeviceConfig, regs, ...}`).
+//! - `passthrough` (feature `server`): a host PCI device bound to vfio-pci served over
+//!   vfio-user, its interrupts signalled by the host kernel into the client's eventfds.
 //! - `client` (feature `client`): the VMM end: typed calls with per-call timeouts and reply
 //!   checking.
 //!

@@ -1012,18 +1012,18 @@ impl RegionInfoReply {
     }
 
     /// The bare 32-byte reply for a request whose `argsz` is too small: `argsz` = size needed,
-    /// no capabilities, `cap_offset` 0, and the CAPS flag kept if the full reply has
-    /// capabilities (as vfio-pci does: it sets CAPS whenever capabilities exist and only fills
-    /// `cap_offset` when they fit, so a client learns that it must ask again).
+    /// no capabilities, `cap_offset` 0 and **no** CAPS flag.
+    ///
+    /// vfio-pci sets CAPS with `cap_offset` 0 here, but QEMU's vfio-user client (QEMU 10.1 to
+    /// 11.1, `vfio_user_device_io_get_region_info`) rejects any reply with CAPS and a
+    /// `cap_offset` below 32 with EINVAL before it looks at `argsz`, so the device fails to
+    /// realize. Tried: with the kernel's behaviour, `-device vfio-user-pci` exits with "failed
+    /// to get region 4 info: Invalid argument". A client learns that it must ask again from
+    /// `argsz` alone, which is what both QEMU and the rust-vmm client check.
     pub fn truncated(&self) -> Self {
-        let caps = if self.caps.is_empty() {
-            0
-        } else {
-            VFIO_REGION_INFO_FLAG_CAPS
-        };
         RegionInfoReply {
             argsz: len_u32(self.needed()),
-            flags: (self.flags & !VFIO_REGION_INFO_FLAG_CAPS) | caps,
+            flags: self.flags & !VFIO_REGION_INFO_FLAG_CAPS,
             index: self.index,
             cap_offset: 0,
             size: self.size,
@@ -1910,7 +1910,11 @@ mod tests {
         assert_eq!(tb.len(), 32);
         let tp = RegionInfoReply::parse(&tb).unwrap();
         assert_eq!(tp.argsz, 80);
-        assert_ne!(tp.flags & VFIO_REGION_INFO_FLAG_CAPS, 0);
+        assert_eq!(
+            tp.flags & VFIO_REGION_INFO_FLAG_CAPS,
+            0,
+            "QEMU rejects CAPS here"
+        );
         assert_eq!(tp.cap_offset, 0);
         assert!(tp.is_truncated());
         assert!(!p.is_truncated());

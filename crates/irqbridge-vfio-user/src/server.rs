@@ -1,5 +1,5 @@
-//! The vfio-user server: one client at a time, a single-threaded poll(2) loop, a device behind
-//! [`VfioUserDevice`].
+//! The vfio-user server: one client at a time, a device behind [`VfioUserDevice`], two
+//! threads.
 //!
 //! Written in the project rather than taken from the rust-vmm `vfio_user` crate, whose server
 //! replies to NO_REPLY messages (QEMU posts MMIO writes NO_REPLY and desynchronises on an
@@ -8,26 +8,35 @@
 //!
 //! # Lifecycle
 //! 1. [`Server::bind`] (or [`Server::from_listener`] for a socket passed with `--fd`).
-//! 2. [`Server::run`] polls the listening socket while no client is connected, the client
-//!    socket while one is, the stop eventfd ([`Server::stop_handle`]) and the device's
-//!    [`VfioUserDevice::poll_fds`] (asked again after every round). One read from the client
-//!    may bring in several messages when it pipelines them (posted writes): they are
-//!    handled in a row, up to 32, before the other fds are looked at again (with a poll that
-//!    does not wait while messages are buffered).
+//! 2. [`Server::run`] shares the device (behind a mutex) between two threads:
+//!    - the connection thread (the caller) waits for a client, then serves it in blocking
+//!      I/O: one `recvmsg` and one `sendmsg` per request (several pipelined messages that
+//!      arrive together are taken with one `recvmsg`). The device is locked only while a
+//!      message is handled; the reply goes out after.
+//!    - the device thread polls the device's [`VfioUserDevice::poll_fds`] (unmask eventfds,
+//!      doorbell ioeventfds, the control socket's request queue) and the stop eventfd, and
+//!      hands events to [`VfioUserDevice::handle_fd_event`]. It is woken through an eventfd
+//!      when a message may have changed the poll set (not after REGION_READ/WRITE).
 //! 3. A client must start with VERSION. Every command gets a reply unless it has NO_REPLY set
 //!    (then never, not even an error: errors are logged). An error reply is a bare header
 //!    with a positive errno.
-//! 4. When the client goes away (or breaks framing), its DMA mappings are unmapped, the device
-//!    hears [`VfioUserDevice::client_disconnected`], and the next client is accepted on the
-//!    same socket (QEMU and Cloud Hypervisor reconnect on guest reboot). Device state stays.
-//! 5. [`StopHandle::stop`] ends `run` with `Ok(())`.
+//! 4. When the client goes away (or breaks framing, or misses the per-message deadline
+//!    [`ServerConfig::io_timeout`]), its socket is closed, its DMA mappings are unmapped, the
+//!    device hears [`VfioUserDevice::client_disconnected`], and the next client is accepted
+//!    on the same socket (QEMU and Cloud Hypervisor reconnect on guest reboot). Device state
+//!    stays.
+//! 5. [`StopHandle::stop`] ends `run` with `Ok(())`: it wakes both threads and shuts the
+//!    client socket down, so a blocking receive or reply returns at once.
+//!
+//! docs/reliability.md says what a hostile client can and cannot do, and why.
 //!
 //! # Validation
 //! Every request is checked before the device sees it: exact body lengths, `argsz`, flag
 //! bits, index ranges, `start + count` (checked), region bounds, `max_data_xfer_size`, fd
-//! counts and that every SET_IRQS descriptor is an eventfd. A malformed message is consumed
-//! whole so the stream stays in step; only a message that cannot be consumed safely
-//! (`msg_size` over the limit) or a broken socket ends the session.
+//! counts, that every SET_IRQS descriptor is an eventfd (then made non-blocking) and that a
+//! DMA_MAP region lies inside its file. A malformed message is consumed whole so the stream
+//! stays in step; only a message that cannot be consumed safely (`msg_size` over the limit)
+//! or a broken socket ends the session.
 
 #![deny(missing_docs)]
 
