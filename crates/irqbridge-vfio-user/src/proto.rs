@@ -918,20 +918,25 @@ impl RegionInfoReply {
     }
 
     /// The bare 32-byte reply for a request whose `argsz` is too small: `argsz` = size needed,
-    /// no capabilities, `cap_offset` 0, and the CAPS flag kept if the full reply has
-    /// capabilities (as vfio-pci does: it sets CAPS whenever capabilities exist and only fills
-    /// `cap_offset` when they fit, so a client learns that it must ask again).
+    /// no capabilities, and the CAPS flag kept if the full reply has capabilities, as vfio-pci
+    /// does (it sets CAPS whenever capabilities exist, so a client such as vfio-ioctls learns
+    /// that it must ask again with the larger `argsz`).
+    ///
+    /// `cap_offset` is where the capabilities start in the full reply (32), not 0 as in
+    /// vfio-pci: QEMU's vfio-user client (11.1) refuses a reply with CAPS whose `cap_offset` is
+    /// below 32 before it looks at `argsz`, and a client that checks `argsz` first (as it
+    /// must: the capabilities are not in this reply) never reads `cap_offset` here.
     pub fn truncated(&self) -> Self {
-        let caps = if self.caps.is_empty() {
-            0
+        let (caps, cap_offset) = if self.caps.is_empty() {
+            (0, 0)
         } else {
-            VFIO_REGION_INFO_FLAG_CAPS
+            (VFIO_REGION_INFO_FLAG_CAPS, len_u32(Self::FIXED_SIZE))
         };
         RegionInfoReply {
             argsz: len_u32(self.needed()),
             flags: (self.flags & !VFIO_REGION_INFO_FLAG_CAPS) | caps,
             index: self.index,
-            cap_offset: 0,
+            cap_offset,
             size: self.size,
             offset: self.offset,
             caps: Vec::new(),
@@ -1817,7 +1822,7 @@ mod tests {
         let tp = RegionInfoReply::parse(&tb).unwrap();
         assert_eq!(tp.argsz, 80);
         assert_ne!(tp.flags & VFIO_REGION_INFO_FLAG_CAPS, 0);
-        assert_eq!(tp.cap_offset, 0);
+        assert_eq!(tp.cap_offset, 32);
         assert!(tp.is_truncated());
         assert!(!p.is_truncated());
     }
