@@ -620,3 +620,41 @@ fn fd_count_and_rss_are_flat_over_1000_hostile_connections() {
     );
     server.terminate();
 }
+
+/// SIGTERM ends the server at once while its connection thread is blocked on a client: idle in
+/// `recvmsg`, and stuck in `sendmsg` behind replies the client never reads.
+#[test]
+fn sigterm_ends_a_server_blocked_on_its_client() {
+    // Blocked in recvmsg: a connected, idle client.
+    let server = Server::start("term-idle", &[]);
+    let mut c = server.client();
+    assert_eq!(c.read32(REGION_BAR0, REG_MAGIC), MAGIC);
+    let t0 = Instant::now();
+    server.terminate();
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    drop(c);
+
+    // Blocked in sendmsg: thousands of pipelined reads whose replies are never read.
+    let server = Server::start("term-send", &[]);
+    let c = server.client();
+    let req = RegionAccess {
+        offset: 0,
+        region: 4,
+        count: 4096,
+    }
+    .encode();
+    let mut burst = Vec::new();
+    for i in 0..2000u16 {
+        burst.extend_from_slice(&proto::Header::command(i, Cmd::RegionRead, req.len()).encode());
+        burst.extend_from_slice(&req);
+    }
+    let mut s = c.conn.stream().try_clone().unwrap();
+    s.set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let _ = s.write_all(&burst);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    server.terminate();
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    drop(c);
+}

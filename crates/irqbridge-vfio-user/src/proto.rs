@@ -960,7 +960,7 @@ impl RegionCap {
 /// body). The reply carries one fd when `flags` has MMAP and the reply is complete.
 ///
 /// When the request's `argsz` is too small for the capabilities, the reply is the bare 32-byte
-/// structure with `argsz` = the size needed, no CAPS flag, `cap_offset` 0 and no capabilities
+/// structure with `argsz` = the size needed, the CAPS flag, `cap_offset` 32 and no capabilities
 /// (see [`RegionInfoReply::truncated`]); the client retries with a larger `argsz`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegionInfoReply {
@@ -1012,20 +1012,25 @@ impl RegionInfoReply {
     }
 
     /// The bare 32-byte reply for a request whose `argsz` is too small: `argsz` = size needed,
-    /// no capabilities, `cap_offset` 0 and **no** CAPS flag.
+    /// no capabilities, and the CAPS flag kept if the full reply has capabilities, as vfio-pci
+    /// does (it sets CAPS whenever capabilities exist, so a client such as vfio-ioctls learns
+    /// that it must ask again with the larger `argsz`).
     ///
-    /// vfio-pci sets CAPS with `cap_offset` 0 here, but QEMU's vfio-user client (QEMU 10.1 to
-    /// 11.1, `vfio_user_device_io_get_region_info`) rejects any reply with CAPS and a
-    /// `cap_offset` below 32 with EINVAL before it looks at `argsz`, so the device fails to
-    /// realize. Tried: with the kernel's behaviour, `-device vfio-user-pci` exits with "failed
-    /// to get region 4 info: Invalid argument". A client learns that it must ask again from
-    /// `argsz` alone, which is what both QEMU and the rust-vmm client check.
+    /// `cap_offset` is where the capabilities start in the full reply (32), not 0 as in
+    /// vfio-pci: QEMU's vfio-user client (11.1) refuses a reply with CAPS whose `cap_offset` is
+    /// below 32 before it looks at `argsz`, and a client that checks `argsz` first (as it
+    /// must: the capabilities are not in this reply) never reads `cap_offset` here.
     pub fn truncated(&self) -> Self {
+        let (caps, cap_offset) = if self.caps.is_empty() {
+            (0, 0)
+        } else {
+            (VFIO_REGION_INFO_FLAG_CAPS, len_u32(Self::FIXED_SIZE))
+        };
         RegionInfoReply {
             argsz: len_u32(self.needed()),
-            flags: self.flags & !VFIO_REGION_INFO_FLAG_CAPS,
+            flags: (self.flags & !VFIO_REGION_INFO_FLAG_CAPS) | caps,
             index: self.index,
-            cap_offset: 0,
+            cap_offset,
             size: self.size,
             offset: self.offset,
             caps: Vec::new(),
@@ -1910,12 +1915,8 @@ mod tests {
         assert_eq!(tb.len(), 32);
         let tp = RegionInfoReply::parse(&tb).unwrap();
         assert_eq!(tp.argsz, 80);
-        assert_eq!(
-            tp.flags & VFIO_REGION_INFO_FLAG_CAPS,
-            0,
-            "QEMU rejects CAPS here"
-        );
-        assert_eq!(tp.cap_offset, 0);
+        assert_ne!(tp.flags & VFIO_REGION_INFO_FLAG_CAPS, 0);
+        assert_eq!(tp.cap_offset, 32);
         assert!(tp.is_truncated());
         assert!(!p.is_truncated());
     }

@@ -494,6 +494,7 @@ fn device_loop(
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
+            log::error!("vfio-user: the device thread cannot poll, device fds go unserved: {e}");
             return Err(Error::Io(e));
         }
         if pfds.first().is_some_and(|p| p.revents != 0) || quit.load(Ordering::SeqCst) {
