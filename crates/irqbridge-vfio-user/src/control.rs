@@ -160,8 +160,8 @@ struct Shared {
 /// The listening control socket. Its socket I/O runs on a thread of its own: accepting,
 /// reading request lines and writing replies, all non-blocking with bounded buffers, so a
 /// client that sends slowly or never reads its replies costs nothing to anybody else. The
-/// requests themselves run on the device's thread: `ControlServer::poll_fds` is an eventfd
-/// that is readable while requests wait, and `ControlServer::handle_event` runs them.
+/// requests themselves run on the device's thread: the device polls an eventfd that is
+/// readable while requests wait, and runs them when it is.
 #[derive(Debug)]
 pub struct ControlServer {
     /// Path and inode of the socket file we created, removed on drop.
