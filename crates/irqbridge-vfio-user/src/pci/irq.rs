@@ -339,7 +339,8 @@ impl PciCore {
                 // the index is enabled and not disabled by COMMAND.10; the mask is untouched.
                 match &self.intx_trigger {
                     Some(t) if self.intx.is_enabled() && !self.intx.intx_disabled() => {
-                        t.write(1).map_err(|e| {
+                        // `notify`: a saturated counter is "already pending", never a wait.
+                        t.notify().map_err(|e| {
                             warn!("pci: INTx loopback trigger failed: {e}");
                             libc::EIO
                         })
@@ -503,7 +504,7 @@ impl PciCore {
             (IrqAction::Trigger, data) => {
                 if first(&data, req.count) {
                     if let Some(fd) = slot {
-                        fd.write(1).map_err(|_| libc::EIO)?;
+                        fd.notify().map_err(|_| libc::EIO)?;
                     }
                 }
                 Ok(())
