@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Builds the guest initramfs: busybox-static, the modules for uio_pci_generic and vfio-pci (with
 # vfio_iommu_type1 and all their dependencies, decompressed), the statically linked guest test
 # program irqbridge-guest, and an /init that runs it and powers off.

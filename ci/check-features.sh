@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Builds, lints and documents irqbridge-vfio-user with each role alone, with neither and with both, and
 # checks that the irqbridge-kvm plugin's dependency tree holds no server-side crate
 # (irqbridge-core, serde_json). Exits non-zero on the first failure.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Documentation and packaging checks:
 #   1. rustdoc of every workspace crate with warnings denied (broken intra-doc links, bad
 #      code blocks, missing docs where a crate denies them);

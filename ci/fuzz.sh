@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Runs every cargo-fuzz target of every crate that has a fuzz/ directory (crates/*/fuzz, each
 # its own workspace) for $IRQBRIDGE_FUZZ_SECONDS seconds (default 60) and fails on the first
 # crash, leak or timeout. The committed corpus (fuzz/corpus/<target>) seeds each run and is

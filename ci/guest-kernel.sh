@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Fetches and unpacks the guest kernel (Debian's linux-image-cloud-amd64), cached and idempotent.
 #
 # The versioned package behind the metapackage changes with every security update, so it is

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # QEMU + Linux guest tests: QEMU 11.1 (TCG) with a vfio-user-pci device served by
 # `irqbridge vfio-user`, driven from inside a Debian guest kernel by irqbridge-guest through
 # sysfs, uio_pci_generic and vfio-pci (behind an emulated intel-iommu); and the virtio

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Builds Cloud Hypervisor from a source checkout into the cache, for the Cloud Hypervisor test
 # (integration/tests/cloud_hypervisor.rs). Idempotent: a second run with the same sources is a
 # no-op. It downloads nothing itself; cargo fetches crates from crates.io.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Installs QEMU 11.x (with vfio-user-pci) for the Linux guest tests, cached and idempotent.
 #
 # Debian 12 has no QEMU with a vfio-user client, so this debootstraps a minimal Debian trixie

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # SPDX license headers on the project's source files.
 #
 #   ci/spdx.sh --check   list the files without the header; exit 1 if there is any

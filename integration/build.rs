@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Assembles the bare-metal guest agent (`guests/agent.s`) into a flat binary with GNU binutils.
 //!
 //! `as` and `objcopy` (package `binutils`) must be installed; `AS` and `OBJCOPY` override the

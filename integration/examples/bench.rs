@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `cargo run --release -p irqbridge-integration --example bench [-- [--json] [N] [ROW]]`: the
 //! interrupt-path benchmarks against their same-run baselines (what `irqbridge bench` prints).
 //! N is the number of samples per path (default 1000), ROW one of `msix`, `intx`,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `cargo run --release -p irqbridge-integration --example demo [-- --json]`: every end-to-end
 //! scenario on /dev/kvm as a table (what `irqbridge demo` prints). Exits 1 if one fails, 2 if
 //! it cannot run.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Round-trip latencies of the test VMM on this host's KVM, printed (not asserted) so later
 //! benchmarks have a baseline to compare ratios against.
 //!

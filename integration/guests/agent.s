@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # irqbridge guest agent: a bare-metal x86-64 program driven by the host through a mailbox in
 # guest memory (see integration/README.md for the memory map and the mailbox ABI).
 #

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause */
 /*
  * PVH entry of the irqbridge Cloud Hypervisor guest (see docs/cloud-hypervisor.md).
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause */
 /*
  * irqbridge Cloud Hypervisor guest: a bare-metal 64-bit program (PVH entry in entry.S) that
  * drives the irqbridge test device (docs/device-abi.md) under Cloud Hypervisor's

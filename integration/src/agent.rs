@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The guest agent binary (assembled from `guests/agent.s` by `build.rs`) and its header.
 
 use crate::error::{Error, Result};

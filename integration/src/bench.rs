@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Benchmarks of the interrupt paths, each a p50 ratio against a baseline measured in the same
 //! run ([`run`]).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The request-path rows of the benchmark, measured as deployed: the server is the real
 //! `irqbridge vfio-user` binary in a process of its own, and the baseline is a raw
 //! process-to-process AF_UNIX exchange of the same message sizes, with a forked child that

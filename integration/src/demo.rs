@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `irqbridge demo`: every end-to-end scenario on `/dev/kvm`, as a table ([`run`]).
 //!
 //! Each scenario ([`Scenario::ALL`]) gets a fresh device server, plugin attachment and guest

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest physical memory map, I/O ports and the guest agent's mailbox ABI.
 //!
 //! These constants are shared with `guests/agent.s`; the agent's header repeats the addresses it

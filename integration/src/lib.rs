@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Test VMM for irqbridge: bare-metal 64-bit guests on `/dev/kvm`, driven from the host.
 //!
 //! - [`TestVm`] is a one-vCPU KVM VM with the full in-kernel irqchip, guest RAM from a memfd,

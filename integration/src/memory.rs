@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest RAM (a shared memfd mapping) and host mappings that can back extra memory slots.
 //!
 //! The guest writes its RAM concurrently with the host, so the host never forms ordinary Rust

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Facts about the KVM we run on that change what a guest can observe.
 //!
 //! [`level_ack_at_injection`]: on a stock KVM the in-kernel IOAPIC "acks" a level-triggered

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The end-to-end rig: the irqbridge device server, the irqbridge-kvm plugin and the guest
 //! agent in one [`TestVm`]: [`Rig`].
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! KVM GSI routing tables and MSI messages.
 //!
 //! `KVM_SET_GSI_ROUTING` replaces the whole table, including the default routes that

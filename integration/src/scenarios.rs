@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End-to-end scenarios on a [`Rig`]: the device server, the irqbridge-kvm plugin and the guest
 //! agent on `/dev/kvm`. Every check counts exactly: a lost or an extra interrupt fails.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The irqbridge device server run in a thread of the test process: [`DeviceServer`].
 //!
 //! The thread runs `irqbridge_vfio_user::server::Server` on a socket in a private temporary

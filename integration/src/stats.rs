@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Latency samples: percentiles, CDFs for plots, and progress reporting of long measurements.
 
 use std::sync::{Arc, Mutex, PoisonError};

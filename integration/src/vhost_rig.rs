@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user end to end: the irqbridge vhost-user backend, the irqbridge-kvm vhost-user
 //! frontend path and the guest agent in several [`TestVm`]s of one process: [`VhostRig`].
 //!

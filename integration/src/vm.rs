@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`TestVm`]: a one-vCPU KVM virtual machine for bare-metal 64-bit guests.
 //!
 //! Life cycle:

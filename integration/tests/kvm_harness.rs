@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The test VMM and the guest agent on a real `/dev/kvm`, with plain KVM irqfds, resample fds
 //! and ioeventfds (no device yet). Each test skips with `SKIPPED:` on stderr without KVM.
 

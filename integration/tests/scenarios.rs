@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End-to-end scenarios: the irqbridge device server (in a thread), the irqbridge-kvm plugin
 //! and the bare-metal guest agent on /dev/kvm. Every count is exact; see
 //! `irqbridge_integration::scenarios` for what each scenario checks.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user end to end: the irqbridge vhost-user backend (in process), two bare-metal guests
 //! in two KVM VMs of this process, each attached with `irqbridge_kvm::vhost`. The guests drive
 //! the virtqueues with plain stores and notify writes that KVM turns into kick eventfd

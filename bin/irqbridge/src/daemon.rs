@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The two servers as run by `irqbridge vfio-user` and `irqbridge vhost-user`: adopt or bind
 //! the listening sockets, block the shutdown signals, serve until SIGTERM or SIGINT, remove the
 //! socket files created and log the counters.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Long help texts (`--help`, the man page) of `irqbridge` and its subcommands.
 
 /// `irqbridge --help`: description.

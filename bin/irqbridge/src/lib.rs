@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The `irqbridge` daemon as a library: everything the binary does after its command line is
 //! parsed.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Listening sockets handed over by the parent instead of bound by the daemon.
 //!
 //! Two ways exist, and both end in [`adopt_listener`], which checks that the descriptor is an

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Log output of the daemon: one line per record on stderr, without a module path.
 //!
 //! Every message starts with the component it comes from (`vfio-user:`, `control:`,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `irqbridge`: serve the irqbridge interrupt devices over vfio-user and vhost-user, talk to
 //! the control socket, run the demo and the benchmark.
 //!

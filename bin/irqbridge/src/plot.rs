@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Latency CDF plots as self-contained SVG, written by hand (no plotting dependency).
 //!
 //! One plot shows one benchmark row: the CDF of the measured path against the CDF of its

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A progress line on stderr for `irqbridge bench`.
 //!
 //! On a terminal the line is redrawn in place at most ten times a second and cleared at the

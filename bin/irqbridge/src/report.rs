@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Benchmark reports on disk: the JSON report and, next to it, one latency CDF plot (SVG) per
 //! row that has latency samples: `DIR/STEM.json` gets `DIR/STEM-ROW.svg`.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! SIGTERM / SIGINT handling without an async signal handler.
 //!
 //! The signals are blocked in the main thread before any other thread starts (so every thread

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The `irqbridge` binary as a process: startup, control socket, `irqbridge control`,
 //! `--fd`, and clean shutdown on SIGTERM / SIGINT.
 

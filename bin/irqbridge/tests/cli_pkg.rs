@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The `irqbridge` binary as users and packagers meet it: long help, error style, socket
 //! activation with a real inherited listener, completions, the man page, and the vhost-user
 //! backend program conventions.

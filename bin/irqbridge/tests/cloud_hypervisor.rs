@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Cloud Hypervisor end to end: `irqbridge vfio-user` behind Cloud Hypervisor's
 //! `--user-device`, driven by the bare-metal PVH guest of `integration/pvh/`.
 //!

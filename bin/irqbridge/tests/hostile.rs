@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Hostile peers against the real `irqbridge vfio-user` process (issue 8): the test is the
 //! client process, the server runs as it is deployed. After each attack the server must still
 //! answer, serve a fresh client, and end on SIGTERM.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `irqbridge passthrough` error paths that run on any host: each exits non-zero with a
 //! message that says what is wrong, and no socket is left behind.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! 1000 hostile connections against the real `irqbridge vhost-user` process: its descriptor
 //! count and RSS stay flat, a fresh frontend is served after every kind of hostile
 //! connection, and the frontend on the other socket keeps working throughout.

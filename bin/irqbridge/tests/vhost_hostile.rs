@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Hostile vhost-user frontends against the real `irqbridge vhost-user` process: each costs at
 //! most its own connection. Frontends on the other sockets keep their latency, and a fresh
 //! frontend is served on the hostile one's socket afterwards.

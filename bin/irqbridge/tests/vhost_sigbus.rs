@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A frontend that shrinks its guest memory file under the backend loses its own connection;
 //! the `irqbridge vhost-user` process and the other socket's frontend live on.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `irqbridge vhost-user` never takes over a live socket, refuses a path given twice, replaces
 //! a stale socket file, and at exit removes only the socket inode it created.
 

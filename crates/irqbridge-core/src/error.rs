@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Errors of the interrupt models.
 
 /// Errors returned by the interrupt models.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Xen-style 2-level event channels over a 4 KiB page shared with the guest
 //! (docs/device-abi.md "Event channels", protocols.md §5.2).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The server side of a PCI INTx line with VFIO semantics (`vfio_pci_intrs.c`).
 //!
 //! The line is level triggered and *auto-masked*: when the level goes high while the line is

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Protocol-free interrupt models: PCI INTx, MSI-X table and PBA, event channels.
 //!
 //! The models in this crate hold the state of the interrupt sources of the irqbridge test

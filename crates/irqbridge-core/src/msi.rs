@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! PCI MSI with per-vector masking (PCI Local Bus 3.0 §6.8.1, the 64-bit capability with mask
 //! and pending bits).
 //!

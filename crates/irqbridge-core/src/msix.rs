@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! PCI MSI-X: the vector table, the pending bit array (PBA) and per-vector masking
 //! (protocols.md §6, PCI Local Bus 3.0 §6.8.2).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The seam through which interrupts leave the models.
 
 use std::sync::atomic::{AtomicU64, Ordering};

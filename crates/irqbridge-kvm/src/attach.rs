@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Attaching a vfio-user PCI device to a KVM VM: [`AttachedDevice`].
 //!
 //! [`AttachedDevice::attach`] does, in order:

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Interrupt source groups: eventfds wired to KVM GSIs.
 //!
 //! The trait has the shape of Cloud Hypervisor's `vm-device` `InterruptSourceGroup`, so a VMM

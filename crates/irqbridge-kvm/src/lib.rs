@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! VMM-side plugin: wires the interrupts and doorbells of an irqbridge (or any vfio-user PCI)
 //! device into a KVM VM built on rust-vmm crates (`kvm-ioctls`, `vmm-sys-util`).
 //!

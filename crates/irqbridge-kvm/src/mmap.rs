@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! mmaps of device regions (BARs the server offers with `VFIO_REGION_INFO_FLAG_MMAP`).
 //!
 //! The server sends the region's file with DEVICE_GET_REGION_INFO; the client maps each sparse

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The MSI capability as the plugin sees it: a shadow of the guest-programmed registers,
 //! updated from forwarded config-space writes, and the ordered steps that bring KVM and the
 //! device in line with it.

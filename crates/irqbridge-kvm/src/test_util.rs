@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Helpers shared by the unit tests.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

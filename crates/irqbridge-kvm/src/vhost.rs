@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Attaching a vhost-user device to a KVM VM: [`VhostUserAttachment`].
 //!
 //! The VMM is the vhost-user *frontend*: it owns guest RAM and the virtqueue layout, and hands

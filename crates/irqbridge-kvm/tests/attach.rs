@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Attaching the real irqbridge server's PCI device to a KVM VM (no guest code runs: the
 //! interrupts are observed in the IOAPIC and LAPIC state KVM reports).
 

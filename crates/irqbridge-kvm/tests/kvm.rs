@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Routing and irqfd wiring against the real /dev/kvm (no guest code runs).
 
 mod common;

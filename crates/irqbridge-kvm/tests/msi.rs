@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! MSI (IRQ index 1) through the plugin, against a fake vfio-user device served by the real
 //! server: the device has only a config space with an MSI capability (64-bit address,
 //! per-vector masking, 4 vectors), records every SET_IRQS and config write in order and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Attaching the real irqbridge vhost-user backend (in-process `Server`) to a KVM VM with
 //! `VhostUserAttachment`. No guest code runs: the host plays the guest driver by writing the
 //! virtqueues into the shared RAM file, stands in for KVM's ioeventfd by writing the kick

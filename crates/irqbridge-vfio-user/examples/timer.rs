@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! An example device in one file: a periodic timer that raises an MSI-X vector every
 //! `PERIOD_MS` milliseconds, served over vfio-user.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A vfio-user client: the VMM end of the socket.
 //!
 //! Built on [`crate::proto`] and [`crate::conn`] (wire format and framing), behind the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Message framing over an AF_UNIX stream socket, with file descriptors in `SCM_RIGHTS`.
 //!
 //! A [`Connection`] sends and receives whole vfio-user messages. Receiving:

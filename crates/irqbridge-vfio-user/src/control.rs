@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The external control socket of the irqbridge device (`docs/control.md`).
 //!
 //! A host-side tool or test harness connects to a unix socket and sends newline-delimited JSON

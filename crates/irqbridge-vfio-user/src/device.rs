@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The seam between the vfio-user server loop and a device model.
 //!
 //! The server (see `server.rs`) owns the socket, framing, message validation, the DMA table and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The DMA table of one client: the regions announced with DMA_MAP, keyed by DMA address.
 //!
 //! A region that comes with a file descriptor is checked with `fstat` (a regular file, memfd

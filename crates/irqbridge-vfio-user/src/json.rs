@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The JSON of VERSION capabilities, read and written without a JSON library.
 //!
 //! Both roles exchange one small document (`{"capabilities":{...}}`), so [`crate::proto`]

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vfio-user wire format and framing with fd passing, and both ends of the socket: the server
 //! loop with the irqbridge PCI test device, and a client.
 //!

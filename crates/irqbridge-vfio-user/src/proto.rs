@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vfio-user wire format: constants, the message header and every message body, for both
 //! directions.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vfio-user server: one client at a time, a device behind [`VfioUserDevice`], two
 //! threads.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The event-channel page: one 4 KiB memfd, mapped shared into the server (vm-memory's
 //! `MmapRegion`) and handed to the client as the mmap file of BAR4.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The irqbridge PCI device driven directly through the `VfioUserDevice` trait (no socket).
 
 mod device_util;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The irqbridge PCI device end to end: a real `Server` on a unix socket, driven by a raw
 //! client built on the crate's `proto` / `conn` modules and by the rust-vmm `vfio_user::Client`.
 //!

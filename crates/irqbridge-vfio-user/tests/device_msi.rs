@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! MSI (IRQ index 1) on the irqbridge test device: the capability at 0x50, BAR0 MSI_FIRE,
 //! the drop / pending rules and their counters, SET_IRQS index 1 with the kernel's rules,
 //! directly on the device and over the vfio-user protocol, with exact eventfd counts.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Helpers shared by the device tests (also built as an empty test target of its own).
 
 #![allow(dead_code)]

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The example device (`examples/timer.rs`) served over a unix socket: a vfio-user client
 //! binds an eventfd to MSI-X vector 2, enables MSI-X, starts the timer and sees the vector
 //! fire; stopping the timer stops the events.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Randomised garbage against the real server and the PCI device: thousands of messages with
 //! random commands, flags, sizes, bodies and fds, and random guest accesses to every region.
 //! Nothing may panic, every message must leave the stream in step (a probe request after each

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vfio-user protocol tests: a hand-written client (and the rust-vmm `vfio_user::Client`)
 //! against the server with a fake device, over a real socket.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Both roles of the crate against each other: the crate's client talking to its server and
 //! the irqbridge test device over a real socket (built only with both features). The VERSION
 //! capabilities go through the crate's own JSON codec in both directions.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Event delivery latency and throughput of the vhost-user event-channel backend, with eventfd
 //! baselines measured in the same run.
 //!

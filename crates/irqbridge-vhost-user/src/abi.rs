@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest-visible ABI of the virtio event-channel device (docs/evtchn-virtio.md).
 //!
 //! Everything here is plain data: queue numbering, the control request and reply formats, the

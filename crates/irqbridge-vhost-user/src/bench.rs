@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Event delivery benchmark over real vhost-user connections, against eventfd baselines.
 //!
 //! One backend process (this one) serves two sockets, A and B, each with a [`Driver`]

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A minimal virtio driver for the event-channel device, over a real vhost-user connection.
 //!
 //! This is the guest side as tests, harnesses and [`crate::bench`] need it: [`GuestRam`] is

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Errors of the vhost-user event-channel backend.
 //!
 //! Nothing a frontend or a guest sends produces one of these: guest faults become a status in

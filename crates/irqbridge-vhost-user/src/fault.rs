@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest memory that disappears under the backend: a SIGBUS handler that keeps the process
 //! alive and ends only the connection whose memory it was.
 //!

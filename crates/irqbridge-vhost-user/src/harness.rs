@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The guest-facing request path without virtqueues: raw control-request bytes and doorbell
 //! buffers go through the same decoding ([`crate::abi`]) and the same [`Router`] code as in
 //! the backend, with a guest attached to every connection. For fuzzing

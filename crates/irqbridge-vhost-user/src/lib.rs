@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The irqbridge event-channel device as a vhost-user backend.
 //!
 //! The device (docs/evtchn-virtio.md) gives a guest Xen-style 2-level event channels over

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The guest's event-channel page, seen through the frontend's memory table.
 //!
 //! [`GuestPage`] implements [`SharedWords`] over 4 KiB of guest RAM so that the core model

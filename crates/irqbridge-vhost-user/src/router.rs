@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Event-channel state of every connection and the links between their ports.
 //!
 //! One [`Router`] serves all sockets of a backend process, behind an `Arc<Mutex<Router>>`

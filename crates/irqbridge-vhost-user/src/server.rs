@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Configuration, the [`Backend`] handle, and the socket server.
 //!
 //! [`Server::start`] binds every socket, then runs one thread per socket. Each thread waits

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One frontend connection: the `VhostUserBackend` implementation and the virtqueue work.
 //!
 //! A [`Session`] lives from a frontend's connect to its disconnect. It owns nothing that must

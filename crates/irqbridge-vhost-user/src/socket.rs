@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Listening socket files: never take over a live socket, remove only our own at exit.
 //!
 //! The rules are those of the vfio-user server (`irqbridge_vfio_user::server::Server::bind`):

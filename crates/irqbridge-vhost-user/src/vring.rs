@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vring type of the backend: vhost-user-backend's `VringMutex`, with every descriptor the
 //! frontend hands over (SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR) checked before it is
 //! stored, and never waited for afterwards.

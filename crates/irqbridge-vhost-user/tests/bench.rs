@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The benchmark runs end to end with tiny sizes (no timing is asserted).
 
 use irqbridge_vhost_user::bench::{BenchOptions, run_with};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The event-channel device over real vhost-user connections: vhost's `Frontend` as the
 //! client, memfd guest RAM in this process, split virtqueues built by hand in it.
 

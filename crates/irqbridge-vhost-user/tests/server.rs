@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The socket server: inherited listening fd, stop with a frontend connected, bad frontends.
 
 mod common;

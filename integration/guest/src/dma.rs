@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Device-visible memory for a userspace driver: locked anonymous pages, their guest physical
 //! addresses from /proc/self/pagemap, and a VFIO DMA mapping at IOVA == GPA.
 //!

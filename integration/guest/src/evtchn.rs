@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `evtchn`: 2-level event channels on BAR4, upcalls on MSI-X vectors, through vfio-pci.
 
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};

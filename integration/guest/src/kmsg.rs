@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! New kernel log records since a point in time, read from /dev/kmsg.
 
 use std::fs::{File, OpenOptions};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! irqbridge-guest: runs inside a Linux guest (QEMU, TCG) and drives the irqbridge test device
 //! (docs/device-abi.md) through the guest's own drivers: sysfs, uio_pci_generic and vfio-pci.
 //!

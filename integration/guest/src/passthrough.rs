@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Scenario `passthrough`: QEMU's `edu` device bound to the guest's vfio-pci, served by
 //! `irqbridge passthrough` running in the guest, driven by a vfio-user client (the plugin's
 //! client, `irqbridge_kvm::client`) that holds plain eventfds. Interrupts go from the guest

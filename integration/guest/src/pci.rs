@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The irqbridge device as Linux sees it: sysfs, config space, driver binding, BAR0 mappings.
 
 use std::fs::{self, File, OpenOptions};

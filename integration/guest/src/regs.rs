@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! BAR0 register map of the irqbridge device (docs/device-abi.md) and access through any backend.
 
 use crate::report::Result;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Errors and the machine-parseable result lines.
 //!
 //! One line per result: `IRQBRIDGE-RESULT name=<name> status=PASS|FAIL key=value ...`, values

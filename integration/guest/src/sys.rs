@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The unsafe edge: mmap, eventfd, poll and ioctl. Everything above this module is safe code.
 
 use std::fs::File;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `uio-intx`: level-triggered INTx through the guest's uio_pci_generic.
 //!
 //! uio_pci_generic's handler masks the line with COMMAND bit 10 when STATUS bit 3 is set; the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A minimal VFIO user (type1 container, one group, one device) on the guest's vfio-pci.
 
 use std::ffi::CString;

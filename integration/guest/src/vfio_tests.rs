@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vfio`: INTx, MSI-X and MSI through the guest's vfio-pci, with eventfds counted exactly.
 
 use crate::pci::{self, PciDev};

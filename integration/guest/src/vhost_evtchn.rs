@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-evtchn`: the irqbridge virtio event-channel device (served by the irqbridge vhost-user
 //! backend behind QEMU's `vhost-user-test-device-pci`), driven from userspace through vfio-pci.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A modern (virtio 1.x) virtio-pci driver in userspace, on a device opened through vfio-pci.
 //!
 //! [`Transport`] finds the virtio vendor capabilities in config space (common, notify, ISR and

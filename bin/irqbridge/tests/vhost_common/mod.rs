@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Helpers of the `vhost_*` tests: the real `irqbridge vhost-user` process, temporary
 //! directories, frontends on the test device, /proc probes.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! KVM helpers shared by the plugin's integration tests: a VM with an irqchip (or a loud
 //! SKIPPED without /dev/kvm), a vCPU whose LAPIC is software-enabled, IRR probes and polling.
 #![allow(dead_code)] // each test file uses a different subset

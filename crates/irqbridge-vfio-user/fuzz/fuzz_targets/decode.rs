@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vfio-user message decoder: the first byte picks a message type, the rest is its body
 //! (or, for the header, 16 bytes of it). Every parser must return `Ok` or `Err` without
 //! panicking, and what parses must encode and parse back to the same value.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The server's request handling: the input is a byte stream sent by a client over a socket
 //! pair to `Server::serve_stream` with the irqbridge test device (the same code path as a
 //! connected client of `Server::run`). The first byte says which descriptors ride on the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Config-space virtualization of a passed-through device.
 //!
 //! Every byte of config space is either **virtual** (served from a copy in the server, written

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`PassthroughDevice`]: a host VFIO PCI device served over vfio-user.
 //!
 //! Implemented directly on [`VfioUserDevice`] (the reusable PCI function model of the

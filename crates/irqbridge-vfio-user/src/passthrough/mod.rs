@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Passthrough: a host VFIO PCI device served over vfio-user, its interrupts going from the
 //! host kernel straight into the client's eventfds (docs/passthrough.md).
 //!

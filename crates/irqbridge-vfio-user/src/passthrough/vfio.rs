@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The host VFIO layer: container, group and device open, region and IRQ info, region
 //! pread/pwrite, `VFIO_DEVICE_SET_IRQS`, `VFIO_IOMMU_MAP_DMA` / `UNMAP_DMA` and
 //! `VFIO_DEVICE_RESET`, with the `vfio-bindings` structures and the ioctls in this one module.

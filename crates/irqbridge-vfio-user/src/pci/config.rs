@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The config-space image of a [`PciFunction`](super::PciFunction): bytes plus per-byte write
 //! masks, built from the function's layout.
 //!

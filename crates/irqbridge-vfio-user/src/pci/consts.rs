@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! PCI config-space offsets, register bits and capability IDs (PCI Local Bus 3.0, Linux
 //! `pci_regs.h` names), plus the vfio-user region and IRQ indexes of a PCI device.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`PciFunction`]: a [`PciDevice`] inside the standard parts of a PCI function, served over
 //! vfio-user by the one generic [`VfioUserDevice`] implementation.
 

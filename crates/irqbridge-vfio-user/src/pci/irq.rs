@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The standard part of a function that a device drives: the config space and the interrupt
 //! models (INTx, MSI, MSI-X, ERR, REQ) with their eventfds, and `DEVICE_SET_IRQS`.
 //!

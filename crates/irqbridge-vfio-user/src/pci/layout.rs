@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What a PCI function looks like: identity, BARs, capabilities. Built and checked once by
 //! [`PciFunctionBuilder`]; fixed for the life of the function (snapshots hold values only and
 //! must match it).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A reusable PCI function served over vfio-user, and (re-exported for compatibility) the
 //! irqbridge test device built on it.
 //!

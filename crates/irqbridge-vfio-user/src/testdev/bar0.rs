@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The BAR0 register file of the test device (docs/device-abi.md "BAR0 registers").
 //!
 //! 32-bit registers, naturally aligned; any other access, undefined offsets, writes to

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Execution of control-socket requests ([`crate::control`]) on the test device. The socket
 //! I/O lives in `control.rs`; this module only turns a parsed request into a JSON reply.
 

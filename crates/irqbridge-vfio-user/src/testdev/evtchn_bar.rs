@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Event channels of the test device: the [`EventChannels`](irqbridge_core::EventChannels)
 //! model over the BAR4 page, with its upcalls fired as MSI-X vectors of the function.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The irqbridge PCI test device (`docs/device-abi.md`), a [`PciDevice`] inside a
 //! [`PciFunction`].
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest-visible constants of the irqbridge test device (`docs/device-abi.md`, ABI version 1).
 //!
 //! Everything here is part of the contract with guest drivers and test harnesses: PCI

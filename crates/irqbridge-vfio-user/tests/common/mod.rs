@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Shared pieces of the protocol tests: a fake device that records every call, a server
 //! running on a thread, and a raw client built on `conn::Connection`.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vhost-user event-channel device's guest ABI: control requests, doorbell buffers and the
 //! plain-data encodings of `irqbridge_vhost_user::abi`, driven by raw bytes through the same
 //! decoding and router code as the backend (`irqbridge_vhost_user::harness`).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Shared helpers: a backend on temporary sockets, drivers, polling with a deadline.
 
 #![allow(dead_code)]

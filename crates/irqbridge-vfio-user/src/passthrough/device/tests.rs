@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Unit tests of the passthrough device on a fake VFIO backend that behaves like the kernel's
 //! vfio-pci where it matters: one IRQ index at a time, per-vector rebinding inside the enabled
 //! range, and a "device" that signals whatever eventfd is bound to a vector.
