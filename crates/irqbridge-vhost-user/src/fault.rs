@@ -13,9 +13,9 @@
 //! The design (see also docs/reliability.md):
 //!
 //! - Every region of every memory table a session uses is *covered*: its host address range
-//!   is entered, with the session's token, into [`TABLE`], a fixed array of atomics that the
+//!   is entered, with the session's token, into `TABLE`, a fixed array of atomics that the
 //!   signal handler can read without locks or allocation. A table is covered before the
-//!   backend touches it ([`MemCover::cover`] runs in `update_memory` and before each use of
+//!   backend touches it (`MemCover::cover` runs in `update_memory` and before each use of
 //!   the current table), and stays covered while anyone still holds it (old tables live on in
 //!   event-channel pages and in-flight work): a table is uncovered only when the cover holds
 //!   the last reference, so its regions cannot be unmapped while covered.
@@ -27,7 +27,7 @@
 //!   region it is not a guest's doing: the handler restores the default action and returns, so
 //!   the access faults again and the process dies as it would have without the handler.
 //! - The watcher thread (ordinary code) finds the session of the slot and ends its connection
-//!   through its [`Breaker`]. The zero pages go away with the region's mapping.
+//!   through its `Breaker`. The zero pages go away with the region's mapping.
 //!
 //! One process per frontend would isolate frontends as well, but the backend links ports
 //! between frontends (two VMs on one backend) through shared in-process state; the handler
