@@ -576,8 +576,19 @@ fn bench_rows_write_json_and_plots() {
         .collect();
     assert_eq!(
         names,
-        ["msix_fire", "intx_loop", "doorbell", "region_read"],
+        [
+            "msix_fire",
+            "intx_loop",
+            "doorbell",
+            "region_read",
+            "region_write_posted"
+        ],
         "{all}"
+    );
+    assert_eq!(
+        all["plots"].as_array().map(Vec::len),
+        Some(names.len()),
+        "one plot per row: {all}"
     );
     assert_eq!(all["iterations"], 1);
     for r in all["rows"].as_array().unwrap() {
