@@ -355,7 +355,10 @@ fn doorbell_in_one_connection_is_an_event_in_the_other() {
     });
     assert_eq!(env.backend.counters(C0).unwrap().doorbells, 4);
     // An upcall into another connection is raised by that connection's own worker: wait.
-    assert_eq!(q.wait_calls(common_timeout()).unwrap(), 1);
+    assert_eq!(
+        b.queue(eq0).unwrap().wait_calls(common_timeout()).unwrap(),
+        1
+    );
     assert_eq!(guest_collect(words_b, 0), [2]);
     assert_eq!(b.pop_record(0).unwrap(), record(0, 0, 2));
     assert_eq!(b.take_calls(event_queue(0)).unwrap(), 0);
