@@ -10,9 +10,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::{ioapic_irr, irr_has, poll_until, vcpu_with_lapic, vm};
-use irqbridge_kvm::Error;
 use irqbridge_kvm::attach::{AttachConfig, AttachedDevice, GuestRam};
 use irqbridge_kvm::routing::{GsiRouter, IrqChip, Route, SharedGsiRouter};
+use irqbridge_kvm::{ClientError, Error};
 use irqbridge_vfio_user::pci::regs::*;
 use irqbridge_vfio_user::pci::{DeviceConfig, IrqbridgeDevice};
 use irqbridge_vfio_user::server::{Server, StopHandle};
@@ -344,7 +344,7 @@ fn without_intx_gsi_or_msix_nothing_is_wired() {
     // Waited writes report the device's refusal (BAR1 is absent; region 8 is VGA, size 0).
     assert!(matches!(
         dev.with_client(|c| c.region_write(8, 0, &[0u8; 4]).map_err(Error::from)),
-        Err(Error::Remote { .. })
+        Err(Error::Client(ClientError::Remote { .. }))
     ));
     assert_eq!(router.lock().unwrap().route_count(), 39);
     dev.detach().unwrap();
@@ -360,5 +360,8 @@ fn attach_to_a_missing_socket_fails_after_the_deadline() {
     };
     let err = AttachedDevice::attach(vm, router, Path::new("/nonexistent/irqbridge.sock"), config)
         .unwrap_err();
-    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Client(ClientError::Connect { .. })),
+        "{err}"
+    );
 }
