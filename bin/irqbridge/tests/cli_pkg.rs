@@ -528,7 +528,13 @@ fn bench_rows_write_json_and_plots() {
         .collect();
     assert_eq!(
         names,
-        ["msix_fire", "intx_loop", "doorbell", "region_read"],
+        [
+            "msix_fire",
+            "intx_loop",
+            "doorbell",
+            "region_read",
+            "region_write_posted"
+        ],
         "{all}"
     );
     assert_eq!(all["iterations"], 1);
