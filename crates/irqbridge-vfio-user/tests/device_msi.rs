@@ -29,27 +29,8 @@ fn dev(msi_vectors: u8) -> IrqbridgeDevice {
     .unwrap()
 }
 
-fn cfg_read(d: &mut IrqbridgeDevice, off: u64, len: usize) -> u32 {
-    let mut b = vec![0u8; len];
-    d.region_read(REGION_CONFIG, off, &mut b).unwrap();
-    b.resize(4, 0);
-    u32::from_le_bytes(b.try_into().unwrap())
-}
-
-fn cfg_write(d: &mut IrqbridgeDevice, off: u64, len: usize, v: u32) {
-    d.region_write(REGION_CONFIG, off, &v.to_le_bytes()[..len])
-        .unwrap();
-}
-
-fn bar0(d: &mut IrqbridgeDevice, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    d.region_read(REGION_BAR0, off, &mut b).unwrap();
-    u32::from_le_bytes(b)
-}
-
 fn fire(d: &mut IrqbridgeDevice, v: u32) {
-    d.region_write(REGION_BAR0, REG_MSI_FIRE, &v.to_le_bytes())
-        .unwrap();
+    bar0_write(d, REG_MSI_FIRE, v);
 }
 
 fn set(
