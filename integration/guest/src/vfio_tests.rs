@@ -382,10 +382,18 @@ fn msi_diag(dev: &VfioDevice, facts: &mut Facts) {
     if let Ok(v) = dev.read32(REGION_CONFIG, 0x64) {
         facts.set("diag_msi_pending", format_args!("{v:#x}"));
     }
+    guest_irqs_diag(facts, |l| {
+        l.contains("vfio-msi]") || l.contains("vfio-msi[")
+    });
+}
+
+/// Adds `diag_guest_irqs`: the IRQ number and first CPU's count of each `/proc/interrupts`
+/// line that `wanted` picks.
+fn guest_irqs_diag(facts: &mut Facts, wanted: impl Fn(&str) -> bool) {
     if let Ok(text) = std::fs::read_to_string("/proc/interrupts") {
         let counts: Vec<String> = text
             .lines()
-            .filter(|l| l.contains("vfio-msi]") || l.contains("vfio-msi["))
+            .filter(|l| wanted(l))
             .filter_map(|l| {
                 let mut it = l.split_whitespace();
                 let irq = it.next()?;
@@ -412,19 +420,7 @@ fn msix_diag(dev: &VfioDevice, facts: &mut Facts) {
     if let Ok(pba) = dev.read32(2, 0x1000) {
         facts.set("diag_pba0", format_args!("{pba:#x}"));
     }
-    if let Ok(text) = std::fs::read_to_string("/proc/interrupts") {
-        let counts: Vec<String> = text
-            .lines()
-            .filter(|l| l.contains("vfio-msix"))
-            .filter_map(|l| {
-                let mut it = l.split_whitespace();
-                let irq = it.next()?;
-                let n = it.next()?;
-                Some(format!("{irq}{n}"))
-            })
-            .collect();
-        facts.set("diag_guest_irqs", counts.join(","));
-    }
+    guest_irqs_diag(facts, |l| l.contains("vfio-msix"));
 }
 
 /// Runs the VFIO scenario: results `vfio-open`, `vfio-intx`, `vfio-msix`, `vfio-msix-mask`,
