@@ -633,22 +633,39 @@ fn vfio_interrupts() -> String {
         .join(";")
 }
 
+/// The PCI device with `ids` (vendor, device); `None` after recording `result` as failed
+/// with `missing` when there is none, or with the error when the lookup fails.
+fn find_or_fail(
+    rep: &mut Reporter,
+    result: &str,
+    ids: (u16, u16),
+    missing: &str,
+) -> Option<PciDev> {
+    match pci::find_by_ids(ids.0, ids.1).and_then(|p| p.ok_or_else(|| e(missing))) {
+        Ok(p) => Some(p),
+        Err(x) => {
+            rep.record(result, &Facts::default(), &Err(x));
+            None
+        }
+    }
+}
+
+/// Prints the server log at `path` line by line, for a failed result.
+fn print_log(path: &str) {
+    for l in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        println!("IRQBRIDGE-LOG {l}");
+    }
+}
+
 /// Runs every passthrough result (see the module documentation).
 pub fn run(rep: &mut Reporter, rounds: u32, irqs: u32) {
-    let pci = match pci::find_by_ids(EDU_VENDOR, EDU_DEVICE) {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            rep.record(
-                "pt-open",
-                &Facts::default(),
-                &Err(e("no edu device (1234:11e8)")),
-            );
-            return;
-        }
-        Err(x) => {
-            rep.record("pt-open", &Facts::default(), &Err(x));
-            return;
-        }
+    let Some(pci) = find_or_fail(
+        rep,
+        "pt-open",
+        (EDU_VENDOR, EDU_DEVICE),
+        "no edu device (1234:11e8)",
+    ) else {
+        return;
     };
     let mut server = None;
     let mut client = None;
@@ -675,9 +692,7 @@ pub fn run(rep: &mut Reporter, rounds: u32, irqs: u32) {
     drop(s);
     rep.run("pt-bench", |f| bench(&pci, f));
     if rep.failed() > 0 {
-        for l in std::fs::read_to_string(LOG).unwrap_or_default().lines() {
-            println!("IRQBRIDGE-LOG {l}");
-        }
+        print_log(LOG);
     }
 }
 
@@ -878,20 +893,13 @@ fn msix(c: &mut Client, f: &mut Facts, rounds: u32, per_raise: u64) -> Result<()
 
 /// The e1000e result (`pt-msix`), skipped (not run) when QEMU has no e1000e in this guest.
 pub fn run_e1000e(rep: &mut Reporter, rounds: u32) {
-    let pci = match pci::find_by_ids(E1000E_VENDOR, E1000E_DEVICE) {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            rep.record(
-                "pt-msix",
-                &Facts::default(),
-                &Err(e("no e1000e (8086:10d3)")),
-            );
-            return;
-        }
-        Err(x) => {
-            rep.record("pt-msix", &Facts::default(), &Err(x));
-            return;
-        }
+    let Some(pci) = find_or_fail(
+        rep,
+        "pt-msix",
+        (E1000E_VENDOR, E1000E_DEVICE),
+        "no e1000e (8086:10d3)",
+    ) else {
+        return;
     };
     let mut per_raise = 0;
     rep.run("pt-msix-direct", |f| {
@@ -918,9 +926,7 @@ pub fn run_e1000e(rep: &mut Reporter, rounds: u32) {
     });
     drop(server);
     if !ok {
-        for l in std::fs::read_to_string(LOG2).unwrap_or_default().lines() {
-            println!("IRQBRIDGE-LOG {l}");
-        }
+        print_log(LOG2);
     }
 }
 
