@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use irqbridge_vhost_user::abi::{Op, Reply, Request, Status};
+use irqbridge_core::evtchn::guest_collect;
+use irqbridge_vhost_user::abi::{Op, Reply, Request, Status, event_queue};
 use irqbridge_vhost_user::driver::{Driver, DriverConfig, GuestRam};
 
 #[path = "../common/mod.rs"]
@@ -142,6 +143,30 @@ pub fn frontend_ram(path: &Path, ram: Arc<GuestRam>, binds: &[(u32, u16)]) -> Dr
         assert_eq!(r, Reply::new(Status::Ok, 0), "{q:?}");
     }
     drv
+}
+
+/// One doorbell on `ports` of `drv` and the wait for the upcall record it causes on upcall 0
+/// (port 2 must be linked from the first port). Returns the round-trip time.
+pub fn round_trip(drv: &mut Driver, ports: &[u32]) -> Duration {
+    let t = Instant::now();
+    drv.doorbell(ports).unwrap();
+    loop {
+        if let Some((_, len)) = drv.pop_record(0).unwrap() {
+            assert_eq!(len, 8);
+            break;
+        }
+        let q = drv.queue(event_queue(0)).unwrap();
+        q.wait_calls(Duration::from_millis(50)).unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the event never arrived"
+        );
+    }
+    let dt = t.elapsed();
+    let ram = drv.ram().clone();
+    assert_eq!(guest_collect(ram.words(PAGE).unwrap(), 0), [2]);
+    drv.post_event_buffers(0, 1, 8).unwrap();
+    dt
 }
 
 /// A fresh frontend on `path` is served: STATUS of port 0 answers Ok.
