@@ -37,7 +37,7 @@ use irqbridge_core::evtchn::guest_collect;
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EventFd};
 
-use crate::abi::{Op, Request, Status, event_queue};
+use crate::abi::event_queue;
 use crate::driver::{Driver, DriverConfig, GuestRam, wait_readable};
 use crate::error::{Error, Result};
 use crate::router::ConnId;
@@ -386,16 +386,9 @@ fn setup_driver(path: &std::path::Path, bind_all: bool) -> Result<Driver> {
         ..DriverConfig::default()
     };
     let mut drv = Driver::connect(path, ram, &cfg).map_err(io)?;
-    let mut reqs = vec![Request::new(Op::RegisterPage, 0, PAGE_GPA)];
     let bound = if bind_all { PORTS } else { 1 };
-    reqs.extend((0..bound).map(|p| Request::new(Op::Bind, p, 0)));
-    for (r, q) in drv.control_batch(&reqs).map_err(io)?.iter().zip(&reqs) {
-        if r.status() != Some(Status::Ok) {
-            return Err(Error::Io(std::io::Error::other(format!(
-                "control request {q:?} failed: {r:?}"
-            ))));
-        }
-    }
+    let binds: Vec<(u32, u16)> = (0..bound).map(|p| (p, 0)).collect();
+    drv.register_and_bind(PAGE_GPA, &binds).map_err(io)?;
     drv.post_event_buffers(0, usize::from(QUEUE_SIZE) - 1, 8)
         .map_err(io)?;
     Ok(drv)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use irqbridge_core::evtchn::guest_collect;
-use irqbridge_vhost_user::abi::{Op, Reply, Request, Status, event_queue};
+use irqbridge_vhost_user::abi::{Op, Request, Status, event_queue};
 use irqbridge_vhost_user::driver::{Driver, DriverConfig, GuestRam};
 
 #[path = "../common/mod.rs"]
@@ -133,15 +133,7 @@ pub fn frontend_ram(path: &Path, ram: Arc<GuestRam>, binds: &[(u32, u16)]) -> Dr
         ..DriverConfig::default()
     };
     let mut drv = Driver::connect(path, ram, &cfg).unwrap();
-    let mut reqs = vec![Request::new(Op::RegisterPage, 0, PAGE)];
-    reqs.extend(
-        binds
-            .iter()
-            .map(|&(p, v)| Request::new(Op::Bind, p, u64::from(v))),
-    );
-    for (q, r) in reqs.iter().zip(drv.control_batch(&reqs).unwrap()) {
-        assert_eq!(r, Reply::new(Status::Ok, 0), "{q:?}");
-    }
+    drv.register_and_bind(PAGE, binds).unwrap();
     drv
 }
 
