@@ -7,34 +7,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use irqbridge_vfio_user::conn::Connection;
 use irqbridge_vfio_user::control::ControlClient;
-use irqbridge_vfio_user::proto::{Capabilities, Command as VfuCommand, DeviceInfoMsg, Version};
 use serde_json::{Value, json};
 
-use common::{BIN, Proc, TempDir, signal, wait_exit, wait_for};
-
-fn vfio_user_hello(stream: UnixStream) -> DeviceInfoMsg {
-    let mut conn = Connection::new(stream);
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let v = Version {
-        major: 0,
-        minor: 0,
-        capabilities: Capabilities::default(),
-    };
-    conn.request(VfuCommand::Version, &v.encode(), &[]).unwrap();
-    let r = conn
-        .request(
-            VfuCommand::DeviceGetInfo,
-            &DeviceInfoMsg::request().encode(),
-            &[],
-        )
-        .unwrap();
-    DeviceInfoMsg::parse(&r.body).unwrap()
-}
+use common::{BIN, Proc, TempDir, signal, vfio_user_hello, wait_exit, wait_for};
 
 fn control_cli(sock: &Path, args: &[&str]) -> (bool, Value) {
     let out = Command::new(BIN)

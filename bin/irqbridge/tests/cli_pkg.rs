@@ -9,11 +9,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
 
 use serde_json::Value;
 
-use common::{BIN, Proc, TempDir, signal, wait_exit, wait_for};
+use common::{BIN, Proc, TempDir, signal, vfio_user_hello, wait_exit, wait_for};
 
 fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
@@ -264,29 +263,6 @@ fn spawn_activated(listener: &UnixListener, listen_pid: Option<&str>, args: &[&s
     cmd.spawn().unwrap()
 }
 
-fn vfio_user_device_info(stream: UnixStream) -> (u32, u32, u32) {
-    use irqbridge_vfio_user::conn::Connection;
-    use irqbridge_vfio_user::proto::{Capabilities, Command as VfuCommand, DeviceInfoMsg, Version};
-    let mut conn = Connection::new(stream);
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let v = Version {
-        major: 0,
-        minor: 0,
-        capabilities: Capabilities::default(),
-    };
-    conn.request(VfuCommand::Version, &v.encode(), &[]).unwrap();
-    let r = conn
-        .request(
-            VfuCommand::DeviceGetInfo,
-            &DeviceInfoMsg::request().encode(),
-            &[],
-        )
-        .unwrap();
-    let info = DeviceInfoMsg::parse(&r.body).unwrap();
-    (info.flags, info.num_regions, info.num_irqs)
-}
-
 #[test]
 fn vfio_user_socket_activation_with_an_inherited_listener() {
     let dir = TempDir::new("act-vfio");
@@ -300,8 +276,8 @@ fn vfio_user_socket_activation_with_an_inherited_listener() {
     drop(listener);
 
     // The server answers on the socket it never bound.
-    let (_, regions, irqs) = vfio_user_device_info(UnixStream::connect(&path).unwrap());
-    assert_eq!((regions, irqs), (9, 5));
+    let info = vfio_user_hello(UnixStream::connect(&path).unwrap());
+    assert_eq!((info.num_regions, info.num_irqs), (9, 5));
 
     signal(&child.0, libc::SIGTERM);
     let status = wait_exit(&mut child.0);

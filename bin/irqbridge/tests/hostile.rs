@@ -25,7 +25,7 @@ use irqbridge_vfio_user::proto::{
 use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
-use common::{BIN, Proc, TempDir, wait_exit_within, wait_for};
+use common::{BIN, Proc, TempDir, vfio_user_version, wait_exit_within, wait_for};
 
 /// The largest value an eventfd counter holds: one more write would block.
 const SATURATED: u64 = 0xffff_ffff_ffff_fffe;
@@ -95,16 +95,15 @@ struct Client {
 
 impl Client {
     fn connect(path: &Path) -> Client {
-        let conn = Connection::new(UnixStream::connect(path).unwrap());
-        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut c = Client { conn };
-        let v = Version {
-            major: 0,
-            minor: 0,
-            capabilities: Capabilities::default(),
-        };
-        c.conn.request(Cmd::Version, &v.encode(), &[]).unwrap();
-        c
+        Client::connect_with_timeout(path, Duration::from_secs(5))
+    }
+
+    /// Connects and sends VERSION; replies may take up to `timeout`.
+    fn connect_with_timeout(path: &Path, timeout: Duration) -> Client {
+        let mut conn = Connection::new(UnixStream::connect(path).unwrap());
+        conn.set_read_timeout(Some(timeout)).unwrap();
+        vfio_user_version(&mut conn);
+        Client { conn }
     }
 
     fn info(&mut self) -> DeviceInfoMsg {
@@ -327,16 +326,7 @@ fn trickling_client_is_dropped_at_the_message_deadline() {
     let next = std::thread::spawn({
         let path = server.vu.clone();
         move || {
-            let conn = Connection::new(UnixStream::connect(&path).unwrap());
-            conn.set_read_timeout(Some(Duration::from_secs(30)))
-                .unwrap();
-            let mut c = Client { conn };
-            let v = Version {
-                major: 0,
-                minor: 0,
-                capabilities: Capabilities::default(),
-            };
-            c.conn.request(Cmd::Version, &v.encode(), &[]).unwrap();
+            let mut c = Client::connect_with_timeout(&path, Duration::from_secs(30));
             let served = Instant::now();
             assert_eq!(c.read32(REGION_BAR0, REG_MAGIC), MAGIC);
             served

@@ -3,10 +3,14 @@
 
 #![allow(dead_code)]
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use irqbridge_vfio_user::conn::Connection;
+use irqbridge_vfio_user::proto::{Capabilities, Command, DeviceInfoMsg, Version};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_irqbridge");
@@ -128,4 +132,31 @@ pub fn wait_for_within(path: &Path, child: &mut Child, timeout: Duration) {
 /// Waits for `path` to appear; panics if `child` exits first or after [`PROCESS_TIMEOUT`].
 pub fn wait_for(path: &Path, child: &mut Child) {
     wait_for_within(path, child, PROCESS_TIMEOUT);
+}
+
+/// VERSION 0.0 with default capabilities, as a vfio-user client opens a session.
+pub fn vfio_user_version(conn: &mut Connection) {
+    let v = Version {
+        major: 0,
+        minor: 0,
+        capabilities: Capabilities::default(),
+    };
+    conn.request(Command::Version, &v.encode(), &[]).unwrap();
+}
+
+/// VERSION, then DEVICE_GET_INFO, on a fresh vfio-user connection over `stream` (10 s reply
+/// timeout).
+pub fn vfio_user_hello(stream: UnixStream) -> DeviceInfoMsg {
+    let mut conn = Connection::new(stream);
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    vfio_user_version(&mut conn);
+    let r = conn
+        .request(
+            Command::DeviceGetInfo,
+            &DeviceInfoMsg::request().encode(),
+            &[],
+        )
+        .unwrap();
+    DeviceInfoMsg::parse(&r.body).unwrap()
 }
