@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 
 use irqbridge_core::evtchn::{MASK_WORD, PENDING_WORD, guest_collect};
-use irqbridge_vfio_user::device::{IrqAction, IrqData, SetIrqs, VfioUserDevice};
+use irqbridge_vfio_user::device::{IrqAction, IrqData, VfioUserDevice};
 use irqbridge_vfio_user::pci::regs::*;
 use irqbridge_vfio_user::pci::{DeviceConfig, IrqbridgeDevice};
 
@@ -14,23 +14,6 @@ use device_util::*;
 
 fn dev() -> IrqbridgeDevice {
     IrqbridgeDevice::new(DeviceConfig::default()).unwrap()
-}
-
-fn set(
-    d: &mut IrqbridgeDevice,
-    index: u32,
-    action: IrqAction,
-    start: u32,
-    count: u32,
-    data: IrqData,
-) -> Result<(), i32> {
-    d.set_irqs(SetIrqs {
-        index,
-        action,
-        start,
-        count,
-        data,
-    })
 }
 
 /// Binds a fresh eventfd to `index` sub-index `sub`; returns our end.

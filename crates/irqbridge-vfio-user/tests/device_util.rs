@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use irqbridge_vfio_user::device::VfioUserDevice;
+use irqbridge_vfio_user::device::{IrqAction, IrqData, SetIrqs, VfioUserDevice};
 use irqbridge_vfio_user::pci::IrqbridgeDevice;
 use irqbridge_vfio_user::pci::regs::{REGION_BAR0, REGION_CONFIG};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -172,6 +172,24 @@ pub fn bar0(d: &mut IrqbridgeDevice, off: u64) -> u32 {
 /// Writes the BAR0 register at `off`.
 pub fn bar0_write(d: &mut IrqbridgeDevice, off: u64, v: u32) {
     d.region_write(REGION_BAR0, off, &v.to_le_bytes()).unwrap();
+}
+
+/// SET_IRQS on the device directly; `Err(errno)` if it refuses.
+pub fn set(
+    d: &mut IrqbridgeDevice,
+    index: u32,
+    action: IrqAction,
+    start: u32,
+    count: u32,
+    data: IrqData,
+) -> Result<(), i32> {
+    d.set_irqs(SetIrqs {
+        index,
+        action,
+        start,
+        count,
+        data,
+    })
 }
 
 /// Runs the device's fd handlers (what the server loop does for `poll_fds`) until `done`
