@@ -45,12 +45,7 @@ impl<'a> MsixSession<'a> {
         if count < n {
             bail!("the device offers {count} MSI-X vectors, the test needs {n}");
         }
-        let evs = (0..n)
-            .map(|_| EventFd::new())
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(Error::from)?;
-        let fds: Vec<i32> = evs.iter().map(EventFd::raw).collect();
-        dev.set_triggers(IRQ_MSIX, 0, &fds)?;
+        let evs = bind_triggers(dev, IRQ_MSIX, n)?;
         Ok(Self { dev, evs })
     }
 
@@ -249,12 +244,7 @@ impl<'a> MsiSession<'a> {
         facts.set("irq_flags", format_args!("{flags:#x}"));
         facts.expect_eq("irq_count", count, MSI_VECTORS)?;
         dev.set_command_bits(CMD_MEMORY | CMD_BUS_MASTER)?;
-        let evs = (0..MSI_VECTORS)
-            .map(|_| EventFd::new())
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(Error::from)?;
-        let fds: Vec<i32> = evs.iter().map(EventFd::raw).collect();
-        dev.set_triggers(IRQ_MSI, 0, &fds)?;
+        let evs = bind_triggers(dev, IRQ_MSI, MSI_VECTORS)?;
         Ok(Self {
             dev,
             evs,
@@ -369,6 +359,17 @@ fn msi_disable(s: &mut MsiSession<'_>, facts: &mut Facts) -> Result<()> {
     let dropped = bar.read32(regs::CNT_MSI_DROPPED)?.wrapping_sub(dropped0);
     facts.expect_eq("device_dropped", dropped, MSI_VECTORS)?;
     Ok(())
+}
+
+/// Binds `n` fresh eventfds as the triggers of vectors 0..n of IRQ `index`; returns them.
+fn bind_triggers(dev: &VfioDevice, index: u32, n: u32) -> Result<Vec<EventFd>> {
+    let evs = (0..n)
+        .map(|_| EventFd::new())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(Error::from)?;
+    let fds: Vec<i32> = evs.iter().map(EventFd::raw).collect();
+    dev.set_triggers(index, 0, &fds)?;
+    Ok(evs)
 }
 
 /// Adds what the device and the guest kernel saw to a failed MSI result.
