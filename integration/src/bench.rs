@@ -451,8 +451,9 @@ fn wait_past(g: &Guest, vector: u8, from: u64, timeout: Duration) -> Result<Inst
     }
 }
 
-/// Runs `a` and `b` alternately, `warmup` unrecorded rounds then `iterations` recorded ones.
-fn alternate(
+/// Runs `a` and `b` alternately, `warmup` unrecorded rounds then `iterations` recorded ones,
+/// advancing the progress phase once a round.
+pub(crate) fn alternate(
     opts: &BenchOptions,
     mut a: impl FnMut() -> Result<Duration>,
     mut b: impl FnMut() -> Result<Duration>,

@@ -35,7 +35,7 @@ use irqbridge_vfio_user::proto::{
     RegionData, Version,
 };
 
-use crate::bench::{BenchOptions, BenchRow, Goal, Row, pin_current_thread};
+use crate::bench::{BenchOptions, BenchRow, Goal, Row, alternate, pin_current_thread};
 use crate::error::{Error, Result};
 use crate::stats::LatencyStats;
 
@@ -289,25 +289,6 @@ fn exchange(s: &mut UnixStream, req: &[u8], reply: &mut [u8]) -> Result<Duration
     s.write_all(req).map_err(Error::Io)?;
     s.read_exact(reply).map_err(Error::Io)?;
     Ok(t0.elapsed())
-}
-
-/// Samples two paths alternately after a warm-up.
-fn alternate(
-    opts: &BenchOptions,
-    mut a: impl FnMut() -> Result<Duration>,
-    mut b: impl FnMut() -> Result<Duration>,
-) -> Result<(Vec<Duration>, Vec<Duration>)> {
-    for _ in 0..opts.warmup {
-        a()?;
-        b()?;
-    }
-    let mut sa = Vec::with_capacity(opts.iterations);
-    let mut sb = Vec::with_capacity(opts.iterations);
-    for _ in 0..opts.iterations {
-        sa.push(a()?);
-        sb.push(b()?);
-    }
-    Ok((sa, sb))
 }
 
 fn row(

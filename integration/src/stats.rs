@@ -53,44 +53,10 @@ impl LatencyStats {
     }
 }
 
-/// The fractions at which [`cdf`] samples a distribution: every percent, then 99.5 %, 99.9 %
-/// and the maximum, so that a plot shows the tail.
-pub const CDF_FRACTIONS: [f64; 103] = {
-    let mut f = [0.0; 103];
-    let mut i = 0;
-    while i < 100 {
-        f[i] = i as f64 / 100.0;
-        i += 1;
-    }
-    f[100] = 0.995;
-    f[101] = 0.999;
-    f[102] = 1.0;
-    f
-};
-
-/// The empirical CDF of `samples_us` as `[fraction, latency µs]` points at [`CDF_FRACTIONS`]
-/// (nearest rank; fraction 0 is the minimum). Empty for no samples; NaNs are ignored.
-pub fn cdf(samples_us: &[f64]) -> Vec<[f64; 2]> {
-    let mut v: Vec<f64> = samples_us.iter().copied().filter(|x| !x.is_nan()).collect();
-    if v.is_empty() {
-        return Vec::new();
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    CDF_FRACTIONS
-        .iter()
-        .map(|&p| {
-            let rank = ((p * n as f64).ceil() as usize).clamp(1, n);
-            [p, v.get(rank - 1).copied().unwrap_or(f64::NAN)]
-        })
-        .collect()
-}
-
-/// [`cdf`] of durations.
-pub fn cdf_of_durations(samples: &[Duration]) -> Vec<[f64; 2]> {
-    let us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
-    cdf(&us)
-}
+/// The fractions at which [`cdf`] samples a distribution (every percent, then 99.5 %, 99.9 %
+/// and the maximum), and the CDFs themselves: one implementation with the vhost-user
+/// benchmark, so that every report's CDFs have the same points.
+pub use irqbridge_vhost_user::bench::{CDF_FRACTIONS, cdf as cdf_of_durations, cdf_us as cdf};
 
 /// Receives the progress of a long measurement (for a progress line on stderr).
 pub trait ProgressSink: Send + Sync {

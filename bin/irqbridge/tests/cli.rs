@@ -2,97 +2,17 @@
 //! The `irqbridge` binary as a process: startup, control socket, `irqbridge control`,
 //! `--fd`, and clean shutdown on SIGTERM / SIGINT.
 
+mod common;
+
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
-use irqbridge_vfio_user::conn::Connection;
 use irqbridge_vfio_user::control::ControlClient;
-use irqbridge_vfio_user::proto::{Capabilities, Command as VfuCommand, DeviceInfoMsg, Version};
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_irqbridge");
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("irqbridge-cli-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills the child if a test fails before it exits.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(path: &Path, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("irqbridge exited early: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn signal(child: &Child, sig: i32) {
-    let pid = i32::try_from(child.id()).unwrap();
-    // SAFETY: sending a signal to our own child process.
-    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-}
-
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "irqbridge did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn vfio_user_hello(stream: UnixStream) -> DeviceInfoMsg {
-    let mut conn = Connection::new(stream);
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let v = Version {
-        major: 0,
-        minor: 0,
-        capabilities: Capabilities::default(),
-    };
-    conn.request(VfuCommand::Version, &v.encode(), &[]).unwrap();
-    let r = conn
-        .request(
-            VfuCommand::DeviceGetInfo,
-            &DeviceInfoMsg::request().encode(),
-            &[],
-        )
-        .unwrap();
-    DeviceInfoMsg::parse(&r.body).unwrap()
-}
+use common::{BIN, Proc, TempDir, signal, vfio_user_hello, wait_exit, wait_for};
 
 fn control_cli(sock: &Path, args: &[&str]) -> (bool, Value) {
     let out = Command::new(BIN)

@@ -3,43 +3,17 @@
 //! activation with a real inherited listener, completions, the man page, and the vhost-user
 //! backend program conventions.
 
+mod common;
+
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_irqbridge");
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("irqbridge-pkg-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills the child if a test fails before it exits.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{BIN, Proc, TempDir, signal, vfio_user_hello, wait_exit, wait_for};
 
 fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
@@ -47,23 +21,6 @@ fn run(args: &[&str]) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn signal(child: &Child, sig: i32) {
-    let pid = i32::try_from(child.id()).unwrap();
-    // SAFETY: sending a signal to our own child process.
-    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-}
-
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "irqbridge did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn stderr_of(child: &mut Child) -> String {
@@ -307,29 +264,6 @@ fn spawn_activated(listener: &UnixListener, listen_pid: Option<&str>, args: &[&s
     cmd.spawn().unwrap()
 }
 
-fn vfio_user_device_info(stream: UnixStream) -> (u32, u32, u32) {
-    use irqbridge_vfio_user::conn::Connection;
-    use irqbridge_vfio_user::proto::{Capabilities, Command as VfuCommand, DeviceInfoMsg, Version};
-    let mut conn = Connection::new(stream);
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let v = Version {
-        major: 0,
-        minor: 0,
-        capabilities: Capabilities::default(),
-    };
-    conn.request(VfuCommand::Version, &v.encode(), &[]).unwrap();
-    let r = conn
-        .request(
-            VfuCommand::DeviceGetInfo,
-            &DeviceInfoMsg::request().encode(),
-            &[],
-        )
-        .unwrap();
-    let info = DeviceInfoMsg::parse(&r.body).unwrap();
-    (info.flags, info.num_regions, info.num_irqs)
-}
-
 #[test]
 fn vfio_user_socket_activation_with_an_inherited_listener() {
     let dir = TempDir::new("act-vfio");
@@ -343,8 +277,8 @@ fn vfio_user_socket_activation_with_an_inherited_listener() {
     drop(listener);
 
     // The server answers on the socket it never bound.
-    let (_, regions, irqs) = vfio_user_device_info(UnixStream::connect(&path).unwrap());
-    assert_eq!((regions, irqs), (9, 5));
+    let info = vfio_user_hello(UnixStream::connect(&path).unwrap());
+    assert_eq!((info.num_regions, info.num_irqs), (9, 5));
 
     signal(&child.0, libc::SIGTERM);
     let status = wait_exit(&mut child.0);
@@ -455,12 +389,7 @@ fn vhost_user_descriptor_binary() {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(child.0.try_wait().unwrap().is_none(), "exited early");
-        assert!(Instant::now() < deadline, "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&sock, &mut child.0);
     let frontend = Frontend::connect(&sock, 64).unwrap();
     assert_ne!(frontend.get_features().unwrap() & (1 << 32), 0);
     drop(frontend);
@@ -632,12 +561,7 @@ fn vfio_user_log(
     let mut child = Proc(cmd.spawn().unwrap());
     // Our copy of the write end is gone with `cmd`, so reading ends when the child exits.
     drop(cmd);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(child.0.try_wait().unwrap().is_none(), "exited early");
-        assert!(Instant::now() < deadline, "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&sock, &mut child.0);
     signal(&child.0, libc::SIGTERM);
     assert!(wait_exit(&mut child.0).success());
     let mut log = String::new();

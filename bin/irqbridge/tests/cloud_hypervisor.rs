@@ -13,19 +13,24 @@
 //! `ci/setup-cloud-hypervisor.sh` fills; without one the test prints
 //! `SKIPPED: no cloud-hypervisor` and passes. See docs/cloud-hypervisor.md.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use irqbridge_vfio_user::control::ControlClient;
 use serde_json::json;
 
-const BIN: &str = env!("CARGO_BIN_EXE_irqbridge");
+use common::{BIN, Proc, wait_exit_within, wait_for_within};
+
 const GUEST_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../integration/pvh");
+/// How long the server may take to create its sockets.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 /// The whole run (two boots) normally takes 3-5 s; this is the hard limit.
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -98,29 +103,6 @@ fn skip(reason: &str) {
     println!("SKIPPED: {reason}");
 }
 
-/// Kills and reaps the child if the test fails before it exits.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(s) = child.try_wait().expect("waitpid") {
-            return Some(s);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Builds integration/pvh into `out` with gcc (`CC` overrides): a static ELF at 1 MiB with
 /// the PVH entry note.
 fn build_guest(out: &Path) -> PathBuf {
@@ -162,21 +144,6 @@ fn build_guest(out: &Path) -> PathBuf {
         String::from_utf8_lossy(&output.stderr)
     );
     elf
-}
-
-fn wait_for_socket(path: &Path, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        if let Some(status) = child.try_wait().expect("waitpid") {
-            panic!("irqbridge exited early: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// One `RESULT` line.
@@ -325,8 +292,8 @@ fn cloud_hypervisor_pvh_guest() {
             .spawn()
             .expect("start irqbridge"),
     );
-    wait_for_socket(&sock, &mut server.0);
-    wait_for_socket(&ctl, &mut server.0);
+    wait_for_within(&sock, &mut server.0, SOCKET_TIMEOUT);
+    wait_for_within(&ctl, &mut server.0, SOCKET_TIMEOUT);
 
     // The serial port goes to Cloud Hypervisor's stdout, a pipe: `--serial file=PATH` would be
     // truncated when Cloud Hypervisor re-creates the VM for the guest's reboot.
@@ -386,7 +353,7 @@ fn cloud_hypervisor_pvh_guest() {
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    let ch_status = wait_exit(&mut vmm.0, Duration::from_secs(30));
+    let ch_status = wait_exit_within(&mut vmm.0, Duration::from_secs(30));
     let elapsed = started.elapsed();
     if ch_status.is_none() {
         let _ = vmm.0.kill();
@@ -409,7 +376,7 @@ fn cloud_hypervisor_pvh_guest() {
     let pid = libc::pid_t::try_from(server.0.id()).expect("pid");
     // SAFETY: signals our own child process, which is still running or not yet reaped.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let server_status = wait_exit(&mut server.0, Duration::from_secs(20));
+    let server_status = wait_exit_within(&mut server.0, Duration::from_secs(20));
 
     let serial_text = std::fs::read_to_string(&serial_log).unwrap_or_default();
     let server_text = std::fs::read_to_string(&server_log).unwrap_or_default();

@@ -3,11 +3,13 @@
 //! client process, the server runs as it is deployed. After each attack the server must still
 //! answer, serve a fresh client, and end on SIGTERM.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use irqbridge_vfio_user::conn::Connection;
@@ -24,31 +26,14 @@ use irqbridge_vfio_user::proto::{
 use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
-const BIN: &str = env!("CARGO_BIN_EXE_irqbridge");
+use common::{BIN, Proc, TempDir, vfio_user_version, wait_exit_within, wait_for};
+
 /// The largest value an eventfd counter holds: one more write would block.
 const SATURATED: u64 = 0xffff_ffff_ffff_fffe;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p =
-            std::env::temp_dir().join(format!("irqbridge-hostile-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The server process; killed if a test fails before it exits.
 struct Server {
-    child: Child,
+    child: Proc,
     vu: PathBuf,
     ctl: PathBuf,
     _dir: TempDir,
@@ -59,41 +44,29 @@ impl Server {
         let dir = TempDir::new(tag);
         let vu = dir.0.join("vu.sock");
         let ctl = dir.0.join("ctl.sock");
-        let child = Command::new(BIN)
-            .arg("vfio-user")
-            .args(extra)
-            .arg("--socket-path")
-            .arg(&vu)
-            .arg("--control-socket")
-            .arg(&ctl)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = Proc(
+            Command::new(BIN)
+                .arg("vfio-user")
+                .args(extra)
+                .arg("--socket-path")
+                .arg(&vu)
+                .arg("--control-socket")
+                .arg(&ctl)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         let mut s = Server {
             child,
             vu,
             ctl,
             _dir: dir,
         };
-        s.wait_for_sockets();
+        wait_for(&s.vu, &mut s.child.0);
+        wait_for(&s.ctl, &mut s.child.0);
         s
-    }
-
-    fn wait_for_sockets(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !(self.vu.exists() && self.ctl.exists()) {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("irqbridge exited early: {status}");
-            }
-            assert!(Instant::now() < deadline, "the sockets never appeared");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).unwrap()
     }
 
     fn client(&self) -> Client {
@@ -108,25 +81,11 @@ impl Server {
 
     /// SIGTERM must end the process cleanly within 5 s.
     fn terminate(mut self) {
-        // SAFETY: sending a signal to our own child process.
-        assert_eq!(unsafe { libc::kill(self.pid(), libc::SIGTERM) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                assert!(s.success(), "irqbridge exited with {s}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "SIGTERM did not end irqbridge");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.child.signal(libc::SIGTERM);
+        let s = wait_exit_within(&mut self.child.0, Duration::from_secs(5))
+            .expect("SIGTERM did not end irqbridge");
+        assert!(s.success(), "irqbridge exited with {s}");
         assert!(!self.vu.exists() && !self.ctl.exists(), "sockets removed");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -137,16 +96,15 @@ struct Client {
 
 impl Client {
     fn connect(path: &Path) -> Client {
-        let conn = Connection::new(UnixStream::connect(path).unwrap());
-        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut c = Client { conn };
-        let v = Version {
-            major: 0,
-            minor: 0,
-            capabilities: Capabilities::default(),
-        };
-        c.conn.request(Cmd::Version, &v.encode(), &[]).unwrap();
-        c
+        Client::connect_with_timeout(path, Duration::from_secs(5))
+    }
+
+    /// Connects and sends VERSION; replies may take up to `timeout`.
+    fn connect_with_timeout(path: &Path, timeout: Duration) -> Client {
+        let mut conn = Connection::new(UnixStream::connect(path).unwrap());
+        conn.set_read_timeout(Some(timeout)).unwrap();
+        vfio_user_version(&mut conn);
+        Client { conn }
     }
 
     fn info(&mut self) -> DeviceInfoMsg {
@@ -369,16 +327,7 @@ fn trickling_client_is_dropped_at_the_message_deadline() {
     let next = std::thread::spawn({
         let path = server.vu.clone();
         move || {
-            let conn = Connection::new(UnixStream::connect(&path).unwrap());
-            conn.set_read_timeout(Some(Duration::from_secs(30)))
-                .unwrap();
-            let mut c = Client { conn };
-            let v = Version {
-                major: 0,
-                minor: 0,
-                capabilities: Capabilities::default(),
-            };
-            c.conn.request(Cmd::Version, &v.encode(), &[]).unwrap();
+            let mut c = Client::connect_with_timeout(&path, Duration::from_secs(30));
             let served = Instant::now();
             assert_eq!(c.read32(REGION_BAR0, REG_MAGIC), MAGIC);
             served
@@ -492,21 +441,6 @@ fn dma_regions_outside_or_shrunk_files_do_not_kill_the_server() {
     server.terminate();
 }
 
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// One hostile vfio-user or control connection of kind `i % 8`; each leaves the server with
 /// something to clean up (descriptors, mappings, half-read messages, queued replies).
 fn hostile_connection(server: &Server, i: usize, fds: &[EventFd], ram: &std::os::fd::OwnedFd) {
@@ -581,7 +515,6 @@ fn hostile_connection(server: &Server, i: usize, fds: &[EventFd], ram: &std::os:
 #[test]
 fn fd_count_and_rss_are_flat_over_1000_hostile_connections() {
     let server = Server::start("flat", &[]);
-    let pid = server.pid();
     let fds: Vec<EventFd> = (0..20)
         .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
         .collect();
@@ -604,12 +537,12 @@ fn fd_count_and_rss_are_flat_over_1000_hostile_connections() {
         hostile_connection(&server, i, &fds, &ram);
     }
     settle(&server);
-    let (fd0, rss0) = (open_fds(pid), rss_kib(pid));
+    let (fd0, rss0) = (server.child.fd_count(), server.child.rss_kib());
     for i in 0..1000 {
         hostile_connection(&server, i, &fds, &ram);
     }
     settle(&server);
-    let (fd1, rss1) = (open_fds(pid), rss_kib(pid));
+    let (fd1, rss1) = (server.child.fd_count(), server.child.rss_kib());
     eprintln!("server fds {fd0} -> {fd1}, VmRSS {rss0} kB -> {rss1} kB");
     assert_eq!(
         fd1, fd0,

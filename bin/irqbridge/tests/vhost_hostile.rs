@@ -14,35 +14,10 @@ use std::time::{Duration, Instant};
 
 use irqbridge_core::evtchn::guest_collect;
 use irqbridge_vhost_user::abi::{CONTROL_QUEUE, DOORBELL_QUEUE, event_queue};
-use irqbridge_vhost_user::driver::Driver;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vmm_sys_util::eventfd::EventFd;
 
-use vhost_common::{PAGE, Proc, TempDir, frontend, serve, served};
-
-/// One doorbell on `ports` of `drv` and the wait for the upcall record it causes on upcall 0
-/// (port 2 must be linked from the first port). Returns the round-trip time.
-fn round_trip(drv: &mut Driver, ports: &[u32]) -> Duration {
-    let t = Instant::now();
-    drv.doorbell(ports).unwrap();
-    loop {
-        if let Some((_, len)) = drv.pop_record(0).unwrap() {
-            assert_eq!(len, 8);
-            break;
-        }
-        let q = drv.queue(event_queue(0)).unwrap();
-        q.wait_calls(Duration::from_millis(50)).unwrap();
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the event never arrived"
-        );
-    }
-    let dt = t.elapsed();
-    let ram = drv.ram().clone();
-    assert_eq!(guest_collect(ram.words(PAGE).unwrap(), 0), [2]);
-    drv.post_event_buffers(0, 1, 8).unwrap();
-    dt
-}
+use vhost_common::{PAGE, Proc, TempDir, frontend, round_trip, serve, served};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort_unstable();

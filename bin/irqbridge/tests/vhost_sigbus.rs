@@ -4,30 +4,10 @@
 
 mod vhost_common;
 
-use std::time::{Duration, Instant};
-
-use irqbridge_core::evtchn::guest_collect;
-use irqbridge_vhost_user::abi::{DOORBELL_QUEUE, event_queue};
-use irqbridge_vhost_user::driver::Driver;
+use irqbridge_vhost_user::abi::DOORBELL_QUEUE;
 use vhost::VhostBackend;
 
-use vhost_common::{PAGE, TempDir, frontend, serve, served, wait_until};
-
-/// Doorbell on `ports`, then wait for the record on upcall 0 and collect port 2.
-fn round_trip(drv: &mut Driver, ports: &[u32]) {
-    let t = Instant::now();
-    drv.doorbell(ports).unwrap();
-    while drv.pop_record(0).unwrap().is_none() {
-        drv.queue(event_queue(0))
-            .unwrap()
-            .wait_calls(Duration::from_millis(50))
-            .unwrap();
-        assert!(t.elapsed() < Duration::from_secs(10), "no event");
-    }
-    let ram = drv.ram().clone();
-    assert_eq!(guest_collect(ram.words(PAGE).unwrap(), 0), [2]);
-    drv.post_event_buffers(0, 1, 8).unwrap();
-}
+use vhost_common::{TempDir, frontend, round_trip, serve, served, wait_until};
 
 #[test]
 fn vhost_user_truncated_guest_memory_ends_only_that_connection() {

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::notifier::Notifier;
+use crate::notifier::{Notifier, Notifiers};
 
 /// Largest number of MSI vectors (Multiple Message Capable 5).
 pub const MSI_MAX_VECTORS: u8 = 32;
@@ -102,7 +102,7 @@ pub struct MsiState {
 #[derive(Debug)]
 pub struct Msi {
     state: MsiState,
-    notifiers: Vec<Option<Arc<dyn Notifier>>>,
+    notifiers: Notifiers,
 }
 
 fn log2_vectors(vectors: u8) -> Option<u8> {
@@ -126,7 +126,7 @@ impl Msi {
                 vectors,
                 ..MsiState::default()
             },
-            notifiers: vec![None; usize::from(vectors)],
+            notifiers: Notifiers::new(usize::from(vectors)),
         })
     }
 
@@ -190,27 +190,22 @@ impl Msi {
     ///
     /// [`Error::InvalidVector`] if `vector >= N`.
     pub fn set_notifier(&mut self, vector: u8, n: Option<Arc<dyn Notifier>>) -> Result<()> {
-        let slot = self
-            .notifiers
-            .get_mut(usize::from(vector))
-            .ok_or(Error::InvalidVector(u32::from(vector)))?;
-        *slot = n;
-        Ok(())
+        self.notifiers.set(u32::from(vector), n)
     }
 
     /// Unbind every notifier.
     pub fn clear_notifiers(&mut self) {
-        self.notifiers.iter_mut().for_each(|n| *n = None);
+        self.notifiers.clear();
     }
 
     /// Whether any vector has a notifier.
     pub fn has_notifiers(&self) -> bool {
-        self.notifiers.iter().any(Option::is_some)
+        self.notifiers.any()
     }
 
     /// Whether `vector` has a notifier (false if out of range).
     pub fn has_notifier(&self, vector: u8) -> bool {
-        matches!(self.notifiers.get(usize::from(vector)), Some(Some(_)))
+        self.notifiers.get(usize::from(vector)).is_some()
     }
 
     /// Writes the notifier of `vector` if it has one, whatever the masks say (the loopback of
@@ -220,11 +215,7 @@ impl Msi {
     ///
     /// [`Error::InvalidVector`] if `vector >= N`; [`Error::Notify`] if the write failed.
     pub fn loopback(&mut self, vector: u8) -> Result<bool> {
-        let slot = self
-            .notifiers
-            .get(usize::from(vector))
-            .ok_or(Error::InvalidVector(u32::from(vector)))?;
-        let Some(n) = slot else {
+        let Some(n) = self.notifiers.bound(u32::from(vector))? else {
             return Ok(false);
         };
         n.notify().map_err(Error::Notify)?;
@@ -326,7 +317,7 @@ impl Msi {
     fn send(&mut self, vector: u8) -> Result<MsiDelivery> {
         let s = &mut self.state.stats;
         match self.notifiers.get(usize::from(vector)) {
-            Some(Some(n)) => {
+            Some(n) => {
                 n.notify().map_err(Error::Notify)?;
                 s.triggers = s.triggers.wrapping_add(1);
                 Ok(MsiDelivery::Sent)

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::notifier::Notifier;
+use crate::notifier::{Notifier, Notifiers};
 
 /// Largest MSI-X table (Message Control Table Size is 11 bits, N − 1).
 pub const MSIX_MAX_VECTORS: u16 = 2048;
@@ -128,7 +128,7 @@ pub struct Msix {
     entries: Vec<MsixEntry>,
     pba: Vec<u64>,
     host_masked: Vec<bool>,
-    notifiers: Vec<Option<Arc<dyn Notifier>>>,
+    notifiers: Notifiers,
     enabled: bool,
     function_mask: bool,
     stats: MsixStats,
@@ -155,7 +155,7 @@ impl Msix {
             entries: vec![MsixEntry::RESET; n],
             pba: vec![0; pba_words(vectors)],
             host_masked: vec![false; n],
-            notifiers: vec![None; n],
+            notifiers: Notifiers::new(n),
             enabled: false,
             function_mask: false,
             stats: MsixStats::default(),
@@ -197,22 +197,17 @@ impl Msix {
     ///
     /// [`Error::InvalidVector`] if `vector` is out of range.
     pub fn set_notifier(&mut self, vector: u16, n: Option<Arc<dyn Notifier>>) -> Result<()> {
-        let slot = self
-            .notifiers
-            .get_mut(usize::from(vector))
-            .ok_or(Error::InvalidVector(u32::from(vector)))?;
-        *slot = n;
-        Ok(())
+        self.notifiers.set(u32::from(vector), n)
     }
 
     /// Unbind every notifier.
     pub fn clear_notifiers(&mut self) {
-        self.notifiers.iter_mut().for_each(|n| *n = None);
+        self.notifiers.clear();
     }
 
     /// Whether `vector` has a notifier (false if out of range).
     pub fn has_notifier(&self, vector: u16) -> bool {
-        matches!(self.notifiers.get(usize::from(vector)), Some(Some(_)))
+        self.notifiers.get(usize::from(vector)).is_some()
     }
 
     /// Whether `vector` is masked: not enabled, Function Mask, its vector control mask bit, or
@@ -256,7 +251,7 @@ impl Msix {
     /// failed.
     pub fn loopback(&mut self, vector: u16) -> Result<bool> {
         let v = self.index(vector)?;
-        let Some(n) = self.notifiers.get(v).and_then(Option::as_ref) else {
+        let Some(n) = self.notifiers.get(v) else {
             return Ok(false);
         };
         n.notify().map_err(Error::Notify)?;
@@ -266,7 +261,7 @@ impl Msix {
 
     /// Whether any vector has a notifier.
     pub fn has_notifiers(&self) -> bool {
-        self.notifiers.iter().any(Option::is_some)
+        self.notifiers.any()
     }
 
     /// `SET_IRQS(MSIX, MASK / UNMASK)` from the VMM for one vector. An unmask that leaves the
@@ -571,7 +566,7 @@ impl Msix {
 
     /// Write the notifier of unmasked vector `v`, or count a drop.
     fn send(&mut self, v: usize) -> Result<Delivery> {
-        match self.notifiers.get(v).and_then(Option::as_ref) {
+        match self.notifiers.get(v) {
             Some(n) => {
                 n.notify().map_err(Error::Notify)?;
                 self.stats.triggers = self.stats.triggers.wrapping_add(1);

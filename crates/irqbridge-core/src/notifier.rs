@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The seam through which interrupts leave the models.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
 
 /// Writes that found their eventfd's counter saturated (see [`saturated_writes`]).
 static SATURATED_WRITES: AtomicU64 = AtomicU64::new(0);
@@ -73,6 +76,59 @@ impl Notifier for CountingNotifier {
     fn notify(&self) -> std::io::Result<()> {
         self.count.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+/// One optional notifier per vector of an interrupt function (MSI, MSI-X).
+#[derive(Debug)]
+pub(crate) struct Notifiers(Vec<Option<Arc<dyn Notifier>>>);
+
+impl Notifiers {
+    /// `vectors` vectors, none bound.
+    pub(crate) fn new(vectors: usize) -> Self {
+        Notifiers(vec![None; vectors])
+    }
+
+    /// Bind (`Some`) or unbind (`None`) the notifier of `vector`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidVector`] if `vector` is out of range.
+    pub(crate) fn set(&mut self, vector: u32, n: Option<Arc<dyn Notifier>>) -> Result<()> {
+        let slot = usize::try_from(vector)
+            .ok()
+            .and_then(|v| self.0.get_mut(v))
+            .ok_or(Error::InvalidVector(vector))?;
+        *slot = n;
+        Ok(())
+    }
+
+    /// Unbind every notifier.
+    pub(crate) fn clear(&mut self) {
+        self.0.iter_mut().for_each(|n| *n = None);
+    }
+
+    /// Whether any vector has a notifier.
+    pub(crate) fn any(&self) -> bool {
+        self.0.iter().any(Option::is_some)
+    }
+
+    /// The notifier of `vector` (`None` if unbound).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidVector`] if `vector` is out of range.
+    pub(crate) fn bound(&self, vector: u32) -> Result<Option<&Arc<dyn Notifier>>> {
+        usize::try_from(vector)
+            .ok()
+            .and_then(|v| self.0.get(v))
+            .map(Option::as_ref)
+            .ok_or(Error::InvalidVector(vector))
+    }
+
+    /// The notifier of vector `v` (`None` if unbound or out of range).
+    pub(crate) fn get(&self, v: usize) -> Option<&Arc<dyn Notifier>> {
+        self.0.get(v).and_then(Option::as_ref)
     }
 }
 

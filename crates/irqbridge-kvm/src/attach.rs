@@ -343,8 +343,9 @@ impl AttachedDevice {
     ///
     /// # Errors
     ///
-    /// [`Error::Connect`] if the server cannot be reached in time; [`Error::Unsupported`]
-    /// for a device that is not PCI; [`Error::Remote`] when the server refuses a step;
+    /// [`Error::Client`] with [`ClientError::Connect`] if the server cannot be reached in
+    /// time; [`Error::Unsupported`] for a device that is not PCI; [`ClientError::Remote`]
+    /// when the server refuses a step;
     /// [`Error::Kvm`] when an irqfd, ioeventfd or routing ioctl fails; [`Error::Mmap`];
     /// transport errors.
     pub fn attach(
@@ -910,7 +911,7 @@ impl AttachedDevice {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidIndex`], [`Error::Remote`], transport errors. A VMM answers a failed
+    /// [`Error::InvalidIndex`], [`ClientError::Remote`], transport errors. A VMM answers a failed
     /// read with all-ones.
     pub fn mmio_read(&self, bar: u32, offset: u64, data: &mut [u8]) -> Result<()> {
         self.check_bar(bar)?;
@@ -923,7 +924,7 @@ impl AttachedDevice {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidIndex`], [`Error::Kvm`] (route commit), [`Error::Remote`] (waited
+    /// [`Error::InvalidIndex`], [`Error::Kvm`] (route commit), [`ClientError::Remote`] (waited
     /// writes only), transport errors.
     pub fn mmio_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<()> {
         self.check_bar(bar)?;
@@ -978,7 +979,7 @@ impl AttachedDevice {
     ///
     /// # Errors
     ///
-    /// [`Error::Remote`], transport errors.
+    /// [`ClientError::Remote`], transport errors.
     pub fn config_read(&self, offset: u64, data: &mut [u8]) -> Result<()> {
         self.client()
             .region_read(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)?;
@@ -1020,7 +1021,7 @@ impl AttachedDevice {
     ///
     /// # Errors
     ///
-    /// [`Error::Remote`], [`Error::Kvm`] (MSI routes and irqfds), transport errors.
+    /// [`ClientError::Remote`], [`Error::Kvm`] (MSI routes and irqfds), transport errors.
     pub fn config_write(&self, offset: u64, data: &[u8]) -> Result<()> {
         if let Some(msi) = &self.msi {
             let mut regs = lock(&msi.regs);
@@ -1048,7 +1049,7 @@ impl AttachedDevice {
     ///
     /// # Errors
     ///
-    /// [`Error::Unsupported`] if INTx is not wired; [`Error::Remote`], transport errors.
+    /// [`Error::Unsupported`] if INTx is not wired; [`ClientError::Remote`], transport errors.
     pub fn eoi(&self) -> Result<()> {
         if self.intx.is_none() {
             return Err(Error::Unsupported("INTx is not wired".into()));
@@ -1067,7 +1068,7 @@ impl AttachedDevice {
     ///
     /// # Errors
     ///
-    /// [`Error::Remote`], [`Error::Kvm`], transport errors.
+    /// [`ClientError::Remote`], [`Error::Kvm`], transport errors.
     pub fn reset(&self) -> Result<()> {
         self.client().reset()?;
         if let Some(msix) = &self.msix {

@@ -2,70 +2,17 @@
 //! The crate's error type.
 
 use std::io;
-use std::path::PathBuf;
-use std::time::Duration;
+
+pub use irqbridge_vfio_user::client::Error as ClientError;
 
 /// Errors of the vfio-user client, the KVM wiring and the attachment.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Connecting to the server's socket kept failing until the deadline.
-    #[error("could not connect to the vfio-user server at {path} within {timeout:?}")]
-    Connect {
-        /// Socket path.
-        path: PathBuf,
-        /// How long the client kept retrying.
-        timeout: Duration,
-        /// The last connect error.
-        #[source]
-        source: io::Error,
-    },
-    /// Sending or receiving on the socket failed.
-    #[error("vfio-user socket I/O failed during {command}")]
-    Io {
-        /// The command in flight.
-        command: &'static str,
-        /// The socket error.
-        #[source]
-        source: io::Error,
-    },
-    /// The server did not answer within the per-call timeout.
-    #[error("the vfio-user server did not answer {command} within {timeout:?}")]
-    Timeout {
-        /// The command in flight.
-        command: &'static str,
-        /// The per-call timeout.
-        timeout: Duration,
-    },
-    /// The server closed the connection.
-    #[error("the vfio-user server closed the connection during {command}")]
-    Disconnected {
-        /// The command in flight.
-        command: &'static str,
-    },
-    /// An earlier failure left the stream out of step; reconnect.
-    #[error(
-        "the vfio-user connection is out of step after an earlier failure ({command} not sent)"
-    )]
-    ConnectionBroken {
-        /// The command that was not sent.
-        command: &'static str,
-    },
-    /// The server answered with an error reply.
-    #[error("the vfio-user server refused {command} with errno {errno}")]
-    Remote {
-        /// The refused command.
-        command: &'static str,
-        /// Positive errno from the reply header.
-        errno: i32,
-    },
-    /// The server's reply does not follow the protocol.
-    #[error("malformed vfio-user reply to {command}: {reason}")]
-    Protocol {
-        /// The command the reply was for.
-        command: &'static str,
-        /// What is wrong with it.
-        reason: String,
-    },
+    /// The vfio-user client failed: connecting, socket I/O, a timeout, a hang-up, a stream
+    /// out of step, an error reply or a malformed one. The client's own error, unchanged;
+    /// see [`Error::remote_errno`] and [`Error::is_connection_lost`].
+    #[error(transparent)]
+    Client(ClientError),
     /// A KVM ioctl failed.
     #[error("{op} failed")]
     Kvm {
@@ -116,18 +63,15 @@ impl Error {
     /// The errno of an error reply, if this is one.
     pub fn remote_errno(&self) -> Option<i32> {
         match self {
-            Error::Remote { errno, .. } => Some(*errno),
+            Error::Client(e) => e.remote_errno(),
             _ => None,
         }
     }
 
     /// True if the connection is no longer usable (socket failure, hang-up, or a stream out
-    /// of step). A [`Error::Timeout`] is not: the client skips the late reply.
+    /// of step). A client timeout is not: the client skips the late reply.
     pub fn is_connection_lost(&self) -> bool {
-        matches!(
-            self,
-            Error::Io { .. } | Error::Disconnected { .. } | Error::ConnectionBroken { .. }
-        )
+        matches!(self, Error::Client(e) if e.is_connection_lost())
     }
 }
 
@@ -136,10 +80,10 @@ impl From<Error> for io::Error {
     /// `std::io::Result`.
     fn from(e: Error) -> io::Error {
         let kind = match &e {
-            Error::Timeout { .. } => io::ErrorKind::TimedOut,
-            Error::Disconnected { .. } | Error::ConnectionBroken { .. } => {
-                io::ErrorKind::ConnectionReset
-            }
+            Error::Client(ClientError::Timeout { .. }) => io::ErrorKind::TimedOut,
+            Error::Client(
+                ClientError::Disconnected { .. } | ClientError::ConnectionBroken { .. },
+            ) => io::ErrorKind::ConnectionReset,
             Error::InvalidIndex { .. } | Error::InvalidArgument(_) | Error::InvalidGsi(_) => {
                 io::ErrorKind::InvalidInput
             }
@@ -150,29 +94,13 @@ impl From<Error> for io::Error {
     }
 }
 
-impl From<irqbridge_vfio_user::client::Error> for Error {
-    /// The client's errors keep their variant (same names, same fields), so a match on
-    /// [`Error::Remote`] or [`Error::Timeout`] sees them as before the client moved.
-    fn from(e: irqbridge_vfio_user::client::Error) -> Error {
-        use irqbridge_vfio_user::client::Error as C;
+impl From<ClientError> for Error {
+    /// Wraps the client's error in [`Error::Client`]; an invalid argument stays
+    /// [`Error::InvalidArgument`], like the plugin's own.
+    fn from(e: ClientError) -> Error {
         match e {
-            C::Connect {
-                path,
-                timeout,
-                source,
-            } => Error::Connect {
-                path,
-                timeout,
-                source,
-            },
-            C::Io { command, source } => Error::Io { command, source },
-            C::Timeout { command, timeout } => Error::Timeout { command, timeout },
-            C::Disconnected { command } => Error::Disconnected { command },
-            C::ConnectionBroken { command } => Error::ConnectionBroken { command },
-            C::Remote { command, errno } => Error::Remote { command, errno },
-            C::Protocol { command, reason } => Error::Protocol { command, reason },
-            C::Fd(source) => Error::EventFd(source),
-            C::InvalidArgument(reason) => Error::InvalidArgument(reason),
+            ClientError::InvalidArgument(reason) => Error::InvalidArgument(reason),
+            e => Error::Client(e),
         }
     }
 }

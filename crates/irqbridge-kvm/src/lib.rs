@@ -129,7 +129,7 @@ pub mod vhost;
 
 pub use attach::{AttachConfig, AttachedDevice, GuestRam};
 pub use client::{Client, ClientConfig};
-pub use error::{Error, Result};
+pub use error::{ClientError, Error, Result};
 pub use interrupt::{
     InterruptIndex, InterruptSourceConfig, InterruptSourceGroup, LegacyInterruptGroup,
     LegacyIrqSourceConfig, MsiInterruptGroup, MsiIrqSourceConfig,

@@ -5,67 +5,27 @@
 mod common;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::{ioapic_irr, irr_has, poll_until, vcpu_with_lapic, vm};
-use irqbridge_kvm::Error;
+use common::{ServerRig, ioapic_irr, irr_has, poll_until, vcpu_with_lapic, vm};
 use irqbridge_kvm::attach::{AttachConfig, AttachedDevice, GuestRam};
 use irqbridge_kvm::routing::{GsiRouter, IrqChip, Route, SharedGsiRouter};
+use irqbridge_kvm::{ClientError, Error};
 use irqbridge_vfio_user::pci::regs::*;
 use irqbridge_vfio_user::pci::{DeviceConfig, IrqbridgeDevice};
-use irqbridge_vfio_user::server::{Server, StopHandle};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 const BAR_BASE: u64 = 0xd000_0000;
 const MAGIC: u32 = 0x6972_6262;
 
-/// The irqbridge server on a socket in a private directory, serving in a thread.
-struct Rig {
-    dir: PathBuf,
-    path: PathBuf,
-    stop: StopHandle,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Rig {
-    fn start(name: &str) -> Rig {
-        let dir = std::env::temp_dir().join(format!(
-            "irqbridge-kvm-attach-{}-{name}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("dev.sock");
-        let mut server = Server::bind(&path).expect("bind");
-        let stop = server.stop_handle();
-        let thread = std::thread::spawn(move || {
-            let mut device = IrqbridgeDevice::new(DeviceConfig::default()).expect("device");
-            server.run(&mut device).expect("server run");
-        });
-        Rig {
-            dir,
-            path,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        let _ = self.stop.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// The irqbridge server's PCI device, served in a thread.
+fn start_rig(name: &str) -> ServerRig {
+    ServerRig::start(&format!("attach-{name}"), || {
+        IrqbridgeDevice::new(DeviceConfig::default()).expect("device")
+    })
 }
 
 fn memfd(size: u64) -> OwnedFd {
@@ -91,7 +51,12 @@ fn write32(dev: &AttachedDevice, bar: u32, offset: u64, v: u32) {
         .expect("mmio write");
 }
 
-fn attach(vm: &Arc<VmFd>, router: &SharedGsiRouter, rig: &Rig, ram: &OwnedFd) -> AttachedDevice {
+fn attach(
+    vm: &Arc<VmFd>,
+    router: &SharedGsiRouter,
+    rig: &ServerRig,
+    ram: &OwnedFd,
+) -> AttachedDevice {
     use std::os::fd::AsFd;
     let config = AttachConfig {
         intx_gsi: Some(5),
@@ -111,7 +76,7 @@ fn attach(vm: &Arc<VmFd>, router: &SharedGsiRouter, rig: &Rig, ram: &OwnedFd) ->
 fn attach_wires_everything_and_state_survives_reattach() {
     let Some(vm) = vm(IrqChip::Full) else { return };
     let vcpu = vcpu_with_lapic(&vm);
-    let rig = Rig::start("full");
+    let rig = start_rig("full");
     let router = GsiRouter::new_shared(vm.clone(), IrqChip::Full);
     let ram = memfd(2 << 20);
     let dev = attach(&vm, &router, &rig, &ram);
@@ -299,7 +264,7 @@ fn attach_wires_everything_and_state_survives_reattach() {
 #[test]
 fn split_irqchip_intx_uses_eoi_messages() {
     let Some(vm) = vm(IrqChip::Split) else { return };
-    let rig = Rig::start("split");
+    let rig = start_rig("split");
     let router = GsiRouter::new_shared(vm.clone(), IrqChip::Split);
     let ram = memfd(2 << 20);
     let dev = attach(&vm, &router, &rig, &ram);
@@ -323,7 +288,7 @@ fn split_irqchip_intx_uses_eoi_messages() {
 #[test]
 fn without_intx_gsi_or_msix_nothing_is_wired() {
     let Some(vm) = vm(IrqChip::Full) else { return };
-    let rig = Rig::start("bare");
+    let rig = start_rig("bare");
     let router = GsiRouter::new_shared(vm.clone(), IrqChip::Full);
     let config = AttachConfig {
         msix: false,
@@ -345,7 +310,7 @@ fn without_intx_gsi_or_msix_nothing_is_wired() {
     // Waited writes report the device's refusal (BAR1 is absent; region 8 is VGA, size 0).
     assert!(matches!(
         dev.with_client(|c| c.region_write(8, 0, &[0u8; 4]).map_err(Error::from)),
-        Err(Error::Remote { .. })
+        Err(Error::Client(ClientError::Remote { .. }))
     ));
     assert_eq!(router.lock().unwrap().route_count(), 39);
     dev.detach().unwrap();
@@ -361,5 +326,8 @@ fn attach_to_a_missing_socket_fails_after_the_deadline() {
     };
     let err = AttachedDevice::attach(vm, router, Path::new("/nonexistent/irqbridge.sock"), config)
         .unwrap_err();
-    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Client(ClientError::Connect { .. })),
+        "{err}"
+    );
 }

@@ -7,20 +7,17 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::{irr_has, poll_until, vcpu_with_lapic, vm};
+use common::{ServerRig, irr_has, poll_until, vcpu_with_lapic, vm};
 use irqbridge_kvm::attach::{AttachConfig, AttachedDevice};
-use irqbridge_kvm::routing::{GsiRouter, IrqChip};
+use irqbridge_kvm::routing::{GsiRouter, IrqChip, SharedGsiRouter};
 use irqbridge_vfio_user::device::{
     DeviceInfo, Errno, IoFd, IrqAction, IrqData, IrqInfo, RegionInfo, SetIrqs, VfioUserDevice,
 };
 use irqbridge_vfio_user::proto;
-use irqbridge_vfio_user::server::{Server, StopHandle};
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 use std::os::fd::{BorrowedFd, OwnedFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -189,34 +186,30 @@ impl VfioUserDevice for FakeMsiDevice {
     fn dma_map(&mut self, _iova: u64, _size: u64, _fd: Option<&OwnedFd>) {}
 }
 
+/// The fake device served in a thread, and what it saw.
 struct Rig {
-    dir: PathBuf,
-    path: PathBuf,
-    stop: StopHandle,
-    thread: Option<JoinHandle<()>>,
+    server: ServerRig,
     shared: Arc<Mutex<Shared>>,
 }
 
 impl Rig {
     fn start(name: &str) -> Rig {
-        let dir =
-            std::env::temp_dir().join(format!("irqbridge-kvm-msi-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("dev.sock");
-        let mut server = Server::bind(&path).expect("bind");
-        let stop = server.stop_handle();
         let shared = Arc::new(Mutex::new(Shared::default()));
-        let mut device = FakeMsiDevice::new(shared.clone());
-        let thread = std::thread::spawn(move || {
-            server.run(&mut device).expect("server run");
+        let device_shared = shared.clone();
+        let server = ServerRig::start(&format!("msi-{name}"), move || {
+            FakeMsiDevice::new(device_shared)
         });
-        Rig {
-            dir,
-            path,
-            stop,
-            thread: Some(thread),
-            shared,
-        }
+        Rig { server, shared }
+    }
+
+    /// Attaches with INTx on GSI 5.
+    fn attach(&self, vm: &Arc<VmFd>, router: &SharedGsiRouter) -> AttachedDevice {
+        let config = AttachConfig {
+            intx_gsi: Some(5),
+            ..AttachConfig::default()
+        };
+        AttachedDevice::attach(vm.clone(), router.clone(), self.server.path(), config)
+            .expect("attach")
     }
 
     /// Takes what the device saw so far.
@@ -234,16 +227,6 @@ impl Rig {
     fn fd(&self, v: usize) -> EventFd {
         let s = self.shared.lock().unwrap();
         s.msi_fds[v].as_ref().expect("bound").try_clone().unwrap()
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        let _ = self.stop.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -275,12 +258,7 @@ fn msi_follows_config_writes_with_masking_and_intx_handover() {
     let vcpu = vcpu_with_lapic(&vm);
     let rig = Rig::start("full");
     let router = GsiRouter::new_shared(vm.clone(), IrqChip::Full);
-    let config = AttachConfig {
-        intx_gsi: Some(5),
-        ..AttachConfig::default()
-    };
-    let dev =
-        AttachedDevice::attach(vm.clone(), router.clone(), &rig.path, config).expect("attach");
+    let dev = rig.attach(&vm, &router);
     let layout = dev.msi_layout().expect("MSI wired");
     assert_eq!((layout.cap_offset, layout.vectors), (CAP as u64, 4));
     assert!(layout.is_64bit && layout.per_vector_mask);
@@ -390,12 +368,7 @@ fn device_reset_turns_msi_off_in_kvm_and_brings_intx_back() {
     let vcpu = vcpu_with_lapic(&vm);
     let rig = Rig::start("reset");
     let router = GsiRouter::new_shared(vm.clone(), IrqChip::Full);
-    let config = AttachConfig {
-        intx_gsi: Some(5),
-        ..AttachConfig::default()
-    };
-    let dev =
-        AttachedDevice::attach(vm.clone(), router.clone(), &rig.path, config).expect("attach");
+    let dev = rig.attach(&vm, &router);
     let cap = CAP as u64;
     dev.config_write(cap + 4, &0xfee0_0000u32.to_le_bytes())
         .unwrap();
@@ -431,13 +404,7 @@ fn msi_enabled_before_a_reattach_is_wired_again() {
     let vcpu = vcpu_with_lapic(&vm);
     let rig = Rig::start("reattach");
     let router = GsiRouter::new_shared(vm.clone(), IrqChip::Full);
-    let attach = || {
-        let config = AttachConfig {
-            intx_gsi: Some(5),
-            ..AttachConfig::default()
-        };
-        AttachedDevice::attach(vm.clone(), router.clone(), &rig.path, config).expect("attach")
-    };
+    let attach = || rig.attach(&vm, &router);
     let dev = attach();
     let cap = CAP as u64;
     dev.config_write(cap + 4, &0xfee0_0000u32.to_le_bytes())

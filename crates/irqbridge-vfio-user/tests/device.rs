@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 
 use irqbridge_core::evtchn::{MASK_WORD, PENDING_WORD, guest_collect};
-use irqbridge_vfio_user::device::{IrqAction, IrqData, SetIrqs, VfioUserDevice};
+use irqbridge_vfio_user::device::{IrqAction, IrqData, VfioUserDevice};
 use irqbridge_vfio_user::pci::regs::*;
 use irqbridge_vfio_user::pci::{DeviceConfig, IrqbridgeDevice};
 
@@ -15,46 +15,6 @@ use device_util::*;
 
 fn dev() -> IrqbridgeDevice {
     IrqbridgeDevice::new(DeviceConfig::default()).unwrap()
-}
-
-fn cfg_read(d: &mut IrqbridgeDevice, off: u64, len: usize) -> u32 {
-    let mut b = vec![0u8; len];
-    d.region_read(REGION_CONFIG, off, &mut b).unwrap();
-    let mut w = [0u8; 4];
-    w[..len].copy_from_slice(&b);
-    u32::from_le_bytes(w)
-}
-
-fn cfg_write(d: &mut IrqbridgeDevice, off: u64, len: usize, v: u32) {
-    d.region_write(REGION_CONFIG, off, &v.to_le_bytes()[..len])
-        .unwrap();
-}
-
-fn bar0(d: &mut IrqbridgeDevice, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    d.region_read(REGION_BAR0, off, &mut b).unwrap();
-    u32::from_le_bytes(b)
-}
-
-fn bar0_write(d: &mut IrqbridgeDevice, off: u64, v: u32) {
-    d.region_write(REGION_BAR0, off, &v.to_le_bytes()).unwrap();
-}
-
-fn set(
-    d: &mut IrqbridgeDevice,
-    index: u32,
-    action: IrqAction,
-    start: u32,
-    count: u32,
-    data: IrqData,
-) -> Result<(), i32> {
-    d.set_irqs(SetIrqs {
-        index,
-        action,
-        start,
-        count,
-        data,
-    })
 }
 
 /// Binds a fresh eventfd to `index` sub-index `sub`; returns our end.

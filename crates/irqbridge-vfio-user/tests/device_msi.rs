@@ -30,49 +30,25 @@ fn dev(msi_vectors: u8) -> IrqbridgeDevice {
     .unwrap()
 }
 
-fn cfg_read(d: &mut IrqbridgeDevice, off: u64, len: usize) -> u32 {
-    let mut b = vec![0u8; len];
-    d.region_read(REGION_CONFIG, off, &mut b).unwrap();
-    b.resize(4, 0);
-    u32::from_le_bytes(b.try_into().unwrap())
-}
-
-fn cfg_write(d: &mut IrqbridgeDevice, off: u64, len: usize, v: u32) {
-    d.region_write(REGION_CONFIG, off, &v.to_le_bytes()[..len])
-        .unwrap();
-}
-
-fn bar0(d: &mut IrqbridgeDevice, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    d.region_read(REGION_BAR0, off, &mut b).unwrap();
-    u32::from_le_bytes(b)
-}
-
 fn fire(d: &mut IrqbridgeDevice, v: u32) {
-    d.region_write(REGION_BAR0, REG_MSI_FIRE, &v.to_le_bytes())
-        .unwrap();
+    bar0_write(d, REG_MSI_FIRE, v);
 }
 
-fn set(
+/// SET_IRQS on the MSI index.
+fn set_msi(
     d: &mut IrqbridgeDevice,
     action: IrqAction,
     start: u32,
     count: u32,
     data: IrqData,
 ) -> Result<(), i32> {
-    d.set_irqs(SetIrqs {
-        index: IRQ_MSI,
-        action,
-        start,
-        count,
-        data,
-    })
+    set(d, IRQ_MSI, action, start, count, data)
 }
 
 /// Binds `n` fresh eventfds to MSI vectors 0..n; returns our ends.
 fn bind_all(d: &mut IrqbridgeDevice, n: u32) -> Vec<EventFd> {
     let (ours, theirs): (Vec<_>, Vec<_>) = (0..n).map(|_| eventfd_pair()).unzip();
-    set(
+    set_msi(
         d,
         IrqAction::Trigger,
         0,
@@ -245,23 +221,23 @@ fn set_irqs_msi_rules() {
     let mut d = dev(4);
     // Idle index: loopback EINVAL; MASK / UNMASK ENOTTY; count 0 disable is fine.
     assert_eq!(
-        set(&mut d, IrqAction::Trigger, 0, 1, IrqData::None),
+        set_msi(&mut d, IrqAction::Trigger, 0, 1, IrqData::None),
         Err(libc::EINVAL)
     );
     assert_eq!(
-        set(&mut d, IrqAction::Mask, 0, 1, IrqData::None),
+        set_msi(&mut d, IrqAction::Mask, 0, 1, IrqData::None),
         Err(libc::ENOTTY)
     );
     assert_eq!(
-        set(&mut d, IrqAction::Unmask, 0, 1, IrqData::Bool(vec![true])),
+        set_msi(&mut d, IrqAction::Unmask, 0, 1, IrqData::Bool(vec![true])),
         Err(libc::ENOTTY)
     );
-    assert!(set(&mut d, IrqAction::Trigger, 0, 0, IrqData::None).is_ok());
+    assert!(set_msi(&mut d, IrqAction::Trigger, 0, 0, IrqData::None).is_ok());
     // Two vectors allocated; growing is EINVAL until a disable.
     let fds = bind_all(&mut d, 2);
     let (_, extra) = eventfd_pair();
     assert_eq!(
-        set(
+        set_msi(
             &mut d,
             IrqAction::Trigger,
             2,
@@ -272,9 +248,9 @@ fn set_irqs_msi_rules() {
     );
     // Loopback (DATA_NONE / DATA_BOOL) writes the eventfds whatever the masks say.
     cfg_write(&mut d, MASK, 4, 0xf);
-    set(&mut d, IrqAction::Trigger, 0, 2, IrqData::None).unwrap();
-    set(&mut d, IrqAction::Trigger, 1, 1, IrqData::Bool(vec![true])).unwrap();
-    set(
+    set_msi(&mut d, IrqAction::Trigger, 0, 2, IrqData::None).unwrap();
+    set_msi(&mut d, IrqAction::Trigger, 1, 1, IrqData::Bool(vec![true])).unwrap();
+    set_msi(
         &mut d,
         IrqAction::Trigger,
         0,
@@ -285,7 +261,7 @@ fn set_irqs_msi_rules() {
     assert_eq!(counts(&fds), vec![1, 2]);
     assert_eq!(cfg_read(&mut d, PENDING, 4), 0);
     // Unbinding one vector (no fd) keeps the index enabled.
-    set(
+    set_msi(
         &mut d,
         IrqAction::Trigger,
         0,
@@ -293,21 +269,21 @@ fn set_irqs_msi_rules() {
         IrqData::Eventfds(vec![None]),
     )
     .unwrap();
-    set(&mut d, IrqAction::Trigger, 0, 2, IrqData::None).unwrap();
+    set_msi(&mut d, IrqAction::Trigger, 0, 2, IrqData::None).unwrap();
     assert_eq!(counts(&fds), vec![0, 1]);
     // Disable, then four.
-    set(&mut d, IrqAction::Trigger, 0, 0, IrqData::None).unwrap();
+    set_msi(&mut d, IrqAction::Trigger, 0, 0, IrqData::None).unwrap();
     assert_eq!(
-        set(&mut d, IrqAction::Trigger, 0, 1, IrqData::None),
+        set_msi(&mut d, IrqAction::Trigger, 0, 1, IrqData::None),
         Err(libc::EINVAL)
     );
     let fds = bind_all(&mut d, 4);
-    set(&mut d, IrqAction::Trigger, 0, 4, IrqData::None).unwrap();
+    set_msi(&mut d, IrqAction::Trigger, 0, 4, IrqData::None).unwrap();
     assert_eq!(counts(&fds), vec![1, 1, 1, 1]);
     // A disconnect drops them.
     d.client_disconnected();
     assert_eq!(
-        set(&mut d, IrqAction::Trigger, 0, 4, IrqData::None),
+        set_msi(&mut d, IrqAction::Trigger, 0, 4, IrqData::None),
         Err(libc::EINVAL)
     );
     assert_eq!(d.counters().msi_triggers, 3 + 1 + 4);

@@ -9,6 +9,9 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
+use irqbridge_vfio_user::device::{IrqAction, IrqData, SetIrqs, VfioUserDevice};
+use irqbridge_vfio_user::pci::IrqbridgeDevice;
+use irqbridge_vfio_user::pci::regs::{REGION_BAR0, REGION_CONFIG};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Our end of an eventfd handed to the device, plus the fd number the device holds.
@@ -145,10 +148,54 @@ impl Drop for TempDir {
     }
 }
 
+/// Reads `len` (at most 4) bytes of config space at `off`, little-endian.
+pub fn cfg_read(d: &mut IrqbridgeDevice, off: u64, len: usize) -> u32 {
+    let mut b = vec![0u8; len];
+    d.region_read(REGION_CONFIG, off, &mut b).unwrap();
+    let mut w = [0u8; 4];
+    w[..len].copy_from_slice(&b);
+    u32::from_le_bytes(w)
+}
+
+/// Writes the low `len` bytes of `v` to config space at `off`.
+pub fn cfg_write(d: &mut IrqbridgeDevice, off: u64, len: usize, v: u32) {
+    d.region_write(REGION_CONFIG, off, &v.to_le_bytes()[..len])
+        .unwrap();
+}
+
+/// Reads the BAR0 register at `off`.
+pub fn bar0(d: &mut IrqbridgeDevice, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    d.region_read(REGION_BAR0, off, &mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+/// Writes the BAR0 register at `off`.
+pub fn bar0_write(d: &mut IrqbridgeDevice, off: u64, v: u32) {
+    d.region_write(REGION_BAR0, off, &v.to_le_bytes()).unwrap();
+}
+
+/// SET_IRQS on the device directly; `Err(errno)` if it refuses.
+pub fn set(
+    d: &mut IrqbridgeDevice,
+    index: u32,
+    action: IrqAction,
+    start: u32,
+    count: u32,
+    data: IrqData,
+) -> Result<(), i32> {
+    d.set_irqs(SetIrqs {
+        index,
+        action,
+        start,
+        count,
+        data,
+    })
+}
+
 /// Runs the device's fd handlers (what the server loop does for `poll_fds`) until `done`
 /// returns true or 10 s pass; returns whether `done` became true.
-pub fn pump(d: &mut irqbridge_vfio_user::pci::IrqbridgeDevice, done: &dyn Fn() -> bool) -> bool {
-    use irqbridge_vfio_user::device::VfioUserDevice;
+pub fn pump(d: &mut IrqbridgeDevice, done: &dyn Fn() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !done() {
         if Instant::now() >= deadline {

@@ -38,7 +38,7 @@ use irqbridge_core::evtchn::guest_collect;
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EventFd};
 
-use crate::abi::{Op, Request, Status, event_queue};
+use crate::abi::event_queue;
 use crate::driver::{Driver, DriverConfig, GuestRam, wait_readable};
 use crate::error::{Error, Result};
 use crate::router::ConnId;
@@ -142,18 +142,24 @@ pub const CDF_FRACTIONS: [f64; 103] = {
 
 /// The empirical CDF (nearest rank) of `samples` in µs at [`CDF_FRACTIONS`]; empty for none.
 pub fn cdf(samples: &[Duration]) -> Vec<[f64; 2]> {
-    let mut v: Vec<Duration> = samples.to_vec();
-    v.sort_unstable();
-    let n = v.len();
-    if n == 0 {
+    let us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    cdf_us(&us)
+}
+
+/// The empirical CDF of `samples_us` as `[fraction, latency µs]` points at [`CDF_FRACTIONS`]
+/// (nearest rank; fraction 0 is the minimum). Empty for no samples; NaNs are ignored.
+pub fn cdf_us(samples_us: &[f64]) -> Vec<[f64; 2]> {
+    let mut v: Vec<f64> = samples_us.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
         return Vec::new();
     }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
     CDF_FRACTIONS
         .iter()
         .map(|&p| {
             let rank = ((p * n as f64).ceil() as usize).clamp(1, n);
-            let us = v.get(rank - 1).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
-            [p, us]
+            [p, v.get(rank - 1).copied().unwrap_or(f64::NAN)]
         })
         .collect()
 }
@@ -381,16 +387,9 @@ fn setup_driver(path: &std::path::Path, bind_all: bool) -> Result<Driver> {
         ..DriverConfig::default()
     };
     let mut drv = Driver::connect(path, ram, &cfg).map_err(io)?;
-    let mut reqs = vec![Request::new(Op::RegisterPage, 0, PAGE_GPA)];
     let bound = if bind_all { PORTS } else { 1 };
-    reqs.extend((0..bound).map(|p| Request::new(Op::Bind, p, 0)));
-    for (r, q) in drv.control_batch(&reqs).map_err(io)?.iter().zip(&reqs) {
-        if r.status() != Some(Status::Ok) {
-            return Err(Error::Io(std::io::Error::other(format!(
-                "control request {q:?} failed: {r:?}"
-            ))));
-        }
-    }
+    let binds: Vec<(u32, u16)> = (0..bound).map(|p| (p, 0)).collect();
+    drv.register_and_bind(PAGE_GPA, &binds).map_err(io)?;
     drv.post_event_buffers(0, usize::from(QUEUE_SIZE) - 1, 8)
         .map_err(io)?;
     Ok(drv)
@@ -643,6 +642,7 @@ mod tests {
         assert_eq!(c[102], [1.0, 200.0]);
         assert!(c.windows(2).all(|w| w[0][1] <= w[1][1]));
         assert!(cdf(&[]).is_empty());
+        assert!(cdf_us(&[f64::NAN]).is_empty());
     }
 
     #[derive(Default)]

@@ -35,8 +35,8 @@ use vm_memory::{
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use crate::abi::{
-    CONFIG_SIZE, CONTROL_QUEUE, ConfigSpace, DOORBELL_QUEUE, REPLY_SIZE, REQUEST_SIZE, Reply,
-    Request, UpcallRecord, event_queue, num_queues,
+    CONFIG_SIZE, CONTROL_QUEUE, ConfigSpace, DOORBELL_QUEUE, Op, REPLY_SIZE, REQUEST_SIZE, Reply,
+    Request, Status, UpcallRecord, event_queue, num_queues,
 };
 
 /// Default time a helper waits for the device.
@@ -778,6 +778,28 @@ impl Driver {
         self.control_batch(&[req])?
             .pop()
             .ok_or_else(|| other("no reply"))
+    }
+
+    /// Register the event-channel page at guest address `page` and bind each `(port, upcall)`
+    /// of `binds`, in one control batch.
+    ///
+    /// # Errors
+    ///
+    /// As [`control_batch`](Self::control_batch); a request the device refuses is an error
+    /// naming it and the reply.
+    pub fn register_and_bind(&mut self, page: u64, binds: &[(u32, u16)]) -> io::Result<()> {
+        let mut reqs = vec![Request::new(Op::RegisterPage, 0, page)];
+        reqs.extend(
+            binds
+                .iter()
+                .map(|&(p, v)| Request::new(Op::Bind, p, u64::from(v))),
+        );
+        for (q, r) in reqs.iter().zip(self.control_batch(&reqs)?) {
+            if r != Reply::new(Status::Ok, 0) {
+                return Err(other(format!("control request {q:?} failed: {r:?}")));
+            }
+        }
+        Ok(())
     }
 
     /// Post `n` buffers of `len` bytes on the event queue of `upcall` and kick if needed.

@@ -258,28 +258,49 @@ fn ack(c: &mut Client, bits: u32) -> Result<()> {
 }
 
 fn intx(c: &mut Client, f: &mut Facts, rounds: u32) -> Result<()> {
+    let _fds = intx_rounds(c, f, rounds, |c| raise(c, 1), |c| ack(c, 1))?;
+    f.expect_eq("irq_status", rd32(c, BAR0, EDU_IRQ_STATUS)?, 0)?;
+    c.disable_irqs(INTX).map_err(e)?;
+    Ok(())
+}
+
+/// Binds a fresh trigger and unmask eventfd to INTx; returns them (trigger, unmask).
+fn bind_intx(c: &mut Client) -> Result<(EventFd, EventFd)> {
     let trigger = EventFd::new()?;
     let unmask = EventFd::new()?;
     c.set_irq_eventfds(INTX, ACTION_TRIGGER, 0, &[Some(bfd(&trigger))])
         .map_err(e)?;
     c.set_irq_eventfds(INTX, ACTION_UNMASK, 0, &[Some(bfd(&unmask))])
         .map_err(e)?;
+    Ok((trigger, unmask))
+}
+
+/// Binds INTx, then `rounds` times: `assert` the line, one interrupt, `deassert`, the unmask
+/// eventfd written like KVM's resamplefd on EOI, and quiet. Then the level rule: unmasking
+/// while the line is still high signals again (once), then quiet. INTx stays bound; returns
+/// the eventfds.
+fn intx_rounds(
+    c: &mut Client,
+    f: &mut Facts,
+    rounds: u32,
+    assert: impl Fn(&mut Client) -> Result<()>,
+    deassert: impl Fn(&mut Client) -> Result<()>,
+) -> Result<(EventFd, EventFd)> {
+    let (trigger, unmask) = bind_intx(c)?;
     let mut got = 0;
     for _ in 0..rounds {
-        raise(c, 1)?;
+        assert(c)?;
         got += trigger.wait(EVENT_TIMEOUT)?;
-        ack(c, 1)?;
-        // The resample path: the unmask eventfd, written like KVM does on EOI.
+        deassert(c)?;
         unmask_signal(&unmask)?;
         got += trigger.wait(QUIET_TIMEOUT)?;
     }
     f.expect_eq("interrupts", got, u64::from(rounds))?;
-    // Level: unmasking while the line is still high signals again (once), then quiet.
-    raise(c, 1)?;
+    assert(c)?;
     let first = trigger.wait(EVENT_TIMEOUT)?;
     unmask_signal(&unmask)?;
     let refire = trigger.wait(EVENT_TIMEOUT)?;
-    ack(c, 1)?;
+    deassert(c)?;
     unmask_signal(&unmask)?;
     let after = trigger.wait(QUIET_TIMEOUT)?;
     f.expect_eq(
@@ -287,9 +308,7 @@ fn intx(c: &mut Client, f: &mut Facts, rounds: u32) -> Result<()> {
         format!("{first}/{refire}/{after}"),
         "1/1/0".to_string(),
     )?;
-    f.expect_eq("irq_status", rd32(c, BAR0, EDU_IRQ_STATUS)?, 0)?;
-    c.disable_irqs(INTX).map_err(e)?;
-    Ok(())
+    Ok((trigger, unmask))
 }
 
 fn unmask_signal(ev: &EventFd) -> Result<()> {
@@ -472,12 +491,7 @@ fn wakeups(c: &mut Client, f: &mut Facts, pid: u32, n: u32) -> Result<()> {
 
     // INTx the same way: raise and ack through the mapping, the unmask eventfd written like
     // KVM's resamplefd on EOI; the host kernel masks and unmasks, the server sleeps.
-    let trigger = EventFd::new()?;
-    let unmask = EventFd::new()?;
-    c.set_irq_eventfds(INTX, ACTION_TRIGGER, 0, &[Some(bfd(&trigger))])
-        .map_err(e)?;
-    c.set_irq_eventfds(INTX, ACTION_UNMASK, 0, &[Some(bfd(&unmask))])
-        .map_err(e)?;
+    let (trigger, unmask) = bind_intx(c)?;
     std::thread::sleep(PARK);
     let rounds = (n / 5).max(1);
     let before = ctx_switches(pid)?;
@@ -634,22 +648,39 @@ fn vfio_interrupts() -> String {
         .join(";")
 }
 
+/// The PCI device with `ids` (vendor, device); `None` after recording `result` as failed
+/// with `missing` when there is none, or with the error when the lookup fails.
+fn find_or_fail(
+    rep: &mut Reporter,
+    result: &str,
+    ids: (u16, u16),
+    missing: &str,
+) -> Option<PciDev> {
+    match pci::find_by_ids(ids.0, ids.1).and_then(|p| p.ok_or_else(|| e(missing))) {
+        Ok(p) => Some(p),
+        Err(x) => {
+            rep.record(result, &Facts::default(), &Err(x));
+            None
+        }
+    }
+}
+
+/// Prints the server log at `path` line by line, for a failed result.
+fn print_log(path: &str) {
+    for l in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        println!("IRQBRIDGE-LOG {l}");
+    }
+}
+
 /// Runs every passthrough result (see the module documentation).
 pub fn run(rep: &mut Reporter, rounds: u32, irqs: u32) {
-    let pci = match pci::find_by_ids(EDU_VENDOR, EDU_DEVICE) {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            rep.record(
-                "pt-open",
-                &Facts::default(),
-                &Err(e("no edu device (1234:11e8)")),
-            );
-            return;
-        }
-        Err(x) => {
-            rep.record("pt-open", &Facts::default(), &Err(x));
-            return;
-        }
+    let Some(pci) = find_or_fail(
+        rep,
+        "pt-open",
+        (EDU_VENDOR, EDU_DEVICE),
+        "no edu device (1234:11e8)",
+    ) else {
+        return;
     };
     let mut server = None;
     let mut client = None;
@@ -676,9 +707,7 @@ pub fn run(rep: &mut Reporter, rounds: u32, irqs: u32) {
     drop(s);
     rep.run("pt-bench", |f| bench(&pci, f));
     if rep.failed() > 0 {
-        for l in std::fs::read_to_string(LOG).unwrap_or_default().lines() {
-            println!("IRQBRIDGE-LOG {l}");
-        }
+        print_log(LOG);
     }
 }
 
@@ -712,6 +741,29 @@ fn find_cap(c: &mut Client, id: u8) -> Result<u64> {
         ptr = u64::from((head >> 8) & 0xfc);
     }
     Err(e(format!("no capability {id:#x}")))
+}
+
+/// The MSI-X capability's offset, table BIR, table offset and PBA offset.
+fn msix_layout(c: &mut Client) -> Result<(u64, u32, u64, u64)> {
+    let cap = find_cap(c, 0x11)?;
+    let table = rd32(c, CFG, cap + 4)?;
+    let pba = rd32(c, CFG, cap + 8)?;
+    Ok((cap, table & 7, u64::from(table & !7), u64::from(pba & !7)))
+}
+
+/// Binds `n` fresh eventfds to MSI-X vectors 0..n; returns them.
+fn bind_msix(c: &mut Client, n: usize) -> Result<Vec<EventFd>> {
+    let fds: Vec<EventFd> = (0..n)
+        .map(|_| EventFd::new())
+        .collect::<std::io::Result<_>>()?;
+    set_msix_fds(c, &fds)?;
+    Ok(fds)
+}
+
+/// Binds `fds` to MSI-X vectors 0..fds.len().
+fn set_msix_fds(c: &mut Client, fds: &[EventFd]) -> Result<()> {
+    let b: Vec<Option<BorrowedFd<'_>>> = fds.iter().map(|x| Some(bfd(x))).collect();
+    c.set_irq_eventfds(MSIX, ACTION_TRIGGER, 0, &b).map_err(e)
 }
 
 /// Raises vector `v` of the e1000e once: clear the cause, then set it in ICS.
@@ -762,17 +814,10 @@ fn msix(c: &mut Client, f: &mut Facts, rounds: u32, per_raise: u64) -> Result<()
     f.set("per_raise", per_raise);
     let info = c.irq_info(MSIX).map_err(e)?;
     f.expect_eq("msix_count", info.count, 5)?;
-    let cap = find_cap(c, 0x11)?;
-    let table = rd32(c, CFG, cap + 4)?;
-    let pba = rd32(c, CFG, cap + 8)?;
-    let (bar, table_off, pba_off) = (table & 7, u64::from(table & !7), u64::from(pba & !7));
+    let (cap, bar, table_off, pba_off) = msix_layout(c)?;
     f.set("msix_bar", bar);
     set_command(c, 0x6)?;
-    let fds: Vec<EventFd> = (0..5)
-        .map(|_| EventFd::new())
-        .collect::<std::io::Result<_>>()?;
-    let b: Vec<Option<BorrowedFd<'_>>> = fds.iter().map(|x| Some(bfd(x))).collect();
-    c.set_irq_eventfds(MSIX, ACTION_TRIGGER, 0, &b).map_err(e)?;
+    let fds = bind_msix(c, 5)?;
     wr32(c, BAR0, E_IVAR, E_IVAR_VALUE)?;
     let all: u32 = E_CAUSE.iter().sum();
     wr32(c, BAR0, E_IMS, all)?;
@@ -863,7 +908,7 @@ fn msix(c: &mut Client, f: &mut Facts, rounds: u32, per_raise: u64) -> Result<()
     // Without MSI-X that raise went to the (unused) INTx line: clear it.
     wr32(c, BAR0, E_ICR, all)?;
     set_command(c, 0x6)?;
-    c.set_irq_eventfds(MSIX, ACTION_TRIGGER, 0, &b).map_err(e)?;
+    set_msix_fds(c, &fds)?;
     wr32(c, BAR0, E_IVAR, E_IVAR_VALUE)?;
     wr32(c, BAR0, E_IMS, all)?;
     e_raise(c, 3)?;
@@ -879,20 +924,13 @@ fn msix(c: &mut Client, f: &mut Facts, rounds: u32, per_raise: u64) -> Result<()
 
 /// The e1000e result (`pt-msix`), skipped (not run) when QEMU has no e1000e in this guest.
 pub fn run_e1000e(rep: &mut Reporter, rounds: u32) {
-    let pci = match pci::find_by_ids(E1000E_VENDOR, E1000E_DEVICE) {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            rep.record(
-                "pt-msix",
-                &Facts::default(),
-                &Err(e("no e1000e (8086:10d3)")),
-            );
-            return;
-        }
-        Err(x) => {
-            rep.record("pt-msix", &Facts::default(), &Err(x));
-            return;
-        }
+    let Some(pci) = find_or_fail(
+        rep,
+        "pt-msix",
+        (E1000E_VENDOR, E1000E_DEVICE),
+        "no e1000e (8086:10d3)",
+    ) else {
+        return;
     };
     let mut per_raise = 0;
     rep.run("pt-msix-direct", |f| {
@@ -919,9 +957,7 @@ pub fn run_e1000e(rep: &mut Reporter, rounds: u32) {
     });
     drop(server);
     if !ok {
-        for l in std::fs::read_to_string(LOG2).unwrap_or_default().lines() {
-            println!("IRQBRIDGE-LOG {l}");
-        }
+        print_log(LOG2);
     }
 }
 
@@ -931,32 +967,12 @@ const SOCK3: &str = "/tmp/p3.sock";
 const LOG3: &str = "/tmp/passthrough-irqbridge.log";
 
 fn nested_intx(c: &mut Client, f: &mut Facts, rounds: u32) -> Result<()> {
-    let trigger = EventFd::new()?;
-    let unmask = EventFd::new()?;
-    c.set_irq_eventfds(INTX, ACTION_TRIGGER, 0, &[Some(bfd(&trigger))])
-        .map_err(e)?;
-    c.set_irq_eventfds(INTX, ACTION_UNMASK, 0, &[Some(bfd(&unmask))])
-        .map_err(e)?;
-    let mut got = 0;
-    for _ in 0..rounds {
-        wr32(c, BAR0, crate::regs::INTX_ASSERT, 1)?;
-        got += trigger.wait(EVENT_TIMEOUT)?;
-        wr32(c, BAR0, crate::regs::INTX_DEASSERT, 1)?;
-        unmask_signal(&unmask)?;
-        got += trigger.wait(QUIET_TIMEOUT)?;
-    }
-    f.expect_eq("interrupts", got, u64::from(rounds))?;
-    wr32(c, BAR0, crate::regs::INTX_ASSERT, 1)?;
-    let first = trigger.wait(EVENT_TIMEOUT)?;
-    unmask_signal(&unmask)?;
-    let refire = trigger.wait(EVENT_TIMEOUT)?;
-    wr32(c, BAR0, crate::regs::INTX_DEASSERT, 1)?;
-    unmask_signal(&unmask)?;
-    let after = trigger.wait(QUIET_TIMEOUT)?;
-    f.expect_eq(
-        "level_refire",
-        format!("{first}/{refire}/{after}"),
-        "1/1/0".to_string(),
+    let _fds = intx_rounds(
+        c,
+        f,
+        rounds,
+        |c| wr32(c, BAR0, crate::regs::INTX_ASSERT, 1),
+        |c| wr32(c, BAR0, crate::regs::INTX_DEASSERT, 1),
     )?;
     c.disable_irqs(INTX).map_err(e)?;
     Ok(())
@@ -965,19 +981,12 @@ fn nested_intx(c: &mut Client, f: &mut Facts, rounds: u32) -> Result<()> {
 fn nested_msix(c: &mut Client, f: &mut Facts, rounds: u32) -> Result<()> {
     let n = c.irq_info(MSIX).map_err(e)?.count;
     f.set("msix_count", n);
-    let cap = find_cap(c, 0x11)?;
-    let table = rd32(c, CFG, cap + 4)?;
-    let pba = rd32(c, CFG, cap + 8)?;
-    let (bar, table_off, pba_off) = (table & 7, u64::from(table & !7), u64::from(pba & !7));
+    let (_, bar, table_off, pba_off) = msix_layout(c)?;
     const V: usize = 4;
     if (n as usize) < V {
         bail!("{n} MSI-X vectors, the test needs {V}");
     }
-    let fds: Vec<EventFd> = (0..V)
-        .map(|_| EventFd::new())
-        .collect::<std::io::Result<_>>()?;
-    let b: Vec<Option<BorrowedFd<'_>>> = fds.iter().map(|x| Some(bfd(x))).collect();
-    c.set_irq_eventfds(MSIX, ACTION_TRIGGER, 0, &b).map_err(e)?;
+    let fds = bind_msix(c, V)?;
     let mut counts = [0u64; V];
     for _ in 0..rounds {
         for (v, n) in counts.iter_mut().enumerate() {

@@ -46,12 +46,7 @@ impl<'a> MsixSession<'a> {
         if count < n {
             bail!("the device offers {count} MSI-X vectors, the test needs {n}");
         }
-        let evs = (0..n)
-            .map(|_| EventFd::new())
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(Error::from)?;
-        let fds: Vec<i32> = evs.iter().map(EventFd::raw).collect();
-        dev.set_triggers(IRQ_MSIX, 0, &fds)?;
+        let evs = bind_triggers(dev, IRQ_MSIX, n)?;
         Ok(Self { dev, evs })
     }
 
@@ -250,12 +245,7 @@ impl<'a> MsiSession<'a> {
         facts.set("irq_flags", format_args!("{flags:#x}"));
         facts.expect_eq("irq_count", count, MSI_VECTORS)?;
         dev.set_command_bits(CMD_MEMORY | CMD_BUS_MASTER)?;
-        let evs = (0..MSI_VECTORS)
-            .map(|_| EventFd::new())
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(Error::from)?;
-        let fds: Vec<i32> = evs.iter().map(EventFd::raw).collect();
-        dev.set_triggers(IRQ_MSI, 0, &fds)?;
+        let evs = bind_triggers(dev, IRQ_MSI, MSI_VECTORS)?;
         Ok(Self {
             dev,
             evs,
@@ -372,6 +362,17 @@ fn msi_disable(s: &mut MsiSession<'_>, facts: &mut Facts) -> Result<()> {
     Ok(())
 }
 
+/// Binds `n` fresh eventfds as the triggers of vectors 0..n of IRQ `index`; returns them.
+fn bind_triggers(dev: &VfioDevice, index: u32, n: u32) -> Result<Vec<EventFd>> {
+    let evs = (0..n)
+        .map(|_| EventFd::new())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(Error::from)?;
+    let fds: Vec<i32> = evs.iter().map(EventFd::raw).collect();
+    dev.set_triggers(index, 0, &fds)?;
+    Ok(evs)
+}
+
 /// Adds what the device and the guest kernel saw to a failed MSI result.
 fn msi_diag(dev: &VfioDevice, facts: &mut Facts) {
     if let Ok(v) = dev.read32(REGION_CONFIG, 0x50) {
@@ -383,10 +384,18 @@ fn msi_diag(dev: &VfioDevice, facts: &mut Facts) {
     if let Ok(v) = dev.read32(REGION_CONFIG, 0x64) {
         facts.set("diag_msi_pending", format_args!("{v:#x}"));
     }
+    guest_irqs_diag(facts, |l| {
+        l.contains("vfio-msi]") || l.contains("vfio-msi[")
+    });
+}
+
+/// Adds `diag_guest_irqs`: the IRQ number and first CPU's count of each `/proc/interrupts`
+/// line that `wanted` picks.
+fn guest_irqs_diag(facts: &mut Facts, wanted: impl Fn(&str) -> bool) {
     if let Ok(text) = std::fs::read_to_string("/proc/interrupts") {
         let counts: Vec<String> = text
             .lines()
-            .filter(|l| l.contains("vfio-msi]") || l.contains("vfio-msi["))
+            .filter(|l| wanted(l))
             .filter_map(|l| {
                 let mut it = l.split_whitespace();
                 let irq = it.next()?;
@@ -413,19 +422,7 @@ fn msix_diag(dev: &VfioDevice, facts: &mut Facts) {
     if let Ok(pba) = dev.read32(2, 0x1000) {
         facts.set("diag_pba0", format_args!("{pba:#x}"));
     }
-    if let Ok(text) = std::fs::read_to_string("/proc/interrupts") {
-        let counts: Vec<String> = text
-            .lines()
-            .filter(|l| l.contains("vfio-msix"))
-            .filter_map(|l| {
-                let mut it = l.split_whitespace();
-                let irq = it.next()?;
-                let n = it.next()?;
-                Some(format!("{irq}{n}"))
-            })
-            .collect();
-        facts.set("diag_guest_irqs", counts.join(","));
-    }
+    guest_irqs_diag(facts, |l| l.contains("vfio-msix"));
 }
 
 /// Runs the VFIO scenario: results `vfio-open`, `vfio-intx`, `vfio-msix`, `vfio-msix-mask`,

@@ -1,97 +1,39 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Helpers of the `vhost_*` tests: the real `irqbridge vhost-user` process, temporary
-//! directories, frontends on the test device, /proc probes.
+//! Helpers of the `vhost_*` tests: the real `irqbridge vhost-user` process, frontends on the
+//! test device, /proc probes (temporary directories and the process guard come from
+//! `tests/common`).
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use irqbridge_vhost_user::abi::{Op, Reply, Request, Status};
+use irqbridge_core::evtchn::guest_collect;
+use irqbridge_vhost_user::abi::{Op, Request, Status, event_queue};
 use irqbridge_vhost_user::driver::{Driver, DriverConfig, GuestRam};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_irqbridge");
+#[path = "../common/mod.rs"]
+mod common;
+pub use common::{BIN, Proc, TempDir};
+
 /// Guest address of the event-channel page.
 pub const PAGE: u64 = 0x1000;
 /// Guest RAM of every test frontend.
 pub const RAM: usize = 2 << 20;
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "irqbridge-vh-{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The server process; killed if a test fails before it exits.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 impl Proc {
-    pub fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
     /// Still running?
     pub fn alive(&mut self) -> bool {
         self.0.try_wait().unwrap().is_none()
     }
 
-    pub fn signal(&self, sig: i32) {
-        let pid = i32::try_from(self.0.id()).unwrap();
-        // SAFETY: kill(2) on our own child.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-    }
-
     /// SIGTERM and wait for a clean exit.
     pub fn stop(mut self) {
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                assert!(s.success(), "irqbridge exited with {s}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "irqbridge did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Number of open descriptors of the process.
-    pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .unwrap()
-            .count()
+        let s = common::wait_exit(&mut self.0);
+        assert!(s.success(), "irqbridge exited with {s}");
     }
 
     /// What the open descriptors are, with counts (for failure messages).
@@ -109,16 +51,6 @@ impl Proc {
             *kinds.entry(kind).or_default() += 1;
         }
         format!("{kinds:?}")
-    }
-
-    /// VmRSS in KiB.
-    pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
     }
 
     /// Names of the threads of the process that are not blocked in an interruptible sleep, for
@@ -177,18 +109,7 @@ pub fn log(dir: &TempDir) -> String {
 }
 
 pub fn wait_for(path: &Path, p: &mut Proc) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        if let Some(status) = p.0.try_wait().unwrap() {
-            panic!("irqbridge exited early: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for(path, &mut p.0);
 }
 
 /// Poll `cond` until it holds; panics after `secs` seconds.
@@ -213,16 +134,32 @@ pub fn frontend_ram(path: &Path, ram: Arc<GuestRam>, binds: &[(u32, u16)]) -> Dr
         ..DriverConfig::default()
     };
     let mut drv = Driver::connect(path, ram, &cfg).unwrap();
-    let mut reqs = vec![Request::new(Op::RegisterPage, 0, PAGE)];
-    reqs.extend(
-        binds
-            .iter()
-            .map(|&(p, v)| Request::new(Op::Bind, p, u64::from(v))),
-    );
-    for (q, r) in reqs.iter().zip(drv.control_batch(&reqs).unwrap()) {
-        assert_eq!(r, Reply::new(Status::Ok, 0), "{q:?}");
-    }
+    drv.register_and_bind(PAGE, binds).unwrap();
     drv
+}
+
+/// One doorbell on `ports` of `drv` and the wait for the upcall record it causes on upcall 0
+/// (port 2 must be linked from the first port). Returns the round-trip time.
+pub fn round_trip(drv: &mut Driver, ports: &[u32]) -> Duration {
+    let t = Instant::now();
+    drv.doorbell(ports).unwrap();
+    loop {
+        if let Some((_, len)) = drv.pop_record(0).unwrap() {
+            assert_eq!(len, 8);
+            break;
+        }
+        let q = drv.queue(event_queue(0)).unwrap();
+        q.wait_calls(Duration::from_millis(50)).unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the event never arrived"
+        );
+    }
+    let dt = t.elapsed();
+    let ram = drv.ram().clone();
+    assert_eq!(guest_collect(ram.words(PAGE).unwrap(), 0), [2]);
+    drv.post_event_buffers(0, 1, 8).unwrap();
+    dt
 }
 
 /// A fresh frontend on `path` is served: STATUS of port 0 answers Ok.

@@ -1,12 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! KVM helpers shared by the plugin's integration tests: a VM with an irqchip (or a loud
-//! SKIPPED without /dev/kvm), a vCPU whose LAPIC is software-enabled, IRR probes and polling.
+//! SKIPPED without /dev/kvm), a vCPU whose LAPIC is software-enabled, IRR probes and polling;
+//! and a vfio-user server serving a device in a thread.
 #![allow(dead_code)] // each test file uses a different subset
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use irqbridge_kvm::routing::IrqChip;
+use irqbridge_vfio_user::device::VfioUserDevice;
+use irqbridge_vfio_user::server::{Server, StopHandle};
 use kvm_bindings::{KVM_CAP_SPLIT_IRQCHIP, KVM_IRQCHIP_IOAPIC, kvm_enable_cap, kvm_irqchip};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
@@ -76,4 +81,52 @@ pub fn ioapic_irr(vm: &VmFd) -> u32 {
     vm.get_irqchip(&mut chip).expect("KVM_GET_IRQCHIP");
     // SAFETY: KVM filled the IOAPIC variant, as chip_id asked.
     unsafe { chip.chip.ioapic.irr }
+}
+
+/// A vfio-user server on a socket in a private directory, serving one device in a thread;
+/// stopped and its directory removed on drop.
+pub struct ServerRig {
+    dir: PathBuf,
+    path: PathBuf,
+    stop: StopHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerRig {
+    /// Serves the device `make` builds (in the server thread) on `irqbridge-kvm-TAG-PID/dev.sock`.
+    pub fn start<D: VfioUserDevice + 'static>(
+        tag: &str,
+        make: impl FnOnce() -> D + Send + 'static,
+    ) -> ServerRig {
+        let dir = std::env::temp_dir().join(format!("irqbridge-kvm-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dev.sock");
+        let mut server = Server::bind(&path).expect("bind");
+        let stop = server.stop_handle();
+        let thread = std::thread::spawn(move || {
+            let mut device = make();
+            server.run(&mut device).expect("server run");
+        });
+        ServerRig {
+            dir,
+            path,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The server's socket.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ServerRig {
+    fn drop(&mut self) {
+        let _ = self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

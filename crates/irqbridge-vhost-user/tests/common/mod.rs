@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use irqbridge_vhost_user::abi::{Op, Reply, Request, Status};
+use irqbridge_vhost_user::abi::{Request, Status};
 use irqbridge_vhost_user::driver::{Driver, DriverConfig, GuestRam};
 use irqbridge_vhost_user::{Backend, BackendConfig, Server};
 
@@ -111,13 +111,5 @@ pub fn status(drv: &mut Driver, req: Request) -> Option<Status> {
 
 /// Register the page at [`PAGE`] and bind `(port, upcall)` pairs.
 pub fn setup(drv: &mut Driver, binds: &[(u32, u16)]) {
-    let mut reqs = vec![Request::new(Op::RegisterPage, 0, PAGE)];
-    reqs.extend(
-        binds
-            .iter()
-            .map(|&(p, v)| Request::new(Op::Bind, p, u64::from(v))),
-    );
-    for (q, r) in reqs.iter().zip(drv.control_batch(&reqs).unwrap()) {
-        assert_eq!(r, Reply::new(Status::Ok, 0), "{q:?}");
-    }
+    drv.register_and_bind(PAGE, binds).unwrap();
 }
