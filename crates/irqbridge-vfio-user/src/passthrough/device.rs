@@ -37,14 +37,14 @@ use crate::device::{
     VfioUserDevice,
 };
 use crate::dma::DmaMapping;
+use crate::pci::{self, eventfd_fd};
 use crate::proto::{
-    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
+    VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
     VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
     VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX,
     VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
-    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_PCI_REQ_IRQ_INDEX,
-    VFIO_PCI_ROM_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
-    VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX, VFIO_PCI_ROM_REGION_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 
 const PAGE: u64 = 4096;
@@ -144,11 +144,6 @@ pub struct PassthroughDevice<B: VfioBackend> {
 
 fn errno_of(e: &std::io::Error) -> Errno {
     e.raw_os_error().filter(|e| *e > 0).unwrap_or(libc::EIO)
-}
-
-fn eventfd_fd(e: &EventFd) -> BorrowedFd<'_> {
-    // SAFETY: the EventFd owns the descriptor and outlives the borrow.
-    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
 }
 
 fn token(index: u32, v: usize) -> u64 {
@@ -533,38 +528,16 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                 self.drop_client_fds(I);
                 r
             }
-            (IrqAction::Trigger, IrqData::Eventfds(mut fds)) => {
+            (IrqAction::Trigger, IrqData::Eventfds(fds)) => {
                 if matches!(self.active, Some(i) if i != I) {
                     return Err(libc::EINVAL);
                 }
-                let fd = fds.pop().flatten();
-                let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
-                self.backend
-                    .set_irqs(
-                        I,
-                        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                        0,
-                        1,
-                        &[raw],
-                    )
-                    .map_err(|e| errno_of(&e))?;
+                self.intx_trigger = self.forward_fd(I, VFIO_IRQ_SET_ACTION_TRIGGER, fds)?;
                 self.active = Some(I);
-                self.intx_trigger = fd;
                 Ok(())
             }
-            (IrqAction::Unmask, IrqData::Eventfds(mut fds)) => {
-                let fd = fds.pop().flatten();
-                let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
-                self.backend
-                    .set_irqs(
-                        I,
-                        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_UNMASK,
-                        0,
-                        1,
-                        &[raw],
-                    )
-                    .map_err(|e| errno_of(&e))?;
-                self.intx_unmask = fd;
+            (IrqAction::Unmask, IrqData::Eventfds(fds)) => {
+                self.intx_unmask = self.forward_fd(I, VFIO_IRQ_SET_ACTION_UNMASK, fds)?;
                 Ok(())
             }
             (action, IrqData::None) => self.forward_none(I, action, 0, 1),
@@ -577,6 +550,22 @@ impl<B: VfioBackend> PassthroughDevice<B> {
             }
             (IrqAction::Mask, IrqData::Eventfds(_)) => Err(libc::ENOTTY),
         }
+    }
+
+    /// Hands the client's eventfd for `action` on sub-index 0 of `index` to the kernel (no fd:
+    /// −1, de-assign) and returns it to be kept.
+    fn forward_fd(
+        &mut self,
+        index: u32,
+        action: u32,
+        mut fds: Vec<Option<EventFd>>,
+    ) -> Result<Option<EventFd>, Errno> {
+        let fd = fds.pop().flatten();
+        let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+        self.backend
+            .set_irqs(index, VFIO_IRQ_SET_DATA_EVENTFD | action, 0, 1, &[raw])
+            .map_err(|e| errno_of(&e))?;
+        Ok(fd)
     }
 
     fn forward_none(
@@ -870,21 +859,11 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
     fn device_info(&self) -> DeviceInfo {
         // RESET is always offered: with a host reset method it is VFIO_DEVICE_RESET, without
         // one a reset of the virtual state with interrupts off and COMMAND cleared.
-        DeviceInfo {
-            flags: VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET,
-            num_regions: VFIO_PCI_NUM_REGIONS,
-            num_irqs: VFIO_PCI_NUM_IRQS,
-        }
+        pci::pci_device_info()
     }
 
     fn region_info(&self, index: u32) -> RegionInfo<'_> {
-        let absent = RegionInfo {
-            flags: 0,
-            size: 0,
-            offset: 0,
-            sparse_areas: Vec::new(),
-            mmap_fd: None,
-        };
+        let absent = pci::absent_region();
         let Some(host) = self.backend.region(index) else {
             return absent;
         };
@@ -963,18 +942,8 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
             i @ (VFIO_PCI_ERR_IRQ_INDEX | VFIO_PCI_REQ_IRQ_INDEX) => {
                 let slot = (i - VFIO_PCI_ERR_IRQ_INDEX) as usize;
                 match (req.action, req.data) {
-                    (IrqAction::Trigger, IrqData::Eventfds(mut fds)) => {
-                        let fd = fds.pop().flatten();
-                        let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
-                        self.backend
-                            .set_irqs(
-                                i,
-                                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                                0,
-                                1,
-                                &[raw],
-                            )
-                            .map_err(|e| errno_of(&e))?;
+                    (IrqAction::Trigger, IrqData::Eventfds(fds)) => {
+                        let fd = self.forward_fd(i, VFIO_IRQ_SET_ACTION_TRIGGER, fds)?;
                         if let Some(s) = self.other_triggers.get_mut(slot) {
                             *s = fd;
                         }

@@ -305,6 +305,26 @@ unsafe fn ioctl(fd: BorrowedFd<'_>, req: libc::Ioctl, arg: libc::c_ulong) -> io:
     }
 }
 
+/// One per-index info query on the device fd (`arg` has argsz and index set): the filled
+/// structure, or `None` when vfio-pci answers EINVAL for an index the device lacks (ERR
+/// without PCIe, an absent BAR).
+///
+/// # Safety
+/// `req` must be an ioctl that reads and writes exactly a `T`.
+unsafe fn index_info<T>(
+    device: &File,
+    req: libc::Ioctl,
+    what: &'static str,
+    mut arg: T,
+) -> Result<Option<T>, OpenError> {
+    // SAFETY: `arg` is a live T, which is what `req` reads and writes (the caller's promise).
+    match unsafe { ioctl(device.as_fd(), req, &mut arg as *mut T as libc::c_ulong) } {
+        Ok(_) => Ok(Some(arg)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(ioctl_err(what)(e)),
+    }
+}
+
 fn open_rw(path: &Path) -> Result<File, OpenError> {
     OpenOptions::new()
         .read(true)
@@ -434,57 +454,52 @@ impl VfioDevice {
         if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
             return Err(OpenError::NotPci(bdf.to_string()));
         }
-        let mut regions = Vec::new();
-        for index in 0..info.num_regions.min(VFIO_PCI_NUM_REGIONS) {
-            let mut r = vfio_region_info {
-                argsz: std::mem::size_of::<vfio_region_info>() as u32,
-                index,
-                ..Default::default()
-            };
-            // SAFETY: `r` is a live vfio_region_info with argsz and index set; with argsz 32
-            // the kernel writes no capability data past it.
-            let res = unsafe {
-                ioctl(
-                    device.as_fd(),
-                    VFIO_DEVICE_GET_REGION_INFO,
-                    &mut r as *mut _ as libc::c_ulong,
-                )
-            };
-            regions.push(match res {
-                Ok(_) => HostRegion {
+        let regions = (0..info.num_regions.min(VFIO_PCI_NUM_REGIONS))
+            .map(|index| {
+                let r = vfio_region_info {
+                    argsz: std::mem::size_of::<vfio_region_info>() as u32,
+                    index,
+                    ..Default::default()
+                };
+                // SAFETY: GET_REGION_INFO fills a vfio_region_info; with argsz 32 the kernel
+                // writes no capability data past it.
+                let r = unsafe {
+                    index_info(
+                        &device,
+                        VFIO_DEVICE_GET_REGION_INFO,
+                        "VFIO_DEVICE_GET_REGION_INFO",
+                        r,
+                    )
+                }?;
+                Ok(r.map_or_else(HostRegion::default, |r| HostRegion {
                     flags: r.flags,
                     size: r.size,
                     offset: r.offset,
-                },
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => HostRegion::default(),
-                Err(e) => return Err(ioctl_err("VFIO_DEVICE_GET_REGION_INFO")(e)),
-            });
-        }
-        let mut irqs = Vec::new();
-        for index in 0..info.num_irqs.min(VFIO_PCI_NUM_IRQS) {
-            let mut q = vfio_irq_info {
-                argsz: std::mem::size_of::<vfio_irq_info>() as u32,
-                index,
-                ..Default::default()
-            };
-            // SAFETY: `q` is a live vfio_irq_info with argsz and index set.
-            let res = unsafe {
-                ioctl(
-                    device.as_fd(),
-                    VFIO_DEVICE_GET_IRQ_INFO,
-                    &mut q as *mut _ as libc::c_ulong,
-                )
-            };
-            irqs.push(match res {
-                Ok(_) => HostIrq {
+                }))
+            })
+            .collect::<Result<Vec<_>, OpenError>>()?;
+        let irqs = (0..info.num_irqs.min(VFIO_PCI_NUM_IRQS))
+            .map(|index| {
+                let q = vfio_irq_info {
+                    argsz: std::mem::size_of::<vfio_irq_info>() as u32,
+                    index,
+                    ..Default::default()
+                };
+                // SAFETY: GET_IRQ_INFO fills a vfio_irq_info.
+                let q = unsafe {
+                    index_info(
+                        &device,
+                        VFIO_DEVICE_GET_IRQ_INFO,
+                        "VFIO_DEVICE_GET_IRQ_INFO",
+                        q,
+                    )
+                }?;
+                Ok(q.map_or_else(HostIrq::default, |q| HostIrq {
                     flags: q.flags,
                     count: q.count,
-                },
-                // vfio-pci answers EINVAL for indexes the device lacks (ERR without PCIe).
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => HostIrq::default(),
-                Err(e) => return Err(ioctl_err("VFIO_DEVICE_GET_IRQ_INFO")(e)),
-            });
-        }
+                }))
+            })
+            .collect::<Result<Vec<_>, OpenError>>()?;
         Ok(VfioDevice {
             bdf: bdf.clone(),
             group,

@@ -18,7 +18,6 @@ use crate::device::{
     DeviceInfo, Errno, IoFd, IrqInfo, RegionInfo, SetIrqs, SparseArea, VfioUserDevice,
 };
 use crate::proto::{
-    VFIO_DEVICE_FLAGS_PCI as DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET as DEVICE_FLAGS_RESET,
     VFIO_REGION_INFO_FLAG_MMAP as REGION_MMAP, VFIO_REGION_INFO_FLAG_READ as REGION_READ,
     VFIO_REGION_INFO_FLAG_WRITE as REGION_WRITE,
 };
@@ -445,21 +444,11 @@ fn apply_msi_write(m: &mut irqbridge_core::Msi, regs: &[u8], written: u32) {
 
 impl<D: PciDevice> VfioUserDevice for PciFunction<D> {
     fn device_info(&self) -> DeviceInfo {
-        DeviceInfo {
-            flags: DEVICE_FLAGS_PCI | DEVICE_FLAGS_RESET,
-            num_regions: NUM_REGIONS,
-            num_irqs: NUM_IRQS,
-        }
+        super::pci_device_info()
     }
 
     fn region_info(&self, index: u32) -> RegionInfo<'_> {
-        let absent = RegionInfo {
-            flags: 0,
-            size: 0,
-            offset: 0,
-            sparse_areas: Vec::new(),
-            mmap_fd: None,
-        };
+        let absent = super::absent_region();
         if index == REGION_CONFIG {
             return RegionInfo {
                 flags: REGION_READ | REGION_WRITE,

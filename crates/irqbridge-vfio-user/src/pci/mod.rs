@@ -210,6 +210,28 @@ pub trait PciDevice: Send {
 /// tokens above it.
 pub const DEVICE_TOKEN_LIMIT: u64 = 1 << 62;
 
+/// What DEVICE_GET_INFO reports for a PCI function: PCI, resettable, the VFIO PCI regions
+/// and IRQ indexes.
+pub(crate) fn pci_device_info() -> crate::device::DeviceInfo {
+    use crate::proto::{VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET};
+    crate::device::DeviceInfo {
+        flags: VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET,
+        num_regions: consts::NUM_REGIONS,
+        num_irqs: consts::NUM_IRQS,
+    }
+}
+
+/// DEVICE_GET_REGION_INFO of a region the function does not have.
+pub(crate) fn absent_region<'a>() -> crate::device::RegionInfo<'a> {
+    crate::device::RegionInfo {
+        flags: 0,
+        size: 0,
+        offset: 0,
+        sparse_areas: Vec::new(),
+        mmap_fd: None,
+    }
+}
+
 /// Polls one fd without blocking and returns its `revents`.
 pub(crate) fn poll_now(fd: BorrowedFd<'_>) -> io::Result<i16> {
     let mut pfd = libc::pollfd {
