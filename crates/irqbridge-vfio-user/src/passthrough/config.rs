@@ -15,6 +15,9 @@
 //! - the whole MSI-X capability (Enable and Function Mask writable, table and PBA location
 //!   read-only).
 
+use crate::pci::BarKind;
+use crate::pci::parts::bar_address_masks;
+
 /// PCI config space size of a conventional device.
 pub const PCI_CONFIG_SIZE: usize = 256;
 /// PCIe config space size.
@@ -170,20 +173,16 @@ impl VirtConfig {
                 i += 1;
                 continue;
             }
-            if raw & 1 != 0 {
-                // I/O BAR.
-                let mask = !(sz.saturating_sub(1) as u32) & !0x3;
-                c.set_virtual(off, (raw & mask) | (raw & 1), mask, 4);
-                i += 1;
-                continue;
-            }
-            let flags = raw & 0xf;
-            let mask64 = !(sz.next_power_of_two().saturating_sub(1));
-            let lo_mask = (mask64 as u32) & !0xf;
+            // The host's type bits, the address bits the size leaves writable.
+            let (kind, flags) = match raw & 1 {
+                1 => (BarKind::Io, raw & 1),
+                _ if (raw >> 1) & 3 == 2 && i < 5 => (BarKind::Mem64, raw & 0xf),
+                _ => (BarKind::Mem32, raw & 0xf),
+            };
+            let (lo_mask, hi_mask) = bar_address_masks(kind, sz);
             c.set_virtual(off, (raw & lo_mask) | flags, lo_mask, 4);
-            if (flags >> 1) & 3 == 2 && i < 5 {
+            if kind == BarKind::Mem64 {
                 let hi_off = off + 4;
-                let hi_mask = (mask64 >> 32) as u32;
                 c.set_virtual(hi_off, get_u32(host, hi_off) & hi_mask, hi_mask, 4);
                 i += 2;
             } else {

@@ -37,6 +37,7 @@ use crate::device::{
     VfioUserDevice,
 };
 use crate::dma::DmaMapping;
+use crate::pci::parts::{MsixHit, msix_hit};
 use crate::pci::{self, eventfd_fd};
 use crate::proto::{
     VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
@@ -717,56 +718,49 @@ impl<B: VfioBackend> PassthroughDevice<B> {
         read: Option<&mut [u8]>,
     ) -> Result<(), Errno> {
         let (table, pba) = self.msix_ranges(bar);
-        let end = offset + len as u64;
-        let overlaps = |r: Option<(u64, u64)>| r.filter(|(o, l)| offset < o + l && *o < end);
-        if let Some((t, tl)) = overlaps(table) {
-            // The virtual table: whole, naturally aligned 4- or 8-byte accesses only.
-            let rel = offset.wrapping_sub(t);
-            if offset < t || end > t + tl || !(len == 4 || len == 8) || rel % len as u64 != 0 {
-                return Err(libc::EINVAL);
-            }
-            match (write, read) {
-                (Some(data), _) => {
-                    self.with_masks(VFIO_PCI_MSIX_IRQ_INDEX, |d| {
-                        if let Some(m) = d.msix.as_mut() {
-                            if let Err(e) = m.table_write(rel, data) {
-                                warn!("passthrough: MSI-X table write: {e}");
-                            }
+        let hit = |r: Option<(u64, u64)>| {
+            r.map_or(MsixHit::Outside, |(o, l)| msix_hit(o, l, offset, len))
+        };
+        match (hit(table), hit(pba), write, read) {
+            // The virtual table and PBA: whole, naturally aligned 4- or 8-byte accesses only;
+            // the PBA is read-only.
+            (MsixHit::Partial, ..)
+            | (MsixHit::Outside, MsixHit::Partial, ..)
+            | (MsixHit::Outside, MsixHit::Inside(_), Some(_), _) => Err(libc::EINVAL),
+            (MsixHit::Inside(rel), _, Some(data), _) => {
+                self.with_masks(VFIO_PCI_MSIX_IRQ_INDEX, |d| {
+                    if let Some(m) = d.msix.as_mut() {
+                        if let Err(e) = m.table_write(rel, data) {
+                            warn!("passthrough: MSI-X table write: {e}");
                         }
-                    });
-                }
-                (None, Some(out)) => {
-                    if let Some(m) = self.msix.as_ref() {
-                        m.table_read(rel, out);
                     }
+                });
+                Ok(())
+            }
+            (MsixHit::Inside(rel), _, None, out) => {
+                if let (Some(m), Some(out)) = (self.msix.as_ref(), out) {
+                    m.table_read(rel, out);
                 }
-                _ => {}
+                Ok(())
             }
-            return Ok(());
-        }
-        if let Some((p, pl)) = overlaps(pba) {
-            let rel = offset.wrapping_sub(p);
-            if write.is_some()
-                || offset < p
-                || end > p + pl
-                || !(len == 4 || len == 8)
-                || rel % len as u64 != 0
-            {
-                return Err(libc::EINVAL);
+            (MsixHit::Outside, MsixHit::Inside(rel), None, out) => {
+                // Catch up with events the catchers hold before showing the PBA.
+                self.drain(VFIO_PCI_MSIX_IRQ_INDEX);
+                if let (Some(m), Some(out)) = (self.msix.as_ref(), out) {
+                    m.pba_read(rel, out);
+                }
+                Ok(())
             }
-            // Catch up with events the catchers hold before showing the PBA.
-            self.drain(VFIO_PCI_MSIX_IRQ_INDEX);
-            if let (Some(m), Some(out)) = (self.msix.as_ref(), read) {
-                m.pba_read(rel, out);
-            }
-            return Ok(());
+            (MsixHit::Outside, MsixHit::Outside, Some(data), _) => self
+                .backend
+                .write(bar, offset, data)
+                .map_err(|e| errno_of(&e)),
+            (MsixHit::Outside, MsixHit::Outside, None, Some(out)) => self
+                .backend
+                .read(bar, offset, out)
+                .map_err(|e| errno_of(&e)),
+            (MsixHit::Outside, MsixHit::Outside, None, None) => Ok(()),
         }
-        match (write, read) {
-            (Some(data), _) => self.backend.write(bar, offset, data),
-            (None, Some(out)) => self.backend.read(bar, offset, out),
-            _ => Ok(()),
-        }
-        .map_err(|e| errno_of(&e))
     }
 
     fn config_read(&mut self, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
@@ -859,11 +853,11 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
     fn device_info(&self) -> DeviceInfo {
         // RESET is always offered: with a host reset method it is VFIO_DEVICE_RESET, without
         // one a reset of the virtual state with interrupts off and COMMAND cleared.
-        pci::pci_device_info()
+        pci::parts::pci_device_info()
     }
 
     fn region_info(&self, index: u32) -> RegionInfo<'_> {
-        let absent = pci::absent_region();
+        let absent = pci::parts::absent_region();
         let Some(host) = self.backend.region(index) else {
             return absent;
         };

@@ -11,6 +11,7 @@
 
 use super::consts::*;
 use super::layout::{BarKind, Layout};
+use super::parts::bar_address_masks;
 
 /// A config-space register that belongs to an interrupt model rather than to the image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,11 +74,11 @@ impl ConfigSpace {
         for (i, bar) in layout.bars.iter().enumerate() {
             let Some(bar) = bar else { continue };
             let off = PCI_BAR0 + 4 * i as u64;
-            let addr_mask = !(bar.size - 1);
-            let (flags, low_mask) = match bar.kind {
-                BarKind::Io => (PCI_BAR_IO, addr_mask as u32 & !0x3),
-                BarKind::Mem32 => (0, addr_mask as u32 & !0xf),
-                BarKind::Mem64 => (PCI_BAR_MEM64, addr_mask as u32 & !0xf),
+            let (low_mask, high_mask) = bar_address_masks(bar.kind, bar.size);
+            let flags = match bar.kind {
+                BarKind::Io => PCI_BAR_IO,
+                BarKind::Mem32 => 0,
+                BarKind::Mem64 => PCI_BAR_MEM64,
             };
             let flags = flags
                 | if bar.prefetchable {
@@ -88,7 +89,7 @@ impl ConfigSpace {
             put(&mut b, off, &flags.to_le_bytes());
             put(&mut m, off, &low_mask.to_le_bytes());
             if bar.kind == BarKind::Mem64 {
-                put(&mut m, off + 4, &((addr_mask >> 32) as u32).to_le_bytes());
+                put(&mut m, off + 4, &high_mask.to_le_bytes());
             }
         }
 

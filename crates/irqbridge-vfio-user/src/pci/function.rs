@@ -13,6 +13,7 @@ use super::config::Owner;
 use super::consts::*;
 use super::irq::PciCore;
 use super::layout::{BarKind, Layout};
+use super::parts::{MsixHit, msix_hit};
 use super::{BarIndex, ConfigEffect, DEVICE_TOKEN_LIMIT, Error, PciDevice, eventfd_fd};
 use crate::device::{
     DeviceInfo, Errno, IoFd, IrqInfo, RegionInfo, SetIrqs, SparseArea, VfioUserDevice,
@@ -348,17 +349,13 @@ impl<D: PciDevice> PciFunction<D> {
         if u32::from(x.bar) != bar {
             return None;
         }
-        let ok = |base: u64, size: u64| -> Option<u64> {
-            let rel = offset.checked_sub(base)?;
-            (matches!(len, 4 | 8)
-                && rel % len as u64 == 0
-                && rel.checked_add(len as u64).is_some_and(|e| e <= size))
-            .then_some(rel)
-        };
-        if let Some(rel) = ok(x.table_offset, x.table_size()) {
+        if let MsixHit::Inside(rel) = msix_hit(x.table_offset, x.table_size(), offset, len) {
             return Some((true, rel));
         }
-        ok(x.pba_offset, x.pba_size()).map(|rel| (false, rel))
+        match msix_hit(x.pba_offset, x.pba_size(), offset, len) {
+            MsixHit::Inside(rel) => Some((false, rel)),
+            _ => None,
+        }
     }
 
     fn handle_ioevent(&mut self, i: usize) {
@@ -444,11 +441,11 @@ fn apply_msi_write(m: &mut irqbridge_core::Msi, regs: &[u8], written: u32) {
 
 impl<D: PciDevice> VfioUserDevice for PciFunction<D> {
     fn device_info(&self) -> DeviceInfo {
-        super::pci_device_info()
+        super::parts::pci_device_info()
     }
 
     fn region_info(&self, index: u32) -> RegionInfo<'_> {
-        let absent = super::absent_region();
+        let absent = super::parts::absent_region();
         if index == REGION_CONFIG {
             return RegionInfo {
                 flags: REGION_READ | REGION_WRITE,

@@ -73,6 +73,7 @@ pub mod consts;
 mod function;
 mod irq;
 mod layout;
+pub(crate) mod parts;
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -209,28 +210,6 @@ pub trait PciDevice: Send {
 /// Poll tokens of [`PciDevice::poll_fds`] must be below this value; the function uses the
 /// tokens above it.
 pub const DEVICE_TOKEN_LIMIT: u64 = 1 << 62;
-
-/// What DEVICE_GET_INFO reports for a PCI function: PCI, resettable, the VFIO PCI regions
-/// and IRQ indexes.
-pub(crate) fn pci_device_info() -> crate::device::DeviceInfo {
-    use crate::proto::{VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET};
-    crate::device::DeviceInfo {
-        flags: VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET,
-        num_regions: consts::NUM_REGIONS,
-        num_irqs: consts::NUM_IRQS,
-    }
-}
-
-/// DEVICE_GET_REGION_INFO of a region the function does not have.
-pub(crate) fn absent_region<'a>() -> crate::device::RegionInfo<'a> {
-    crate::device::RegionInfo {
-        flags: 0,
-        size: 0,
-        offset: 0,
-        sparse_areas: Vec::new(),
-        mmap_fd: None,
-    }
-}
 
 /// Polls one fd without blocking and returns its `revents`.
 pub(crate) fn poll_now(fd: BorrowedFd<'_>) -> io::Result<i16> {
