@@ -9,14 +9,16 @@
 //! - the six BARs and the expansion ROM BAR: the host's type bits and sizes (from the region
 //!   info), address bits writable, so sizing with all-ones writes is answered from the copy;
 //! - the capability pointer and every capability's ID and next pointer (read-only);
-//! - the whole MSI capability (Enable, Multiple Message Enable, address, data, mask bits;
-//!   pending bits are the server's): enabling MSI on the host is done with `SET_IRQS`, not
-//!   with config writes;
+//! - the whole MSI capability: Message Control here (Enable and Multiple Message Enable
+//!   writable, the rest as the host has it; enabling MSI on the host is done with `SET_IRQS`,
+//!   not with config writes), address, data, mask and pending bits in the MSI model of
+//!   `irqbridge-core`, laid out and written by the same code as the
+//!   [`PciFunction`](crate::pci::PciFunction) model (see [`VirtConfig::msi_register`]);
 //! - the whole MSI-X capability (Enable and Function Mask writable, table and PBA location
 //!   read-only).
 
 use crate::pci::BarKind;
-use crate::pci::parts::bar_address_masks;
+use crate::pci::parts::{MsiShape, bar_address_masks};
 
 /// PCI config space size of a conventional device.
 pub const PCI_CONFIG_SIZE: usize = 256;
@@ -47,29 +49,31 @@ pub struct MsiCap {
 }
 
 impl MsiCap {
+    pub(crate) fn shape(&self) -> MsiShape {
+        MsiShape {
+            is64: self.is64,
+            per_vector_mask: self.pvm,
+        }
+    }
     /// Message Control.
     pub fn control_off(&self) -> usize {
         self.offset + 2
     }
     /// Message Data.
     pub fn data_off(&self) -> usize {
-        self.offset + if self.is64 { 0x0c } else { 0x08 }
+        self.offset + self.shape().data() as usize
     }
     /// Mask Bits (PVM only).
     pub fn mask_off(&self) -> usize {
-        self.offset + if self.is64 { 0x10 } else { 0x0c }
+        self.offset + self.shape().mask() as usize
     }
     /// Pending Bits (PVM only).
     pub fn pending_off(&self) -> usize {
-        self.mask_off() + 4
+        self.offset + self.shape().pending() as usize
     }
     /// Bytes of the capability.
     pub fn size(&self) -> usize {
-        if self.pvm {
-            self.pending_off() + 4 - self.offset
-        } else {
-            self.data_off() + 2 - self.offset
-        }
+        self.shape().size() as usize
     }
     /// Vectors the device supports.
     pub fn vectors(&self) -> u32 {
@@ -108,10 +112,8 @@ impl MsixCap {
 /// What a virtual config write changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConfigChange {
-    /// MSI Message Control, address or data was written.
+    /// MSI Message Control was written.
     pub msi: bool,
-    /// MSI mask bits were written.
-    pub msi_mask: bool,
     /// MSI-X Message Control was written.
     pub msix_control: bool,
 }
@@ -235,21 +237,10 @@ impl VirtConfig {
         // Enable (bit 0) and Multiple Message Enable (bits 6:4) writable; the rest as the
         // device has it, with Enable and MME cleared.
         self.set_virtual(cap.control_off(), u32::from(ctrl & !0x71), 0x71, 2);
-        self.set_virtual(ptr + 4, 0, 0xffff_fffc, 4);
-        if cap.is64 {
-            self.set_virtual(ptr + 8, 0, 0xffff_ffff, 4);
-        }
-        self.set_virtual(cap.data_off(), 0, 0xffff, 2);
-        if cap.pvm {
-            // The two bytes after Message Data are reserved.
-            self.set_virtual(cap.data_off() + 2, 0, 0, 2);
-            let vmask = if cap.vectors() >= 32 {
-                u32::MAX
-            } else {
-                (1u32 << cap.vectors()) - 1
-            };
-            self.set_virtual(cap.mask_off(), 0, vmask, 4);
-            self.set_virtual(cap.pending_off(), 0, 0, 4);
+        // The registers after Message Control: virtual, served by the MSI model (the
+        // bytes here stay 0 and read-only).
+        for o in (ptr + 4..ptr + cap.size()).step_by(4) {
+            self.set_virtual(o, 0, 0, (ptr + cap.size() - o).min(4));
         }
         self.msi = Some(cap);
     }
@@ -336,13 +327,11 @@ impl VirtConfig {
                 continue;
             };
             *b = (*b & !m) | (v & m);
-            if let Some(msi) = self.msi {
-                if o >= msi.offset + 2 && o < msi.data_off() + 2 {
-                    ch.msi = true;
-                }
-                if msi.pvm && o >= msi.mask_off() && o < msi.mask_off() + 4 {
-                    ch.msi_mask = true;
-                }
+            if self
+                .msi
+                .is_some_and(|m| (m.control_off()..m.control_off() + 2).contains(&o))
+            {
+                ch.msi = true;
             }
             if let Some(x) = self.msix {
                 if o == x.offset + 2 || o == x.offset + 3 {
@@ -363,27 +352,18 @@ impl VirtConfig {
         get_u16(&self.bytes, offset)
     }
 
-    /// Sets a 32-bit virtual value regardless of the write mask (MSI pending bits).
-    pub fn put32(&mut self, offset: usize, value: u32) {
-        for (i, b) in value.to_le_bytes().iter().enumerate() {
-            if let Some(d) = self.bytes.get_mut(offset + i) {
-                *d = *b;
-            }
-        }
-    }
-
     /// MSI Enable.
     pub fn msi_enabled(&self) -> bool {
         self.msi
             .is_some_and(|m| self.get16(m.control_off()) & 1 != 0)
     }
 
-    /// MSI mask bits (0 without per-vector masking).
-    pub fn msi_mask(&self) -> u32 {
-        match self.msi {
-            Some(m) if m.pvm => self.get32(m.mask_off()),
-            _ => 0,
-        }
+    /// The byte of the MSI capability at config `offset` that the MSI model serves (address,
+    /// data, mask and pending bits): its index from the capability start.
+    pub fn msi_register(&self, offset: usize) -> Option<u64> {
+        let m = self.msi?;
+        let rel = offset.checked_sub(m.offset)?;
+        (4..m.size()).contains(&rel).then_some(rel as u64)
     }
 
     /// MSI-X Enable and Function Mask as written.
@@ -522,17 +502,25 @@ pub(crate) mod tests {
             ),
             (5, 3, 0, 3, 0x2000)
         );
-        // MSI enable + MME, then the mask bits (only 4 vectors' worth are writable).
+        // MSI enable + MME.
         let ch = c.write(0x52, &[0x71, 0xff]);
-        assert!(ch.msi && !ch.msi_mask && !ch.msix_control);
+        assert!(ch.msi && !ch.msix_control);
         assert!(c.msi_enabled());
         assert_eq!(c.get16(0x52), 0x180 | (2 << 1) | 0x71);
+        // Address, data, mask and pending bits belong to the MSI model (their write masks are
+        // tested in device/tests.rs); here they stay 0.
+        assert_eq!(
+            (
+                c.msi_register(0x53),
+                c.msi_register(0x54),
+                c.msi_register(0x67)
+            ),
+            (None, Some(4), Some(0x17))
+        );
+        assert_eq!(c.msi_register(0x68), None);
         let ch = w32(&mut c, 0x60, 0xffff_ffff);
-        assert!(ch.msi_mask);
-        assert_eq!(c.msi_mask(), 0xf);
-        // Pending bits are read-only to writes.
-        w32(&mut c, 0x64, 0xffff_ffff);
-        assert_eq!(c.get32(0x64), 0);
+        assert_eq!(ch, ConfigChange::default());
+        assert_eq!(c.get32(0x60), 0);
         // MSI-X: Enable and Function Mask writable, table size and location not.
         let ch = c.write(0x72, &[0xff, 0xff]);
         assert!(ch.msix_control);

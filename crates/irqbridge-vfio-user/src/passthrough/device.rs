@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
+use irqbridge_core::Msi;
 use irqbridge_core::msix::Msix;
 use irqbridge_core::notifier::Notifier;
 use log::{debug, info, warn};
@@ -37,7 +38,7 @@ use crate::device::{
     VfioUserDevice,
 };
 use crate::dma::DmaMapping;
-use crate::pci::parts::{MsixHit, msix_hit};
+use crate::pci::parts::{MsiShape, MsixHit, apply_msi_write, msi_registers, msix_hit};
 use crate::pci::{self, eventfd_fd};
 use crate::proto::{
     VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
@@ -137,6 +138,9 @@ pub struct PassthroughDevice<B: VfioBackend> {
     intx_unmask: Option<EventFd>,
     other_triggers: [Option<EventFd>; 2],
     msi: Vec<Vector>,
+    /// The virtual MSI registers after Message Control (address, data, mask and pending
+    /// bits); always enabled with every vector, as the kernel's MSI index decides delivery.
+    msi_model: Option<Msi>,
     msix: Option<Msix>,
     msix_vectors: Vec<Vector>,
     dma: BTreeMap<u64, DmaMap>,
@@ -198,6 +202,15 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                 .min(m.vectors()),
             None => 0,
         };
+        // The MSI model needs a power of two (the host reports the capability's count).
+        let msi_count = match msi_count {
+            0 => 0,
+            n => 1 << (31 - n.leading_zeros()),
+        };
+        let msi_model = u8::try_from(msi_count)
+            .ok()
+            .and_then(|n| Msi::new(n).ok())
+            .map(enabled_msi);
         let msi = (0..msi_count)
             .map(|_| Vector::new())
             .collect::<std::io::Result<Vec<_>>>()?;
@@ -227,6 +240,7 @@ impl<B: VfioBackend> PassthroughDevice<B> {
             intx_unmask: None,
             other_triggers: [None, None],
             msi,
+            msi_model,
             msix,
             msix_vectors,
             dma: BTreeMap::new(),
@@ -259,7 +273,10 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                 .msix
                 .as_ref()
                 .is_some_and(|m| m.pending(vector).unwrap_or(false)),
-            VFIO_PCI_MSI_IRQ_INDEX => self.msi_pending() & (1 << (vector % 32)) != 0,
+            VFIO_PCI_MSI_IRQ_INDEX => self
+                .msi_model
+                .as_ref()
+                .is_some_and(|m| m.pending_bits() & (1 << (vector % 32)) != 0),
             _ => false,
         }
     }
@@ -279,19 +296,6 @@ impl<B: VfioBackend> PassthroughDevice<B> {
         }
     }
 
-    fn msi_pending(&self) -> u32 {
-        match self.config.msi() {
-            Some(m) if m.pvm => self.config.get32(m.pending_off()),
-            _ => 0,
-        }
-    }
-
-    fn set_msi_pending(&mut self, bits: u32) {
-        if let Some(m) = self.config.msi().filter(|m| m.pvm) {
-            self.config.put32(m.pending_off(), bits);
-        }
-    }
-
     /// Whether vector `v` of `index` is masked in the virtual state.
     fn masked(&self, index: u32, v: usize) -> bool {
         match index {
@@ -301,7 +305,10 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                     .and_then(|v| m.is_masked(v).ok())
                     .unwrap_or(true)
             }),
-            _ => self.config.msi_mask() & (1u32 << (v % 32)) != 0,
+            _ => self
+                .msi_model
+                .as_ref()
+                .is_some_and(|m| m.mask_bits() & (1u32 << (v % 32)) != 0),
         }
     }
 
@@ -346,33 +353,31 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                 }
             }
             _ => {
-                if self.masked(index, v) {
-                    let p = self.msi_pending() | (1 << (v % 32));
-                    self.set_msi_pending(p);
-                } else if let Some(c) = self.msi.get(v).and_then(|x| x.client.clone()) {
-                    let _ = c.write(1);
+                if let (Some(m), Ok(v)) = (self.msi_model.as_mut(), u8::try_from(v)) {
+                    match m.fire(v) {
+                        Ok(d) => debug!("passthrough: MSI vector {v} caught: {d:?}"),
+                        Err(e) => warn!("passthrough: MSI vector {v}: {e}"),
+                    }
                 }
             }
         }
     }
 
-    /// MSI vectors unmasked with their pending bit set: clear it and signal once.
-    fn deliver_msi_pending(&mut self) {
-        let pending = self.msi_pending();
-        if pending == 0 {
+    /// Applies `change` to the MSI model, which signals (once) every vector it unmasks with
+    /// its pending bit set; counts those deliveries.
+    fn msi_write(&mut self, change: impl FnOnce(&mut Msi)) {
+        let Some(m) = self.msi_model.as_mut() else {
             return;
-        }
-        let mut left = pending;
-        for v in 0..self.msi.len().min(32) {
-            if pending & (1 << v) != 0 && !self.masked(VFIO_PCI_MSI_IRQ_INDEX, v) {
-                if let Some(c) = self.msi.get(v).and_then(|x| x.client.clone()) {
-                    let _ = c.write(1);
-                    self.stats.pending_delivered += 1;
-                }
-                left &= !(1 << v);
-            }
-        }
-        self.set_msi_pending(left);
+        };
+        let before = m.pending_bits();
+        change(m);
+        let cleared = before & !m.pending_bits();
+        let delivered = (0..self.msi.len().min(32))
+            .filter(|v| {
+                cleared & (1 << v) != 0 && self.msi.get(*v).is_some_and(|x| x.client.is_some())
+            })
+            .count();
+        self.stats.pending_delivered += delivered as u64;
     }
 
     /// Points the kernel at the desired fd of every vector of `index` that changed.
@@ -418,9 +423,6 @@ impl<B: VfioBackend> PassthroughDevice<B> {
     fn with_masks<T>(&mut self, index: u32, change: impl FnOnce(&mut Self) -> T) -> T {
         self.drain(index);
         let r = change(self);
-        if index == VFIO_PCI_MSI_IRQ_INDEX {
-            self.deliver_msi_pending();
-        }
         if let Err(e) = self.sync(index) {
             warn!("passthrough: IRQ index {index}: kernel rebind failed (errno {e})");
         }
@@ -511,6 +513,8 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                     if let Some(m) = self.msix.as_mut() {
                         m.clear_notifiers();
                     }
+                } else if let Some(m) = self.msi_model.as_mut() {
+                    m.clear_notifiers();
                 }
             }
             _ => {}
@@ -626,13 +630,22 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                             }
                         }
                     }
+                    if index == VFIO_PCI_MSI_IRQ_INDEX {
+                        if let (Some(m), Ok(v8)) = (self.msi_model.as_mut(), u8::try_from(v)) {
+                            let _ =
+                                m.set_notifier(v8, client.clone().map(|c| c as Arc<dyn Notifier>));
+                        }
+                    }
                     if let Some(x) = self.vectors_mut(index).get_mut(v) {
                         x.client = client;
                     }
                 }
                 if self.active == Some(index) && end as u32 <= self.active_nvec {
                     if index == VFIO_PCI_MSI_IRQ_INDEX {
-                        self.deliver_msi_pending();
+                        // A vector bound unmasked with its pending bit set gets it now.
+                        self.msi_write(|m| {
+                            let _ = m.write_mask(m.mask_bits());
+                        });
                     }
                     let r = self.sync(index);
                     self.drain(index);
@@ -775,6 +788,14 @@ impl<B: VfioBackend> PassthroughDevice<B> {
             let dst = data.get_mut(o - off..o - off + l).ok_or(libc::EINVAL)?;
             if virt {
                 self.config.read(o, dst);
+                if let (Some(cap), Some(m)) = (self.config.msi(), self.msi_model.as_ref()) {
+                    let regs = msi_registers(m, cap.shape());
+                    for (i, b) in dst.iter_mut().enumerate() {
+                        if let Some(r) = self.config.msi_register(o + i) {
+                            *b = regs.get(r as usize).copied().unwrap_or(0);
+                        }
+                    }
+                }
             } else {
                 self.backend
                     .read(VFIO_PCI_CONFIG_REGION_INDEX, o as u64, dst)
@@ -810,11 +831,31 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                     }
                 });
             }
-            if ch.msi_mask {
-                self.with_masks(VFIO_PCI_MSI_IRQ_INDEX, |_| ());
+            if let Some((regs, written, shape)) = self.msi_bytes(o, src) {
+                self.with_masks(VFIO_PCI_MSI_IRQ_INDEX, |d| {
+                    d.msi_write(|m| apply_msi_write(m, shape, &regs, written));
+                });
             }
         }
         Ok(())
+    }
+
+    /// The MSI registers with the bytes of a guest write at config `o` that the MSI model
+    /// serves put in, and which bytes those are (None: none).
+    fn msi_bytes(&self, o: usize, src: &[u8]) -> Option<([u8; 24], u32, MsiShape)> {
+        let (cap, m) = (self.config.msi()?, self.msi_model.as_ref()?);
+        let mut regs = msi_registers(m, cap.shape());
+        let mut written = 0u32;
+        for (i, v) in src.iter().enumerate() {
+            let Some(r) = self.config.msi_register(o + i) else {
+                continue;
+            };
+            if let Some(x) = regs.get_mut(r as usize) {
+                *x = *v;
+                written |= 1 << r;
+            }
+        }
+        (written != 0).then_some((regs, written, cap.shape()))
     }
 
     fn host_command(&mut self, clear: u16) {
@@ -1007,6 +1048,9 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
         if let Some(m) = self.msix.as_mut() {
             m.reset();
         }
+        if let Some(m) = self.msi_model.take() {
+            self.msi_model = Some(enabled_msi(m));
+        }
         if self.backend.device_flags() & VFIO_DEVICE_FLAGS_RESET != 0 {
             info!("passthrough: DEVICE_RESET: VFIO_DEVICE_RESET and a reset of the virtual state");
             self.backend.reset().map_err(|e| errno_of(&e))
@@ -1155,6 +1199,15 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
             unsafe { libc::munmap(m.host as *mut libc::c_void, len) };
         }
     }
+}
+
+/// The MSI model back to power-on, then enabled with every vector: whether MSI is on is the
+/// kernel's MSI index (`SET_IRQS`), not the guest's Enable bit.
+fn enabled_msi(mut m: Msi) -> Msi {
+    m.reset();
+    let mmc = m.mmc();
+    let _ = m.write_control(true, mmc);
+    m
 }
 
 /// A client file must hold the whole range it maps (a memfd or regular file); other kinds

@@ -13,7 +13,7 @@ use super::config::Owner;
 use super::consts::*;
 use super::irq::PciCore;
 use super::layout::{BarKind, Layout};
-use super::parts::{MsixHit, msix_hit};
+use super::parts::{MsixHit, apply_msi_write, msi_registers, msix_hit};
 use super::{BarIndex, ConfigEffect, DEVICE_TOKEN_LIMIT, Error, PciDevice, eventfd_fd};
 use crate::device::{
     DeviceInfo, Errno, IoFd, IrqInfo, RegionInfo, SetIrqs, SparseArea, VfioUserDevice,
@@ -197,7 +197,7 @@ impl<D: PciDevice> PciFunction<D> {
         let msi = core
             .msi
             .as_ref()
-            .map(|m| msi_registers(m, core.layout.msi_mask));
+            .map(|m| msi_registers(m, core.msi_shape()));
         for (i, out) in data.iter_mut().enumerate() {
             let Some(off) = offset.checked_add(i as u64) else {
                 *out = 0;
@@ -244,7 +244,7 @@ impl<D: PciDevice> PciFunction<D> {
                         (
                             core.msi
                                 .as_ref()
-                                .map(|m| msi_registers(m, core.layout.msi_mask))
+                                .map(|m| msi_registers(m, core.msi_shape()))
                                 .unwrap_or_default(),
                             0,
                         )
@@ -279,13 +279,14 @@ impl<D: PciDevice> PciFunction<D> {
                 warn!("pci: COMMAND write: {}", super::error_chain(&e));
             }
         }
+        let msi_shape = core.msi_shape();
         if let (Some((regs, written)), Some(m)) = (msi, core.msi.as_mut()) {
             // Suppress INTx before MSI can fire; release it after MSI is off.
             let control = u16::from_le_bytes([regs[2], regs[3]]);
             if written & 0b1100 != 0 && control & MSI_CONTROL_ENABLE != 0 {
                 let _ = core.intx.set_suppressed(true);
             }
-            apply_msi_write(m, &regs, written);
+            apply_msi_write(m, msi_shape, &regs, written);
             core.update_intx_suppression();
             effects.push(ConfigEffect::Msi);
         }
@@ -369,72 +370,6 @@ impl<D: PciDevice> PciFunction<D> {
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => warn!("pci: reading an ioeventfd failed: {e}"),
-        }
-    }
-}
-
-/// The MSI capability's registers as the guest reads them (bytes from the capability start).
-/// Without per-vector masking the capability ends before Mask Bits, so those bytes are never
-/// read or written through it.
-fn msi_registers(m: &irqbridge_core::Msi, per_vector_mask: bool) -> [u8; MSI_CAP_SIZE as usize] {
-    let mut r = [0u8; MSI_CAP_SIZE as usize];
-    let mut control = (u16::from(m.mmc()) << MSI_CONTROL_MMC_SHIFT)
-        | (u16::from(m.mme()) << MSI_CONTROL_MME_SHIFT)
-        | MSI_CONTROL_64BIT;
-    if per_vector_mask {
-        control |= MSI_CONTROL_PER_VECTOR_MASK;
-    }
-    if m.enabled() {
-        control |= MSI_CONTROL_ENABLE;
-    }
-    let mut put = |off: u64, bytes: &[u8]| {
-        let off = off as usize;
-        if let Some(dst) = r.get_mut(off..off + bytes.len()) {
-            dst.copy_from_slice(bytes);
-        }
-    };
-    put(0, &[PCI_CAP_ID_MSI, 0]);
-    put(MSI_CAP_CONTROL, &control.to_le_bytes());
-    put(MSI_CAP_ADDRESS_LO, &m.address().to_le_bytes());
-    put(MSI_CAP_DATA, &m.data().to_le_bytes());
-    put(MSI_CAP_MASK, &m.mask_bits().to_le_bytes());
-    put(MSI_CAP_PENDING, &m.pending_bits().to_le_bytes());
-    r
-}
-
-/// Hands the written bytes of the MSI capability (`written`: bit b = byte b) to the model:
-/// message first, then mask bits, then Enable / MME, so an enabling write delivers with the
-/// final message.
-fn apply_msi_write(m: &mut irqbridge_core::Msi, regs: &[u8], written: u32) {
-    let span = |from: u64, len: u64| (from..from + len).any(|b| written & (1 << b) != 0);
-    let dword = |off: u64| -> u32 {
-        let o = off as usize;
-        regs.get(o..o + 4)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u32::from_le_bytes)
-    };
-    if span(MSI_CAP_ADDRESS_LO, 8) {
-        m.write_address(
-            u64::from(dword(MSI_CAP_ADDRESS_LO)) | u64::from(dword(MSI_CAP_ADDRESS_HI)) << 32,
-        );
-    }
-    if span(MSI_CAP_DATA, 2) {
-        m.write_data(dword(MSI_CAP_DATA) as u16);
-    }
-    if span(MSI_CAP_MASK, 4) {
-        if let Err(e) = m.write_mask(dword(MSI_CAP_MASK)) {
-            warn!("pci: MSI mask write: {}", super::error_chain(&e));
-        }
-    }
-    if span(MSI_CAP_CONTROL, 2) {
-        let control = dword(MSI_CAP_CONTROL) as u16;
-        let enable = control & MSI_CONTROL_ENABLE != 0;
-        let mme = ((control >> MSI_CONTROL_MME_SHIFT) & 7) as u8;
-        if enable != m.enabled() || mme != m.mme() {
-            debug!("pci: MSI enable={enable} mme={mme}");
-        }
-        if let Err(e) = m.write_control(enable, mme) {
-            warn!("pci: MSI Message Control write: {}", super::error_chain(&e));
         }
     }
 }

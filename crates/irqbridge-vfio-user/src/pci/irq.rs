@@ -95,6 +95,15 @@ impl PciCore {
         })
     }
 
+    /// The register layout of the MSI capability: always 64-bit, Mask and Pending Bits as
+    /// the layout says.
+    pub(crate) fn msi_shape(&self) -> super::parts::MsiShape {
+        super::parts::MsiShape {
+            is64: true,
+            per_vector_mask: self.layout.msi_mask,
+        }
+    }
+
     /// The function's layout.
     pub fn layout(&self) -> &Layout {
         &self.layout

@@ -2,7 +2,10 @@
 //! device share: what is the same whether the function is emulated here or a host device
 //! whose MSI, MSI-X and BARs are virtualized (docs/passthrough.md).
 
-use super::consts::{NUM_IRQS, NUM_REGIONS};
+use irqbridge_core::Msi;
+use log::{debug, warn};
+
+use super::consts::*;
 use super::layout::BarKind;
 use crate::device::{DeviceInfo, RegionInfo};
 use crate::proto::{VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET};
@@ -73,6 +76,126 @@ pub(crate) fn msix_hit(base: u64, size: u64, offset: u64, len: usize) -> MsixHit
     }
 }
 
+/// The register layout of an MSI capability (PCI Local Bus 3.0 §6.8.1): a 32- or 64-bit
+/// message address, with or without per-vector Mask and Pending Bits. Offsets are from the
+/// capability start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MsiShape {
+    /// 64-bit message address (Message Upper Address present).
+    pub is64: bool,
+    /// Per-vector Mask and Pending Bits present.
+    pub per_vector_mask: bool,
+}
+
+impl MsiShape {
+    /// Message Data.
+    pub fn data(self) -> u64 {
+        if self.is64 {
+            MSI_CAP_DATA
+        } else {
+            MSI_CAP_DATA - 4
+        }
+    }
+
+    /// Mask Bits (with per-vector masking).
+    pub fn mask(self) -> u64 {
+        self.data() + 4
+    }
+
+    /// Pending Bits (with per-vector masking).
+    pub fn pending(self) -> u64 {
+        self.mask() + 4
+    }
+
+    /// Bytes of the capability.
+    pub fn size(self) -> u64 {
+        if self.per_vector_mask {
+            self.pending() + 4
+        } else {
+            self.data() + 2
+        }
+    }
+}
+
+/// The MSI capability's registers as the guest reads them (bytes from the capability start,
+/// header left 0), from the MSI model. Bytes past [`MsiShape::size`] are never read through
+/// the capability.
+pub(crate) fn msi_registers(m: &Msi, shape: MsiShape) -> [u8; MSI_CAP_SIZE as usize] {
+    let mut r = [0u8; MSI_CAP_SIZE as usize];
+    let mut control = (u16::from(m.mmc()) << MSI_CONTROL_MMC_SHIFT)
+        | (u16::from(m.mme()) << MSI_CONTROL_MME_SHIFT);
+    if shape.is64 {
+        control |= MSI_CONTROL_64BIT;
+    }
+    if shape.per_vector_mask {
+        control |= MSI_CONTROL_PER_VECTOR_MASK;
+    }
+    if m.enabled() {
+        control |= MSI_CONTROL_ENABLE;
+    }
+    let mut put = |off: u64, bytes: &[u8]| {
+        let off = off as usize;
+        if let Some(dst) = r.get_mut(off..off + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+    };
+    put(0, &[PCI_CAP_ID_MSI, 0]);
+    put(MSI_CAP_CONTROL, &control.to_le_bytes());
+    let address = m.address().to_le_bytes();
+    put(
+        MSI_CAP_ADDRESS_LO,
+        &address[..if shape.is64 { 8 } else { 4 }],
+    );
+    put(shape.data(), &m.data().to_le_bytes());
+    if shape.per_vector_mask {
+        put(shape.mask(), &m.mask_bits().to_le_bytes());
+        put(shape.pending(), &m.pending_bits().to_le_bytes());
+    }
+    r
+}
+
+/// Hands the written bytes of the MSI capability (`regs` as [`msi_registers`] laid them out,
+/// `written`: bit b = byte b) to the model: message first, then mask bits, then Enable / MME,
+/// so an enabling write delivers with the final message. Pending Bits are read-only; Message
+/// Address bits 1:0 read 0; mask bits of vectors that do not exist are ignored.
+pub(crate) fn apply_msi_write(m: &mut Msi, shape: MsiShape, regs: &[u8], written: u32) {
+    let span = |from: u64, len: u64| (from..from + len).any(|b| written & (1 << b) != 0);
+    let dword = |off: u64| -> u32 {
+        let o = off as usize;
+        regs.get(o..o + 4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_le_bytes)
+    };
+    let address_len = if shape.is64 { 8 } else { 4 };
+    if span(MSI_CAP_ADDRESS_LO, address_len) {
+        let high = if shape.is64 {
+            u64::from(dword(MSI_CAP_ADDRESS_HI)) << 32
+        } else {
+            0
+        };
+        m.write_address(u64::from(dword(MSI_CAP_ADDRESS_LO)) | high);
+    }
+    if span(shape.data(), 2) {
+        m.write_data(dword(shape.data()) as u16);
+    }
+    if shape.per_vector_mask && span(shape.mask(), 4) {
+        if let Err(e) = m.write_mask(dword(shape.mask())) {
+            warn!("pci: MSI mask write: {}", super::error_chain(&e));
+        }
+    }
+    if span(MSI_CAP_CONTROL, 2) {
+        let control = dword(MSI_CAP_CONTROL) as u16;
+        let enable = control & MSI_CONTROL_ENABLE != 0;
+        let mme = ((control >> MSI_CONTROL_MME_SHIFT) & 7) as u8;
+        if enable != m.enabled() || mme != m.mme() {
+            debug!("pci: MSI enable={enable} mme={mme}");
+        }
+        if let Err(e) = m.write_control(enable, mme) {
+            warn!("pci: MSI Message Control write: {}", super::error_chain(&e));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +210,47 @@ mod tests {
             bar_address_masks(BarKind::Mem64, 16),
             (0xffff_fff0, u32::MAX)
         );
+    }
+
+    #[test]
+    fn msi_registers_of_a_32_bit_capability() {
+        let shape = MsiShape {
+            is64: false,
+            per_vector_mask: true,
+        };
+        assert_eq!(
+            (shape.data(), shape.mask(), shape.pending(), shape.size()),
+            (8, 0xc, 0x10, 0x14)
+        );
+        let mut m = Msi::new(4).unwrap();
+        let mut regs = msi_registers(&m, shape);
+        regs[4..8].copy_from_slice(&0xfee0_0003u32.to_le_bytes());
+        regs[8..12].copy_from_slice(&0xffff_0041u32.to_le_bytes());
+        regs[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        regs[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        apply_msi_write(&mut m, shape, &regs, 0xffff0);
+        assert_eq!(
+            (m.address(), m.data(), m.mask_bits(), m.pending_bits()),
+            (0xfee0_0000, 0x41, 0xf, 0)
+        );
+        let r = msi_registers(&m, shape);
+        assert_eq!(
+            u16::from_le_bytes([r[2], r[3]]),
+            0x0104,
+            "MMC 2, PVM, 32-bit"
+        );
+        assert_eq!(
+            r[4..20],
+            [0, 0, 0xe0, 0xfe, 0x41, 0, 0, 0, 0xf, 0, 0, 0, 0, 0, 0, 0]
+        );
+        // Without Mask Bits the capability ends after Message Data.
+        let short = MsiShape {
+            per_vector_mask: false,
+            ..shape
+        };
+        assert_eq!(short.size(), 0x0a);
+        apply_msi_write(&mut m, short, &[0; 24], 0xf000);
+        assert_eq!(m.mask_bits(), 0xf, "no mask register to write");
     }
 
     #[test]

@@ -588,6 +588,41 @@ fn msi_mask_bits_are_virtual_with_exactly_once_pending() {
 }
 
 #[test]
+fn msi_registers_have_the_models_write_masks() {
+    let (mut dev, fake) = device(PassthroughOptions::default());
+    let rd = |dev: &mut PassthroughDevice<FakeVfio>, off: u64| {
+        let mut b = [0u8; 4];
+        dev.region_read(7, off, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    };
+    // MSI cap at 0x50: 64-bit, PVM, 4 vectors. Address bits 1:0 read 0, the upper
+    // address is whole, data is 16 bits, 4 mask bits exist, pending bits are read-only.
+    for (off, v) in [
+        (0x54, 0x1234_5677u32),
+        (0x58, 0xaabb_ccdd),
+        (0x5c, 0xffff_4321),
+        (0x60, u32::MAX),
+        (0x64, u32::MAX),
+    ] {
+        dev.region_write(7, off, &v.to_le_bytes()).unwrap();
+    }
+    assert_eq!(
+        [0x54, 0x58, 0x5c, 0x60, 0x64].map(|o| rd(&mut dev, o)),
+        [0x1234_5674, 0xaabb_ccdd, 0x4321, 0xf, 0]
+    );
+    // Message Control: the host's bits, Enable and MME as the guest wrote them.
+    dev.region_write(7, 0x52, &[0x21]).unwrap();
+    assert_eq!(rd(&mut dev, 0x50) >> 16, 0x180 | (2 << 1) | 0x21);
+    assert!(fake.st().config_writes.is_empty());
+    // Reset: all of it back to power-on.
+    dev.reset().unwrap();
+    assert_eq!(
+        [0x50, 0x54, 0x58, 0x5c, 0x60].map(|o| rd(&mut dev, o)),
+        [0x0184_7005, 0, 0, 0, 0]
+    );
+}
+
+#[test]
 fn config_space_virtual_and_host_parts() {
     let (mut dev, fake) = device(PassthroughOptions::default());
     let rd = |dev: &mut PassthroughDevice<FakeVfio>, off: u64| {
