@@ -4,10 +4,11 @@
 
 use irqbridge_core::Msi;
 use log::{debug, warn};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::consts::*;
 use super::layout::BarKind;
-use crate::device::{DeviceInfo, RegionInfo};
+use crate::device::{DeviceInfo, Errno, IrqAction, IrqData, RegionInfo, SetIrqs};
 use crate::proto::{VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET};
 
 /// What DEVICE_GET_INFO reports for a PCI function: PCI, resettable, the VFIO PCI regions
@@ -196,6 +197,95 @@ pub(crate) fn apply_msi_write(m: &mut Msi, shape: MsiShape, regs: &[u8], written
     }
 }
 
+/// A `DEVICE_SET_IRQS` request for one index, decoded by the rules all indexes share (after
+/// the kernel's `vfio_pci_set_irqs_ioctl`); each index then accepts the operations it
+/// supports.
+#[derive(Debug)]
+pub(crate) enum IrqOp {
+    /// TRIGGER with DATA_NONE and count 0: disable the index and drop its eventfds.
+    Disable,
+    /// TRIGGER with DATA_EVENTFD: sub-indexes `start..` get these eventfds (`None`: unbind).
+    Bind {
+        /// First sub-index.
+        start: u32,
+        /// One entry per sub-index.
+        fds: Vec<Option<EventFd>>,
+    },
+    /// TRIGGER with DATA_NONE or DATA_BOOL: signal the selected sub-indexes (loopback).
+    Trigger(Vec<u32>),
+    /// MASK (`masked`) or UNMASK with DATA_NONE or DATA_BOOL: the selected sub-indexes.
+    Mask {
+        /// MASK rather than UNMASK.
+        masked: bool,
+        /// The selected sub-indexes.
+        vectors: Vec<u32>,
+    },
+    /// MASK with DATA_EVENTFD (the kernel implements it nowhere).
+    MaskFd,
+    /// UNMASK with DATA_EVENTFD: the eventfd whose signal unmasks (INTx's resample eventfd).
+    UnmaskFd(Option<EventFd>),
+}
+
+impl IrqOp {
+    /// Decodes `req` for an index with `vectors` sub-indexes. DATA_NONE selects every
+    /// sub-index of the range, DATA_BOOL those whose flag is set.
+    ///
+    /// # Errors
+    /// EINVAL when the range leaves `0..vectors` (the disable request has no range).
+    pub fn decode(req: SetIrqs, vectors: u32) -> Result<IrqOp, Errno> {
+        let SetIrqs {
+            action,
+            start,
+            count,
+            data,
+            ..
+        } = req;
+        if action == IrqAction::Trigger && count == 0 && matches!(data, IrqData::None) {
+            return Ok(IrqOp::Disable);
+        }
+        let end = start.checked_add(count).filter(|e| *e <= vectors);
+        let Some(end) = end else {
+            return Err(libc::EINVAL);
+        };
+        let selected = match &data {
+            IrqData::Bool(flags) => (start..end)
+                .zip(flags)
+                .filter(|(_, on)| **on)
+                .map(|(v, _)| v)
+                .collect(),
+            _ => (start..end).collect(),
+        };
+        Ok(match (action, data) {
+            (IrqAction::Trigger, IrqData::Eventfds(mut fds)) => {
+                // An empty request (no fds at all) unbinds the whole range.
+                fds.resize_with(count as usize, || None);
+                IrqOp::Bind { start, fds }
+            }
+            (IrqAction::Mask, IrqData::Eventfds(_)) => IrqOp::MaskFd,
+            (IrqAction::Unmask, IrqData::Eventfds(fds)) => {
+                IrqOp::UnmaskFd(fds.into_iter().next().flatten())
+            }
+            (IrqAction::Trigger, _) => IrqOp::Trigger(selected),
+            (action, _) => IrqOp::Mask {
+                masked: action == IrqAction::Mask,
+                vectors: selected,
+            },
+        })
+    }
+
+    /// The request to an index the function does not have (no MSI or MSI-X capability):
+    /// only the disable request is accepted.
+    ///
+    /// # Errors
+    /// EINVAL for anything else.
+    pub fn only_disable(req: SetIrqs) -> Result<(), Errno> {
+        match IrqOp::decode(req, 0) {
+            Ok(IrqOp::Disable) => Ok(()),
+            _ => Err(libc::EINVAL),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +341,76 @@ mod tests {
         assert_eq!(short.size(), 0x0a);
         apply_msi_write(&mut m, short, &[0; 24], 0xf000);
         assert_eq!(m.mask_bits(), 0xf, "no mask register to write");
+    }
+
+    fn req(action: IrqAction, start: u32, count: u32, data: IrqData) -> SetIrqs {
+        SetIrqs {
+            index: 2,
+            action,
+            start,
+            count,
+            data,
+        }
+    }
+
+    #[test]
+    fn set_irqs_decoding() {
+        use IrqAction::*;
+        let sel = |r| match IrqOp::decode(r, 8) {
+            Ok(IrqOp::Trigger(v)) => v,
+            Ok(IrqOp::Mask { vectors, .. }) => vectors,
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(
+            IrqOp::decode(req(Trigger, 5, 0, IrqData::None), 0),
+            Ok(IrqOp::Disable)
+        ));
+        assert_eq!(sel(req(Trigger, 2, 3, IrqData::None)), vec![2, 3, 4]);
+        assert_eq!(
+            sel(req(Mask, 6, 2, IrqData::Bool(vec![false, true]))),
+            vec![7]
+        );
+        assert_eq!(sel(req(Unmask, 0, 0, IrqData::None)), Vec::<u32>::new());
+        assert!(matches!(
+            IrqOp::decode(req(Trigger, 7, 2, IrqData::None), 8),
+            Err(libc::EINVAL)
+        ));
+        assert!(matches!(
+            IrqOp::decode(req(Mask, u32::MAX, 2, IrqData::None), 8),
+            Err(libc::EINVAL)
+        ));
+        assert!(matches!(
+            IrqOp::decode(req(Unmask, 1, 1, IrqData::None), 8),
+            Ok(IrqOp::Mask { masked: false, .. })
+        ));
+        match IrqOp::decode(req(Trigger, 6, 2, IrqData::Eventfds(vec![])), 8) {
+            Ok(IrqOp::Bind { start: 6, fds }) => assert!(fds.len() == 2 && fds[1].is_none()),
+            other => panic!("{other:?}"),
+        }
+        let fd = EventFd::new(0).unwrap();
+        match IrqOp::decode(
+            req(Trigger, 3, 2, IrqData::Eventfds(vec![None, Some(fd)])),
+            8,
+        ) {
+            Ok(IrqOp::Bind { start: 3, fds }) => assert!(fds[0].is_none() && fds[1].is_some()),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            IrqOp::decode(req(Mask, 0, 1, IrqData::Eventfds(vec![None])), 8),
+            Ok(IrqOp::MaskFd)
+        ));
+        assert!(matches!(
+            IrqOp::decode(req(Unmask, 0, 1, IrqData::Eventfds(vec![None])), 1),
+            Ok(IrqOp::UnmaskFd(None))
+        ));
+        assert_eq!(
+            IrqOp::only_disable(req(Trigger, 0, 0, IrqData::None)),
+            Ok(())
+        );
+        assert_eq!(
+            IrqOp::only_disable(req(Trigger, 0, 0, IrqData::Eventfds(vec![]))),
+            Err(libc::EINVAL)
+        );
     }
 
     #[test]
