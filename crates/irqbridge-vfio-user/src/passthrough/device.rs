@@ -34,11 +34,12 @@ use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 use super::config::{HostBar, VirtConfig};
 use super::vfio::{VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VfioBackend};
 use crate::device::{
-    DeviceInfo, Errno, IoFd, IrqAction, IrqData, IrqInfo, RegionInfo, SetIrqs, SparseArea,
-    VfioUserDevice,
+    DeviceInfo, Errno, IoFd, IrqInfo, RegionInfo, SetIrqs, SparseArea, VfioUserDevice,
 };
 use crate::dma::DmaMapping;
-use crate::pci::parts::{MsiShape, MsixHit, apply_msi_write, msi_registers, msix_hit};
+use crate::pci::parts::{
+    IrqOp, MsiShape, MsixHit, apply_msi_write, msi_registers, msix_bind, msix_hit,
+};
 use crate::pci::{self, eventfd_fd};
 use crate::proto::{
     VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
@@ -521,39 +522,37 @@ impl<B: VfioBackend> PassthroughDevice<B> {
         }
     }
 
+    /// Disables `index` in the kernel if it is the active one and drops the client's fds.
+    fn disable_index(&mut self, index: u32) -> Result<(), Errno> {
+        let r = if self.active == Some(index) {
+            self.disable_active()
+        } else {
+            Ok(())
+        };
+        self.drop_client_fds(index);
+        r
+    }
+
     fn set_intx(&mut self, req: SetIrqs) -> Result<(), Errno> {
         const I: u32 = VFIO_PCI_INTX_IRQ_INDEX;
-        match (req.action, req.data) {
-            (IrqAction::Trigger, IrqData::None) if req.count == 0 => {
-                let r = if self.active == Some(I) {
-                    self.disable_active()
-                } else {
-                    Ok(())
-                };
-                self.drop_client_fds(I);
-                r
-            }
-            (IrqAction::Trigger, IrqData::Eventfds(fds)) => {
+        match IrqOp::decode(req, 1)? {
+            IrqOp::Disable => self.disable_index(I),
+            IrqOp::Bind { fds, .. } => {
                 if matches!(self.active, Some(i) if i != I) {
                     return Err(libc::EINVAL);
                 }
-                self.intx_trigger = self.forward_fd(I, VFIO_IRQ_SET_ACTION_TRIGGER, fds)?;
+                let fd = fds.into_iter().next().flatten();
+                self.intx_trigger = self.forward_fd(I, VFIO_IRQ_SET_ACTION_TRIGGER, fd)?;
                 self.active = Some(I);
                 Ok(())
             }
-            (IrqAction::Unmask, IrqData::Eventfds(fds)) => {
-                self.intx_unmask = self.forward_fd(I, VFIO_IRQ_SET_ACTION_UNMASK, fds)?;
+            IrqOp::UnmaskFd(fd) => {
+                self.intx_unmask = self.forward_fd(I, VFIO_IRQ_SET_ACTION_UNMASK, fd)?;
                 Ok(())
             }
-            (action, IrqData::None) => self.forward_none(I, action, 0, 1),
-            (action, IrqData::Bool(b)) => {
-                if b.first().copied().unwrap_or(false) {
-                    self.forward_none(I, action, 0, 1)
-                } else {
-                    Ok(())
-                }
-            }
-            (IrqAction::Mask, IrqData::Eventfds(_)) => Err(libc::ENOTTY),
+            IrqOp::Trigger(v) => self.forward_none(I, VFIO_IRQ_SET_ACTION_TRIGGER, &v),
+            IrqOp::Mask { masked, vectors } => self.forward_none(I, mask_action(masked), &vectors),
+            IrqOp::MaskFd => Err(libc::ENOTTY),
         }
     }
 
@@ -563,9 +562,8 @@ impl<B: VfioBackend> PassthroughDevice<B> {
         &mut self,
         index: u32,
         action: u32,
-        mut fds: Vec<Option<EventFd>>,
+        fd: Option<EventFd>,
     ) -> Result<Option<EventFd>, Errno> {
-        let fd = fds.pop().flatten();
         let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
         self.backend
             .set_irqs(index, VFIO_IRQ_SET_DATA_EVENTFD | action, 0, 1, &[raw])
@@ -573,67 +571,55 @@ impl<B: VfioBackend> PassthroughDevice<B> {
         Ok(fd)
     }
 
-    fn forward_none(
-        &mut self,
-        index: u32,
-        action: IrqAction,
-        start: u32,
-        count: u32,
-    ) -> Result<(), Errno> {
-        let a = match action {
-            IrqAction::Mask => VFIO_IRQ_SET_ACTION_MASK,
-            IrqAction::Unmask => VFIO_IRQ_SET_ACTION_UNMASK,
-            IrqAction::Trigger => VFIO_IRQ_SET_ACTION_TRIGGER,
-        };
-        self.backend
-            .set_irqs(index, VFIO_IRQ_SET_DATA_NONE | a, start, count, &[])
-            .map_err(|e| errno_of(&e))
+    /// `action` with DATA_NONE on the sub-indexes `vectors` (ascending), one kernel call per
+    /// run of consecutive ones.
+    fn forward_none(&mut self, index: u32, action: u32, vectors: &[u32]) -> Result<(), Errno> {
+        let mut rest = vectors;
+        while let Some(&first) = rest.first() {
+            let run = rest
+                .iter()
+                .zip(first..)
+                .take_while(|(v, want)| **v == *want)
+                .count();
+            self.backend
+                .set_irqs(
+                    index,
+                    VFIO_IRQ_SET_DATA_NONE | action,
+                    first,
+                    run as u32,
+                    &[],
+                )
+                .map_err(|e| errno_of(&e))?;
+            rest = rest.get(run..).unwrap_or_default();
+        }
+        Ok(())
     }
 
     fn set_vectors(&mut self, req: SetIrqs) -> Result<(), Errno> {
         let index = req.index;
         let n = self.vectors(index).len();
-        let start = req.start as usize;
-        let end = start + req.count as usize;
-        if end > n {
-            return Err(libc::EINVAL);
-        }
-        match (req.action, req.data) {
-            (IrqAction::Trigger, IrqData::None) if req.count == 0 => {
-                let r = if self.active == Some(index) {
-                    self.disable_active()
-                } else {
-                    Ok(())
-                };
-                self.drop_client_fds(index);
-                r
-            }
-            (IrqAction::Trigger, IrqData::Eventfds(fds)) => {
+        match IrqOp::decode(req, n as u32)? {
+            IrqOp::Disable => self.disable_index(index),
+            IrqOp::Bind { start, fds } => {
                 if matches!(self.active, Some(i) if i != index) {
                     // Like the kernel: one index at a time (disable INTx first).
                     return Err(libc::EINVAL);
                 }
+                let end = start as usize + fds.len();
                 self.drain(index);
-                for (i, fd) in fds.into_iter().enumerate() {
-                    let v = start + i;
+                for (v, fd) in (start as usize..).zip(fds) {
                     let client = fd.map(Arc::new);
-                    if index == VFIO_PCI_MSIX_IRQ_INDEX {
-                        if let (Some(m), Ok(v16)) = (self.msix.as_mut(), u16::try_from(v)) {
-                            let n: Option<Arc<dyn Notifier>> =
-                                client.clone().map(|c| c as Arc<dyn Notifier>);
-                            let bound = n.is_some();
-                            let _ = m.set_notifier(v16, n);
-                            // The client that binds a vector owns its masking (as with the
-                            // kernel's VFIO and the irqbridge test device).
-                            if bound {
-                                let _ = m.set_entry_masked(v16, false);
+                    let notifier = client.clone().map(|c| c as Arc<dyn Notifier>);
+                    match index {
+                        VFIO_PCI_MSIX_IRQ_INDEX => {
+                            if let (Some(m), Ok(v)) = (self.msix.as_mut(), u16::try_from(v)) {
+                                let _ = msix_bind(m, v, notifier);
                             }
                         }
-                    }
-                    if index == VFIO_PCI_MSI_IRQ_INDEX {
-                        if let (Some(m), Ok(v8)) = (self.msi_model.as_mut(), u8::try_from(v)) {
-                            let _ =
-                                m.set_notifier(v8, client.clone().map(|c| c as Arc<dyn Notifier>));
+                        _ => {
+                            if let (Some(m), Ok(v)) = (self.msi_model.as_mut(), u8::try_from(v)) {
+                                let _ = m.set_notifier(v, notifier);
+                            }
                         }
                     }
                     if let Some(x) = self.vectors_mut(index).get_mut(v) {
@@ -666,41 +652,16 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                 }
                 r
             }
-            (IrqAction::Trigger, IrqData::None) => {
+            IrqOp::Trigger(v) => {
                 if self.active != Some(index) {
                     return Err(libc::EINVAL);
                 }
-                self.forward_none(index, IrqAction::Trigger, req.start, req.count)
+                self.forward_none(index, VFIO_IRQ_SET_ACTION_TRIGGER, &v)
             }
-            (IrqAction::Trigger, IrqData::Bool(b)) => {
-                if self.active != Some(index) {
-                    return Err(libc::EINVAL);
-                }
-                for (i, on) in b.iter().enumerate() {
-                    if *on {
-                        self.forward_none(index, IrqAction::Trigger, (start + i) as u32, 1)?;
-                    }
-                }
-                Ok(())
-            }
-            (action @ (IrqAction::Mask | IrqAction::Unmask), data) => {
-                if index != VFIO_PCI_MSIX_IRQ_INDEX {
-                    return Err(libc::ENOTTY);
-                }
-                let sel: Vec<usize> = match data {
-                    IrqData::None => (start..end).collect(),
-                    IrqData::Bool(b) => b
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, on)| **on)
-                        .map(|(i, _)| start + i)
-                        .collect(),
-                    IrqData::Eventfds(_) => return Err(libc::ENOTTY),
-                };
-                let masked = action == IrqAction::Mask;
+            IrqOp::Mask { masked, vectors } if index == VFIO_PCI_MSIX_IRQ_INDEX => {
                 self.with_masks(index, |d| {
                     if let Some(m) = d.msix.as_mut() {
-                        for v in sel {
+                        for v in vectors {
                             if let Ok(v) = u16::try_from(v) {
                                 let _ = m.set_host_mask(v, masked);
                             }
@@ -709,6 +670,7 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                 });
                 Ok(())
             }
+            IrqOp::Mask { .. } | IrqOp::MaskFd | IrqOp::UnmaskFd(_) => Err(libc::ENOTTY),
         }
     }
 
@@ -976,25 +938,32 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
             VFIO_PCI_MSI_IRQ_INDEX | VFIO_PCI_MSIX_IRQ_INDEX => self.set_vectors(req),
             i @ (VFIO_PCI_ERR_IRQ_INDEX | VFIO_PCI_REQ_IRQ_INDEX) => {
                 let slot = (i - VFIO_PCI_ERR_IRQ_INDEX) as usize;
-                match (req.action, req.data) {
-                    (IrqAction::Trigger, IrqData::Eventfds(fds)) => {
-                        let fd = self.forward_fd(i, VFIO_IRQ_SET_ACTION_TRIGGER, fds)?;
-                        if let Some(s) = self.other_triggers.get_mut(slot) {
-                            *s = fd;
-                        }
-                        Ok(())
+                let fd = match IrqOp::decode(req, 1)? {
+                    IrqOp::Bind { fds, .. } => {
+                        let fd = fds.into_iter().next().flatten();
+                        self.forward_fd(i, VFIO_IRQ_SET_ACTION_TRIGGER, fd)?
                     }
-                    (IrqAction::Trigger, IrqData::None) => {
-                        self.forward_none(i, IrqAction::Trigger, req.start, req.count)?;
-                        if req.count == 0 {
-                            if let Some(s) = self.other_triggers.get_mut(slot) {
-                                *s = None;
-                            }
-                        }
-                        Ok(())
+                    IrqOp::Disable => {
+                        self.backend
+                            .set_irqs(
+                                i,
+                                VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+                                0,
+                                0,
+                                &[],
+                            )
+                            .map_err(|e| errno_of(&e))?;
+                        None
                     }
-                    _ => Err(libc::EINVAL),
+                    IrqOp::Trigger(v) => {
+                        return self.forward_none(i, VFIO_IRQ_SET_ACTION_TRIGGER, &v);
+                    }
+                    _ => return Err(libc::EINVAL),
+                };
+                if let Some(s) = self.other_triggers.get_mut(slot) {
+                    *s = fd;
                 }
+                Ok(())
             }
             _ => Err(libc::EINVAL),
         }
@@ -1198,6 +1167,15 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
             // SAFETY: `host`/`len` are a mapping made in try_dma_map, unmapped once.
             unsafe { libc::munmap(m.host as *mut libc::c_void, len) };
         }
+    }
+}
+
+/// The VFIO action of a MASK (`masked`) or UNMASK request.
+fn mask_action(masked: bool) -> u32 {
+    if masked {
+        VFIO_IRQ_SET_ACTION_MASK
+    } else {
+        VFIO_IRQ_SET_ACTION_UNMASK
     }
 }
 

@@ -21,7 +21,7 @@ use super::Error;
 use super::config::ConfigSpace;
 use super::consts::*;
 use super::layout::Layout;
-use super::parts::IrqOp;
+use super::parts::{IrqOp, msix_bind};
 use crate::device::{Errno, IrqInfo, SetIrqs};
 use crate::proto::{
     VFIO_IRQ_INFO_AUTOMASKED as IRQ_INFO_AUTOMASKED, VFIO_IRQ_INFO_EVENTFD as IRQ_INFO_EVENTFD,
@@ -410,16 +410,8 @@ impl PciCore {
         match IrqOp::decode(req, u32::from(msix.num_vectors()))? {
             IrqOp::Bind { start, fds } => {
                 for (v, fd) in (start..).zip(fds) {
-                    let v = v as u16;
-                    match fd {
-                        Some(fd) => {
-                            let n: Arc<dyn Notifier> = Arc::new(fd);
-                            msix.set_notifier(v, Some(n)).map_err(|_| libc::EINVAL)?;
-                            // The VMM that binds a vector owns its masking (docs/device-abi.md).
-                            log_err("MSI-X vector bind", msix.set_entry_masked(v, false));
-                        }
-                        None => msix.set_notifier(v, None).map_err(|_| libc::EINVAL)?,
-                    }
+                    let n = fd.map(|fd| Arc::new(fd) as Arc<dyn Notifier>);
+                    msix_bind(msix, v as u16, n).map_err(|_| libc::EINVAL)?;
                 }
                 Ok(())
             }

@@ -2,7 +2,9 @@
 //! device share: what is the same whether the function is emulated here or a host device
 //! whose MSI, MSI-X and BARs are virtualized (docs/passthrough.md).
 
-use irqbridge_core::Msi;
+use std::sync::Arc;
+
+use irqbridge_core::{Msi, Msix, Notifier};
 use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -195,6 +197,24 @@ pub(crate) fn apply_msi_write(m: &mut Msi, shape: MsiShape, regs: &[u8], written
             warn!("pci: MSI Message Control write: {}", super::error_chain(&e));
         }
     }
+}
+
+/// Binds (`Some`) or unbinds MSI-X vector `v`'s notifier. The client that binds a vector owns
+/// its masking (docs/device-abi.md, as with the kernel's VFIO): the entry's mask is cleared.
+///
+/// # Errors
+/// The model's error for a vector out of range.
+pub(crate) fn msix_bind(
+    m: &mut Msix,
+    v: u16,
+    n: Option<Arc<dyn Notifier>>,
+) -> Result<(), irqbridge_core::Error> {
+    let bound = n.is_some();
+    m.set_notifier(v, n)?;
+    if bound {
+        m.set_entry_masked(v, false)?;
+    }
+    Ok(())
 }
 
 /// A `DEVICE_SET_IRQS` request for one index, decoded by the rules all indexes share (after

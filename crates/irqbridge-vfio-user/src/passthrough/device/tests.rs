@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::*;
+use crate::device::{IrqAction, IrqData};
 use crate::dma::DmaTable;
 use crate::passthrough::config::tests::image;
 use crate::passthrough::vfio::{HostIrq, HostRegion, VfioDevice};
@@ -425,6 +426,51 @@ fn host_mask_and_unmask_messages() {
         data: IrqData::None,
     });
     assert_eq!(e, Err(libc::ENOTTY));
+}
+
+#[test]
+fn loopback_triggers_reach_the_kernel_in_runs() {
+    let (mut dev, fake) = device(PassthroughOptions::default());
+    let fds: Vec<EventFd> = (0..5).map(|_| efd()).collect();
+    bind(&mut dev, 2, &fds.iter().collect::<Vec<_>>());
+    let before = fake.st().calls.len();
+    dev.set_irqs(SetIrqs {
+        index: 2,
+        action: IrqAction::Trigger,
+        start: 0,
+        count: 5,
+        data: IrqData::Bool(vec![true, false, true, true, false]),
+    })
+    .unwrap();
+    let calls: Vec<(u32, u32)> = fake.st().calls[before..]
+        .iter()
+        .map(|c| (c.2, c.3))
+        .collect();
+    assert_eq!(calls, vec![(0, 1), (2, 2)]);
+    assert_eq!(
+        fds.iter().map(count).collect::<Vec<_>>(),
+        vec![1, 0, 1, 1, 0]
+    );
+    // Past the table: refused before anything reaches the kernel.
+    let e = dev.set_irqs(SetIrqs {
+        index: 2,
+        action: IrqAction::Trigger,
+        start: 4,
+        count: 2,
+        data: IrqData::None,
+    });
+    assert_eq!(e, Err(libc::EINVAL));
+    assert_eq!(fake.st().calls.len(), before + 2);
+    // ERR: a DATA_BOOL loopback that selects nothing reaches nothing.
+    dev.set_irqs(SetIrqs {
+        index: 3,
+        action: IrqAction::Trigger,
+        start: 0,
+        count: 1,
+        data: IrqData::Bool(vec![false]),
+    })
+    .unwrap();
+    assert_eq!(fake.st().calls.len(), before + 2, "nothing selected");
 }
 
 #[test]
