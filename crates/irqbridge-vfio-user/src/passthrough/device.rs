@@ -522,6 +522,15 @@ impl<B: VfioBackend> PassthroughDevice<B> {
         }
     }
 
+    /// EINVAL unless `len` bytes at `offset` lie inside region `index`.
+    fn check_region(&self, index: u32, offset: u64, len: usize) -> Result<(), Errno> {
+        let size = self.region_info(index).size;
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(libc::EINVAL),
+        }
+    }
+
     /// Disables `index` in the kernel if it is the active one and drops the client's fds.
     fn disable_index(&mut self, index: u32) -> Result<(), Errno> {
         let r = if self.active == Some(index) {
@@ -970,13 +979,7 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
     }
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
-        let size = self.region_info(index).size;
-        if offset
-            .checked_add(data.len() as u64)
-            .is_none_or(|e| e > size)
-        {
-            return Err(libc::EINVAL);
-        }
+        self.check_region(index, offset, data.len())?;
         match index {
             0..=5 => self.bar_access(index, offset, data.len(), None, Some(data)),
             VFIO_PCI_ROM_REGION_INDEX => self
@@ -989,13 +992,7 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
     }
 
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
-        let size = self.region_info(index).size;
-        if offset
-            .checked_add(data.len() as u64)
-            .is_none_or(|e| e > size)
-        {
-            return Err(libc::EINVAL);
-        }
+        self.check_region(index, offset, data.len())?;
         match index {
             0..=5 => self.bar_access(index, offset, data.len(), Some(data), None),
             VFIO_PCI_CONFIG_REGION_INDEX => self.config_write(offset, data),

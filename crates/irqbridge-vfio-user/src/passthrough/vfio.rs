@@ -305,24 +305,63 @@ unsafe fn ioctl(fd: BorrowedFd<'_>, req: libc::Ioctl, arg: libc::c_ulong) -> io:
     }
 }
 
-/// One per-index info query on the device fd (`arg` has argsz and index set): the filled
-/// structure, or `None` when vfio-pci answers EINVAL for an index the device lacks (ERR
-/// without PCIe, an absent BAR).
+/// `req` on `fd` with `arg` (argsz set), which the kernel fills in; the filled structure.
 ///
 /// # Safety
 /// `req` must be an ioctl that reads and writes exactly a `T`.
-unsafe fn index_info<T>(
+unsafe fn filled<T>(fd: BorrowedFd<'_>, req: libc::Ioctl, mut arg: T) -> io::Result<T> {
+    // SAFETY: `arg` is a live T, which is what `req` reads and writes (the caller's promise).
+    unsafe { ioctl(fd, req, &mut arg as *mut T as libc::c_ulong) }?;
+    Ok(arg)
+}
+
+/// The per-index infos of the device fd for indexes `0..count`: `arg(index)` is the
+/// structure to fill (argsz and index set), `keep` what is kept of a filled one. vfio-pci
+/// answers EINVAL for an index the device lacks (ERR without PCIe, an absent BAR): that one
+/// is `H::default()`.
+///
+/// # Safety
+/// `req` must be an ioctl that reads and writes exactly a `T`.
+unsafe fn index_infos<T, H: Default>(
     device: &File,
     req: libc::Ioctl,
     what: &'static str,
-    mut arg: T,
-) -> Result<Option<T>, OpenError> {
-    // SAFETY: `arg` is a live T, which is what `req` reads and writes (the caller's promise).
-    match unsafe { ioctl(device.as_fd(), req, &mut arg as *mut T as libc::c_ulong) } {
-        Ok(_) => Ok(Some(arg)),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
-        Err(e) => Err(ioctl_err(what)(e)),
-    }
+    count: u32,
+    arg: impl Fn(u32) -> T,
+    keep: impl Fn(&T) -> H,
+) -> Result<Vec<H>, OpenError> {
+    (0..count)
+        .map(|index| {
+            // SAFETY: `req` reads and writes exactly a `T` (the caller's promise).
+            match unsafe { filled(device.as_fd(), req, arg(index)) } {
+                Ok(a) => Ok(keep(&a)),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(H::default()),
+                Err(e) => Err(ioctl_err(what)(e)),
+            }
+        })
+        .collect()
+}
+
+/// [`index_infos`] for a VFIO info structure `$ty` with `argsz` and `index` fields, filled by
+/// `$req`.
+macro_rules! infos {
+    ($device:expr, $req:ident, $ty:ident, $count:expr, |$r:ident| $keep:expr) => {
+        // SAFETY: `$req` reads and writes exactly a `$ty` (the uapi pairs them).
+        unsafe {
+            index_infos(
+                &$device,
+                $req,
+                stringify!($req),
+                $count,
+                |index| $ty {
+                    argsz: std::mem::size_of::<$ty>() as u32,
+                    index,
+                    ..Default::default()
+                },
+                |$r: &$ty| $keep,
+            )
+        }
+    };
 }
 
 fn open_rw(path: &Path) -> Result<File, OpenError> {
@@ -389,19 +428,13 @@ impl VfioDevice {
         }
 
         let group_file = open_rw(&paths.dev_vfio.join(group.to_string()))?;
-        let mut status = vfio_group_status {
+        let status = vfio_group_status {
             argsz: std::mem::size_of::<vfio_group_status>() as u32,
             flags: 0,
         };
-        // SAFETY: `status` is a live vfio_group_status with argsz set; the kernel fills flags.
-        unsafe {
-            ioctl(
-                group_file.as_fd(),
-                VFIO_GROUP_GET_STATUS,
-                &mut status as *mut _ as libc::c_ulong,
-            )
-        }
-        .map_err(ioctl_err("VFIO_GROUP_GET_STATUS"))?;
+        // SAFETY: GET_STATUS fills the flags of a vfio_group_status.
+        let status = unsafe { filled(group_file.as_fd(), VFIO_GROUP_GET_STATUS, status) }
+            .map_err(ioctl_err("VFIO_GROUP_GET_STATUS"))?;
         if status.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
             return Err(OpenError::GroupNotViable { group });
         }
@@ -438,68 +471,38 @@ impl VfioDevice {
         // SAFETY: the ioctl returned a new descriptor that nothing else owns.
         let device = unsafe { File::from_raw_fd(dfd) };
 
-        let mut info = vfio_device_info {
+        let info = vfio_device_info {
             argsz: std::mem::size_of::<vfio_device_info>() as u32,
             ..Default::default()
         };
-        // SAFETY: `info` is a live vfio_device_info with argsz set.
-        unsafe {
-            ioctl(
-                device.as_fd(),
-                VFIO_DEVICE_GET_INFO,
-                &mut info as *mut _ as libc::c_ulong,
-            )
-        }
-        .map_err(ioctl_err("VFIO_DEVICE_GET_INFO"))?;
+        // SAFETY: GET_INFO fills a vfio_device_info.
+        let info = unsafe { filled(device.as_fd(), VFIO_DEVICE_GET_INFO, info) }
+            .map_err(ioctl_err("VFIO_DEVICE_GET_INFO"))?;
         if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
             return Err(OpenError::NotPci(bdf.to_string()));
         }
-        let regions = (0..info.num_regions.min(VFIO_PCI_NUM_REGIONS))
-            .map(|index| {
-                let r = vfio_region_info {
-                    argsz: std::mem::size_of::<vfio_region_info>() as u32,
-                    index,
-                    ..Default::default()
-                };
-                // SAFETY: GET_REGION_INFO fills a vfio_region_info; with argsz 32 the kernel
-                // writes no capability data past it.
-                let r = unsafe {
-                    index_info(
-                        &device,
-                        VFIO_DEVICE_GET_REGION_INFO,
-                        "VFIO_DEVICE_GET_REGION_INFO",
-                        r,
-                    )
-                }?;
-                Ok(r.map_or_else(HostRegion::default, |r| HostRegion {
-                    flags: r.flags,
-                    size: r.size,
-                    offset: r.offset,
-                }))
-            })
-            .collect::<Result<Vec<_>, OpenError>>()?;
-        let irqs = (0..info.num_irqs.min(VFIO_PCI_NUM_IRQS))
-            .map(|index| {
-                let q = vfio_irq_info {
-                    argsz: std::mem::size_of::<vfio_irq_info>() as u32,
-                    index,
-                    ..Default::default()
-                };
-                // SAFETY: GET_IRQ_INFO fills a vfio_irq_info.
-                let q = unsafe {
-                    index_info(
-                        &device,
-                        VFIO_DEVICE_GET_IRQ_INFO,
-                        "VFIO_DEVICE_GET_IRQ_INFO",
-                        q,
-                    )
-                }?;
-                Ok(q.map_or_else(HostIrq::default, |q| HostIrq {
-                    flags: q.flags,
-                    count: q.count,
-                }))
-            })
-            .collect::<Result<Vec<_>, OpenError>>()?;
+        // With argsz 32 the kernel writes no region capability data past the structure.
+        let regions = infos!(
+            device,
+            VFIO_DEVICE_GET_REGION_INFO,
+            vfio_region_info,
+            info.num_regions.min(VFIO_PCI_NUM_REGIONS),
+            |r| HostRegion {
+                flags: r.flags,
+                size: r.size,
+                offset: r.offset,
+            }
+        )?;
+        let irqs = infos!(
+            device,
+            VFIO_DEVICE_GET_IRQ_INFO,
+            vfio_irq_info,
+            info.num_irqs.min(VFIO_PCI_NUM_IRQS),
+            |q| HostIrq {
+                flags: q.flags,
+                count: q.count,
+            }
+        )?;
         Ok(VfioDevice {
             bdf: bdf.clone(),
             group,
