@@ -18,6 +18,7 @@
 //!   read-only).
 
 use crate::pci::BarKind;
+use crate::pci::config::ConfigSpace;
 use crate::pci::parts::{MsiShape, bar_address_masks};
 
 /// PCI config space size of a conventional device.
@@ -130,9 +131,8 @@ pub struct HostBar {
 pub struct VirtConfig {
     size: usize,
     virt: Vec<bool>,
-    bytes: Vec<u8>,
-    wmask: Vec<u8>,
-    power_on: Vec<u8>,
+    /// The virtual bytes and their write masks (the pci model's config image).
+    space: ConfigSpace,
     msi: Option<MsiCap>,
     msix: Option<MsixCap>,
 }
@@ -156,9 +156,7 @@ impl VirtConfig {
         let mut c = VirtConfig {
             size,
             virt: vec![false; size],
-            bytes: vec![0; size],
-            wmask: vec![0; size],
-            power_on: Vec::new(),
+            space: ConfigSpace::blank(size),
             msi: None,
             msix: None,
         };
@@ -219,7 +217,6 @@ impl VirtConfig {
                 ptr = usize::from(next & 0xfc);
             }
         }
-        c.power_on = c.bytes.clone();
         c
     }
 
@@ -269,14 +266,10 @@ impl VirtConfig {
     fn set_virtual(&mut self, off: usize, value: u32, wmask: u32, len: usize) {
         for i in 0..len.min(4) {
             let o = off + i;
-            if let (Some(v), Some(b), Some(m)) = (
-                self.virt.get_mut(o),
-                self.bytes.get_mut(o),
-                self.wmask.get_mut(o),
-            ) {
+            if let Some(v) = self.virt.get_mut(o) {
                 *v = true;
-                *b = (value >> (8 * i)) as u8;
-                *m = (wmask >> (8 * i)) as u8;
+                let (value, wmask) = ((value >> (8 * i)) as u8, (wmask >> (8 * i)) as u8);
+                self.space.set_power_on(o as u64, value, wmask);
             }
         }
     }
@@ -314,7 +307,7 @@ impl VirtConfig {
     /// Reads virtual bytes at `offset`.
     pub fn read(&self, offset: usize, out: &mut [u8]) {
         for (i, b) in out.iter_mut().enumerate() {
-            *b = self.bytes.get(offset + i).copied().unwrap_or(0);
+            *b = self.space.byte((offset + i) as u64);
         }
     }
 
@@ -323,10 +316,7 @@ impl VirtConfig {
         let mut ch = ConfigChange::default();
         for (i, v) in data.iter().enumerate() {
             let o = offset + i;
-            let (Some(b), Some(m)) = (self.bytes.get_mut(o), self.wmask.get(o)) else {
-                continue;
-            };
-            *b = (*b & !m) | (v & m);
+            self.space.write_byte(o as u64, *v);
             if self
                 .msi
                 .is_some_and(|m| (m.control_off()..m.control_off() + 2).contains(&o))
@@ -344,12 +334,12 @@ impl VirtConfig {
 
     /// A 32-bit virtual value (for the device's own use).
     pub fn get32(&self, offset: usize) -> u32 {
-        get_u32(&self.bytes, offset)
+        self.space.dword(offset as u64)
     }
 
     /// A 16-bit virtual value (for the device's own use).
     pub fn get16(&self, offset: usize) -> u16 {
-        get_u16(&self.bytes, offset)
+        self.space.word(offset as u64)
     }
 
     /// MSI Enable.
@@ -380,7 +370,7 @@ impl VirtConfig {
     /// Back to the state at open: BAR addresses and ROM as the host had them, MSI and MSI-X
     /// disabled and unmasked, pending bits clear.
     pub fn reset(&mut self) {
-        self.bytes.copy_from_slice(&self.power_on);
+        self.space.reset();
     }
 }
 

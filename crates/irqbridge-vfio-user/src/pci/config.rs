@@ -134,6 +134,36 @@ impl ConfigSpace {
         }
     }
 
+    /// An image of `size` zero bytes without write masks, filled byte by byte with
+    /// [`set_power_on`](Self::set_power_on): the virtual bytes of a function that is not
+    /// built from a [`Layout`] (a passed-through host device).
+    pub fn blank(size: usize) -> Self {
+        let zeros = vec![0u8; size].into_boxed_slice();
+        ConfigSpace {
+            bytes: zeros.clone(),
+            rw: zeros.clone(),
+            rw1c: zeros.clone(),
+            power_on: zeros,
+            msix_cap: None,
+            msi_cap: None,
+        }
+    }
+
+    /// Sets one byte's power-on (and current) value and its read-write mask; outside the
+    /// image it is ignored.
+    pub fn set_power_on(&mut self, offset: u64, value: u8, rw: u8) {
+        let Ok(i) = usize::try_from(offset) else {
+            return;
+        };
+        if let (Some(b), Some(p), Some(m)) = (
+            self.bytes.get_mut(i),
+            self.power_on.get_mut(i),
+            self.rw.get_mut(i),
+        ) {
+            (*b, *p, *m) = (value, value, rw);
+        }
+    }
+
     /// Which interrupt model owns the byte at `offset`, if any.
     pub fn owner(&self, offset: u64) -> Option<Owner> {
         if let Some(cap) = self.msix_cap {
@@ -189,6 +219,11 @@ impl ConfigSpace {
     /// A little-endian 16-bit field of the image.
     pub fn word(&self, offset: u64) -> u16 {
         u16::from_le_bytes([self.byte(offset), self.byte(offset + 1)])
+    }
+
+    /// A little-endian 32-bit field of the image.
+    pub fn dword(&self, offset: u64) -> u32 {
+        u32::from(self.word(offset)) | u32::from(self.word(offset + 2)) << 16
     }
 
     /// Sets one byte ignoring the masks (device side); outside the image it is ignored.

@@ -197,14 +197,7 @@ impl PciCore {
     pub fn bar_address(&self, index: u32) -> Option<u64> {
         let bar = self.layout.bar(index)?;
         let off = PCI_BAR0 + 4 * u64::from(index);
-        let dword = |o: u64| {
-            u32::from_le_bytes([
-                self.config.byte(o),
-                self.config.byte(o + 1),
-                self.config.byte(o + 2),
-                self.config.byte(o + 3),
-            ])
-        };
+        let dword = |o: u64| self.config.dword(o);
         let lo = dword(off);
         Some(match bar.kind {
             super::BarKind::Io => u64::from(lo & !0x3),

@@ -68,7 +68,7 @@
 
 #![deny(missing_docs)]
 
-mod config;
+pub(crate) mod config;
 pub mod consts;
 mod function;
 mod irq;
