@@ -1,8 +1,9 @@
 //! [`PassthroughDevice`]: a host VFIO PCI device served over vfio-user.
 //!
-//! Implemented directly on [`VfioUserDevice`] (the reusable PCI function model of the
-//! device-framework issue was not ready when this was written; the MSI-X table and PBA use
-//! `irqbridge-core`'s [`Msix`] model). The type is `Send`.
+//! Implemented on [`VfioUserDevice`] with the pieces of the [`pci`] model that mean the same
+//! for a host device (`pci::parts`: SET_IRQS decoding, MSI register layout and writes, MSI-X
+//! access classes and binding, BAR masks); the MSI registers and the MSI-X table and PBA are
+//! `irqbridge-core`'s [`Msi`] and [`Msix`] models. The type is `Send`.
 //!
 //! # Interrupts
 //! - **INTx**: the client's TRIGGER eventfd and UNMASK eventfd (a KVM resamplefd) go straight
