@@ -13,13 +13,13 @@
 //!   writable, the rest as the host has it; enabling MSI on the host is done with `SET_IRQS`,
 //!   not with config writes), address, data, mask and pending bits in the MSI model of
 //!   `irqbridge-core`, laid out and written by the same code as the
-//!   [`PciFunction`](crate::pci::PciFunction) model (see [`VirtConfig::msi_register`]);
+//!   [`PciFunction`](crate::pci::PciFunction) model (`MsiCap::window`);
 //! - the whole MSI-X capability (Enable and Function Mask writable, table and PBA location
 //!   read-only).
 
 use crate::pci::BarKind;
 use crate::pci::config::ConfigSpace;
-use crate::pci::parts::{MsiShape, bar_address_masks};
+use crate::pci::parts::{MsiShape, MsiWindow, bar_address_masks};
 
 /// PCI config space size of a conventional device.
 pub const PCI_CONFIG_SIZE: usize = 256;
@@ -54,6 +54,15 @@ impl MsiCap {
         MsiShape {
             is64: self.is64,
             per_vector_mask: self.pvm,
+        }
+    }
+    /// The registers the MSI model serves: address, data, mask and pending bits (Message
+    /// Control is virtual bytes here).
+    pub(crate) fn window(&self) -> MsiWindow {
+        MsiWindow {
+            cap: self.offset as u64,
+            from: 4,
+            shape: self.shape(),
         }
     }
     /// Message Control.
@@ -348,14 +357,6 @@ impl VirtConfig {
             .is_some_and(|m| self.get16(m.control_off()) & 1 != 0)
     }
 
-    /// The byte of the MSI capability at config `offset` that the MSI model serves (address,
-    /// data, mask and pending bits): its index from the capability start.
-    pub fn msi_register(&self, offset: usize) -> Option<u64> {
-        let m = self.msi?;
-        let rel = offset.checked_sub(m.offset)?;
-        (4..m.size()).contains(&rel).then_some(rel as u64)
-    }
-
     /// MSI-X Enable and Function Mask as written.
     pub fn msix_control(&self) -> (bool, bool) {
         match self.msix {
@@ -501,13 +502,13 @@ pub(crate) mod tests {
         // tested in device/tests.rs); here they stay 0.
         assert_eq!(
             (
-                c.msi_register(0x53),
-                c.msi_register(0x54),
-                c.msi_register(0x67)
+                msi.window().register(0x53),
+                msi.window().register(0x54),
+                msi.window().register(0x67)
             ),
             (None, Some(4), Some(0x17))
         );
-        assert_eq!(c.msi_register(0x68), None);
+        assert_eq!(msi.window().register(0x68), None);
         let ch = w32(&mut c, 0x60, 0xffff_ffff);
         assert_eq!(ch, ConfigChange::default());
         assert_eq!(c.get32(0x60), 0);

@@ -38,9 +38,7 @@ use crate::device::{
     DeviceInfo, Errno, IoFd, IrqInfo, RegionInfo, SetIrqs, SparseArea, VfioUserDevice,
 };
 use crate::dma::DmaMapping;
-use crate::pci::parts::{
-    IrqOp, MsiShape, MsixHit, apply_msi_write, msi_registers, msix_bind, msix_hit,
-};
+use crate::pci::parts::{IrqOp, MsixHit, apply_msi_write, msix_bind, msix_hit};
 use crate::pci::{self, eventfd_fd};
 use crate::proto::{
     VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
@@ -761,12 +759,7 @@ impl<B: VfioBackend> PassthroughDevice<B> {
             if virt {
                 self.config.read(o, dst);
                 if let (Some(cap), Some(m)) = (self.config.msi(), self.msi_model.as_ref()) {
-                    let regs = msi_registers(m, cap.shape());
-                    for (i, b) in dst.iter_mut().enumerate() {
-                        if let Some(r) = self.config.msi_register(o + i) {
-                            *b = regs.get(r as usize).copied().unwrap_or(0);
-                        }
-                    }
+                    cap.window().read(m, o as u64, dst);
                 }
             } else {
                 self.backend
@@ -803,31 +796,17 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                     }
                 });
             }
-            if let Some((regs, written, shape)) = self.msi_bytes(o, src) {
+            let msi = match (self.config.msi(), self.msi_model.as_ref()) {
+                (Some(cap), Some(m)) => cap.window().collect(m, o as u64, src).zip(Some(cap)),
+                _ => None,
+            };
+            if let Some(((regs, written), cap)) = msi {
                 self.with_masks(VFIO_PCI_MSI_IRQ_INDEX, |d| {
-                    d.msi_write(|m| apply_msi_write(m, shape, &regs, written));
+                    d.msi_write(|m| apply_msi_write(m, cap.shape(), &regs, written));
                 });
             }
         }
         Ok(())
-    }
-
-    /// The MSI registers with the bytes of a guest write at config `o` that the MSI model
-    /// serves put in, and which bytes those are (None: none).
-    fn msi_bytes(&self, o: usize, src: &[u8]) -> Option<([u8; 24], u32, MsiShape)> {
-        let (cap, m) = (self.config.msi()?, self.msi_model.as_ref()?);
-        let mut regs = msi_registers(m, cap.shape());
-        let mut written = 0u32;
-        for (i, v) in src.iter().enumerate() {
-            let Some(r) = self.config.msi_register(o + i) else {
-                continue;
-            };
-            if let Some(x) = regs.get_mut(r as usize) {
-                *x = *v;
-                written |= 1 << r;
-            }
-        }
-        (written != 0).then_some((regs, written, cap.shape()))
     }
 
     fn host_command(&mut self, clear: u16) {

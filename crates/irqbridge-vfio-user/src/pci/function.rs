@@ -13,7 +13,7 @@ use super::config::Owner;
 use super::consts::*;
 use super::irq::PciCore;
 use super::layout::{BarKind, Layout};
-use super::parts::{MsixHit, apply_msi_write, msi_registers, msix_hit};
+use super::parts::{MsixHit, apply_msi_write, msix_hit};
 use super::{BarIndex, ConfigEffect, DEVICE_TOKEN_LIMIT, Error, PciDevice, eventfd_fd};
 use crate::device::{
     DeviceInfo, Errno, IoFd, IrqInfo, RegionInfo, SetIrqs, SparseArea, VfioUserDevice,
@@ -194,10 +194,6 @@ impl<D: PciDevice> PciFunction<D> {
     fn config_read(&self, offset: u64, data: &mut [u8]) {
         let core = &self.core;
         let msix_ctl = core.msix.as_ref().map_or(0, |m| m.message_control());
-        let msi = core
-            .msi
-            .as_ref()
-            .map(|m| msi_registers(m, core.msi_shape()));
         for (i, out) in data.iter_mut().enumerate() {
             let Some(off) = offset.checked_add(i as u64) else {
                 *out = 0;
@@ -205,10 +201,8 @@ impl<D: PciDevice> PciFunction<D> {
             };
             *out = match core.config.owner(off) {
                 Some(Owner::MsixControl(b)) => msix_ctl.to_le_bytes()[(b & 1) as usize],
-                Some(Owner::Msi(b)) => msi
-                    .as_ref()
-                    .and_then(|r| r.get(usize::try_from(b).ok()?).copied())
-                    .unwrap_or(0),
+                // Filled in below.
+                Some(Owner::Msi(_)) => 0,
                 None => {
                     let mut b = core.config.byte(off);
                     if off == PCI_STATUS && core.intx.level() {
@@ -218,13 +212,19 @@ impl<D: PciDevice> PciFunction<D> {
                 }
             };
         }
+        if let (Some(w), Some(m)) = (core.msi_window(), &core.msi) {
+            w.read(m, offset, data);
+        }
     }
 
     fn config_write(&mut self, offset: u64, data: &[u8]) {
         let core = &mut self.core;
         let old_command = core.config.word(PCI_COMMAND);
         let mut msix_ctl: Option<[u8; 2]> = None;
-        let mut msi: Option<([u8; MSI_CAP_SIZE as usize], u32)> = None;
+        let msi = match (core.msi_window(), &core.msi) {
+            (Some(w), Some(m)) => w.collect(m, offset, data),
+            _ => None,
+        };
         let mut bars = 0u8;
         let mut image = false;
         for (i, &value) in data.iter().enumerate() {
@@ -239,21 +239,8 @@ impl<D: PciDevice> PciFunction<D> {
                         *r = value;
                     }
                 }
-                Some(Owner::Msi(b)) => {
-                    let (regs, written) = msi.get_or_insert_with(|| {
-                        (
-                            core.msi
-                                .as_ref()
-                                .map(|m| msi_registers(m, core.msi_shape()))
-                                .unwrap_or_default(),
-                            0,
-                        )
-                    });
-                    if let Some(r) = usize::try_from(b).ok().and_then(|b| regs.get_mut(b)) {
-                        *r = value;
-                        *written |= 1 << b;
-                    }
-                }
+                // Collected above.
+                Some(Owner::Msi(_)) => {}
                 None => {
                     core.config.write_byte(off, value);
                     if (PCI_BAR0..PCI_BAR0 + 24).contains(&off) {

@@ -92,6 +92,15 @@ impl PciCore {
         }
     }
 
+    /// The MSI registers the MSI model serves: the whole capability after its header.
+    pub(crate) fn msi_window(&self) -> Option<super::parts::MsiWindow> {
+        Some(super::parts::MsiWindow {
+            cap: self.layout.cap_offset(PCI_CAP_ID_MSI)?,
+            from: MSI_CAP_CONTROL,
+            shape: self.msi_shape(),
+        })
+    }
+
     /// The function's layout.
     pub fn layout(&self) -> &Layout {
         &self.layout

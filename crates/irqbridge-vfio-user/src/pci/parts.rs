@@ -157,6 +157,57 @@ pub(crate) fn msi_registers(m: &Msi, shape: MsiShape) -> [u8; MSI_CAP_SIZE as us
     r
 }
 
+/// The MSI registers a model serves in config space: bytes `from..` [`MsiShape::size`] of the
+/// capability at `cap` (from 2, Message Control included, in a [`PciFunction`]; from 4 for a
+/// passed-through device, whose Message Control is plain virtual bytes).
+///
+/// [`PciFunction`]: super::PciFunction
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MsiWindow {
+    /// Config offset of the capability.
+    pub cap: u64,
+    /// First byte (from the capability start) the model serves.
+    pub from: u64,
+    /// The capability's register layout.
+    pub shape: MsiShape,
+}
+
+impl MsiWindow {
+    /// The index from the capability start of the byte at config `offset`, if the model
+    /// serves it.
+    pub fn register(&self, offset: u64) -> Option<u64> {
+        let rel = offset.checked_sub(self.cap)?;
+        (self.from..self.shape.size()).contains(&rel).then_some(rel)
+    }
+
+    /// Fills the bytes of a config read of `data` at `offset` that the model serves.
+    pub fn read(&self, m: &Msi, offset: u64, data: &mut [u8]) {
+        let regs = msi_registers(m, self.shape);
+        for (i, b) in data.iter_mut().enumerate() {
+            let r = offset.checked_add(i as u64).and_then(|o| self.register(o));
+            if let Some(v) = r.and_then(|r| regs.get(r as usize)) {
+                *b = *v;
+            }
+        }
+    }
+
+    /// The registers with the bytes of a config write of `data` at `offset` that the model
+    /// serves put in, and which bytes those are (bit b = byte b), for [`apply_msi_write`];
+    /// `None` if the write touches none of them.
+    pub fn collect(&self, m: &Msi, offset: u64, data: &[u8]) -> Option<([u8; 24], u32)> {
+        let mut regs = msi_registers(m, self.shape);
+        let mut written = 0u32;
+        for (i, v) in data.iter().enumerate() {
+            let r = offset.checked_add(i as u64).and_then(|o| self.register(o));
+            if let Some((r, x)) = r.and_then(|r| Some((r, regs.get_mut(r as usize)?))) {
+                *x = *v;
+                written |= 1 << r;
+            }
+        }
+        (written != 0).then_some((regs, written))
+    }
+}
+
 /// Hands the written bytes of the MSI capability (`regs` as [`msi_registers`] laid them out,
 /// `written`: bit b = byte b) to the model: message first, then mask bits, then Enable / MME,
 /// so an enabling write delivers with the final message. Pending Bits are read-only; Message
@@ -431,6 +482,44 @@ mod tests {
             IrqOp::only_disable(req(Trigger, 0, 0, IrqData::Eventfds(vec![]))),
             Err(libc::EINVAL)
         );
+    }
+
+    #[test]
+    fn msi_window_serves_only_its_bytes() {
+        let shape = MsiShape {
+            is64: true,
+            per_vector_mask: false,
+        };
+        let mut m = Msi::new(2).unwrap();
+        m.write_data(0x4142);
+        let whole = MsiWindow {
+            cap: 0x50,
+            from: 2,
+            shape,
+        };
+        let message = MsiWindow { from: 4, ..whole };
+        assert_eq!(
+            (
+                whole.register(0x52),
+                message.register(0x52),
+                message.register(0x5d)
+            ),
+            (Some(2), None, Some(0xd))
+        );
+        assert_eq!(
+            whole.register(0x5e),
+            None,
+            "the capability ends after Message Data"
+        );
+        let mut data = [0xee; 16];
+        message.read(&m, 0x50, &mut data);
+        assert_eq!(data[..4], [0xee; 4]);
+        assert_eq!(data[12..16], [0x42, 0x41, 0xee, 0xee]);
+        // A write over Message Control and the address: only the served bytes are collected.
+        let (regs, written) = message.collect(&m, 0x52, &[1, 0, 0xfc, 0xff]).unwrap();
+        assert_eq!((written, regs[4], regs[5]), (0b11_0000, 0xfc, 0xff));
+        assert!(message.collect(&m, 0x50, &[0; 4]).is_none());
+        assert_eq!(whole.collect(&m, 0x52, &[1]).map(|(_, w)| w), Some(0b100));
     }
 
     #[test]
