@@ -21,20 +21,20 @@ use crate::pci::BarKind;
 use crate::pci::config::ConfigSpace;
 use crate::pci::parts::{MsiShape, MsiWindow, bar_address_masks};
 
-/// PCI config space size of a conventional device.
-pub const PCI_CONFIG_SIZE: usize = 256;
-/// PCIe config space size.
-pub const PCIE_CONFIG_SIZE: usize = 4096;
+use crate::pci::consts::{
+    CONFIG_SPACE_SIZE_CONVENTIONAL, CONFIG_SPACE_SIZE_EXTENDED, PCI_BAR0, PCI_CAPABILITY_LIST,
+    PCI_ROM_ADDRESS, PCI_STATUS, PCI_STATUS_CAP_LIST,
+};
+pub use crate::pci::consts::{PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX};
 
-const PCI_BAR0: usize = 0x10;
-const PCI_ROM: usize = 0x30;
-const PCI_CAP_PTR: usize = 0x34;
-const PCI_STATUS: usize = 0x06;
-const PCI_STATUS_CAP_LIST: u8 = 0x10;
-/// Capability ID of MSI.
-pub const PCI_CAP_ID_MSI: u8 = 0x05;
-/// Capability ID of MSI-X.
-pub const PCI_CAP_ID_MSIX: u8 = 0x11;
+/// PCI config space size of a conventional device.
+pub const PCI_CONFIG_SIZE: usize = CONFIG_SPACE_SIZE_CONVENTIONAL as usize;
+/// PCIe config space size.
+pub const PCIE_CONFIG_SIZE: usize = CONFIG_SPACE_SIZE_EXTENDED as usize;
+/// Config offsets as indexes of the image.
+const BAR0: usize = PCI_BAR0 as usize;
+const ROM: usize = PCI_ROM_ADDRESS as usize;
+const CAP_PTR: usize = PCI_CAPABILITY_LIST as usize;
 
 /// The MSI capability of the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,7 +174,7 @@ impl VirtConfig {
         // BARs.
         let mut i = 0;
         while i < 6 {
-            let off = PCI_BAR0 + 4 * i;
+            let off = BAR0 + 4 * i;
             let raw = get_u32(host, off);
             let sz = bars[i].size;
             if sz == 0 {
@@ -201,16 +201,16 @@ impl VirtConfig {
         // Expansion ROM.
         if rom_size > 0 {
             let mask = (!(rom_size.next_power_of_two().saturating_sub(1)) as u32) & 0xffff_f800;
-            let raw = get_u32(host, PCI_ROM);
-            c.set_virtual(PCI_ROM, raw & (mask | 1), mask | 1, 4);
+            let raw = get_u32(host, ROM);
+            c.set_virtual(ROM, raw & (mask | 1), mask | 1, 4);
         } else {
-            c.set_virtual(PCI_ROM, 0, 0, 4);
+            c.set_virtual(ROM, 0, 0, 4);
         }
 
         // Capability list.
-        if host_byte(PCI_STATUS) & PCI_STATUS_CAP_LIST != 0 {
-            c.set_virtual(PCI_CAP_PTR, u32::from(host_byte(PCI_CAP_PTR)), 0, 1);
-            let mut ptr = usize::from(host_byte(PCI_CAP_PTR) & 0xfc);
+        if u16::from(host_byte(PCI_STATUS as usize)) & PCI_STATUS_CAP_LIST != 0 {
+            c.set_virtual(CAP_PTR, u32::from(host_byte(CAP_PTR)), 0, 1);
+            let mut ptr = usize::from(host_byte(CAP_PTR) & 0xfc);
             let mut seen = 0;
             while ptr >= 0x40 && ptr + 2 <= PCI_CONFIG_SIZE && seen < 48 {
                 seen += 1;
@@ -385,12 +385,12 @@ pub(crate) mod tests {
     pub(crate) fn image() -> (Vec<u8>, [HostBar; 6]) {
         let mut c = vec![0u8; 256];
         c[0..4].copy_from_slice(&0x11e8_1234u32.to_le_bytes());
-        c[6] = PCI_STATUS_CAP_LIST;
+        c[6] = PCI_STATUS_CAP_LIST as u8;
         c[0x10..0x14].copy_from_slice(&(0xfe00_0000u32 | 0xc).to_le_bytes());
         c[0x14..0x18].copy_from_slice(&0x1u32.to_le_bytes());
         c[0x18..0x1c].copy_from_slice(&0xc001u32.to_le_bytes());
         c[0x1c..0x20].copy_from_slice(&0xfd00_0000u32.to_le_bytes());
-        c[PCI_CAP_PTR] = 0x40;
+        c[CAP_PTR] = 0x40;
         c[0x40] = 0x01;
         c[0x41] = 0x50;
         c[0x42] = 0x03;
@@ -520,8 +520,8 @@ pub(crate) mod tests {
         w32(&mut c, 0x74, 0);
         assert_eq!(c.get32(0x74), 3);
         // Capability pointers are read-only.
-        c.write(PCI_CAP_PTR, &[0x80]);
-        assert_eq!(c.get16(PCI_CAP_PTR) & 0xff, 0x40);
+        c.write(CAP_PTR, &[0x80]);
+        assert_eq!(c.get16(CAP_PTR) & 0xff, 0x40);
         c.write(0x51, &[0]);
         assert_eq!(c.get16(0x50), 0x7005);
         c.reset();
@@ -537,7 +537,7 @@ pub(crate) mod tests {
         assert!(c.msix().is_some());
         // Garbage pointers below 0x40 stop the walk.
         let (mut img, bars) = image();
-        img[PCI_CAP_PTR] = 0x10;
+        img[CAP_PTR] = 0x10;
         let c = VirtConfig::new(&img, bars, 0);
         assert!(c.msi().is_none() && c.msix().is_none());
     }

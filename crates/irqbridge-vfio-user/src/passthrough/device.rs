@@ -38,6 +38,7 @@ use crate::device::{
     DeviceInfo, Errno, IoFd, IrqInfo, RegionInfo, SetIrqs, SparseArea, VfioUserDevice,
 };
 use crate::dma::DmaMapping;
+use crate::pci::consts::{PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 use crate::pci::parts::{IrqOp, MsixHit, apply_msi_write, msix_bind, msix_hit};
 use crate::pci::{self, eventfd_fd};
 use crate::proto::{
@@ -53,9 +54,7 @@ const PAGE: u64 = 4096;
 
 /// `(offset, length)` of the MSI-X table and of the PBA inside one BAR, where present.
 type MsixRanges = (Option<(u64, u64)>, Option<(u64, u64)>);
-const PCI_COMMAND: u64 = 0x04;
-const PCI_COMMAND_MASTER: u16 = 0x4;
-const PCI_COMMAND_IO_MEM_MASTER: u16 = 0x7;
+const PCI_COMMAND_IO_MEM_MASTER: u16 = PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
 
 /// Options of a passed-through device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
