@@ -33,7 +33,7 @@ use log::{debug, info, warn};
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use super::config::{HostBar, VirtConfig};
-use super::vfio::{VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VfioBackend};
+use super::vfio::{IrqSet, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VfioBackend};
 use crate::device::{
     DeviceInfo, Errno, IoFd, IrqInfo, RegionInfo, SetIrqs, SparseArea, VfioUserDevice,
 };
@@ -44,10 +44,10 @@ use crate::pci::{self, eventfd_fd};
 use crate::proto::{
     VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
     VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
-    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX,
-    VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
-    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX, VFIO_PCI_ROM_REGION_INDEX,
-    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX,
+    VFIO_PCI_ROM_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
 };
 
 const PAGE: u64 = 4096;
@@ -394,14 +394,9 @@ impl<B: VfioBackend> PassthroughDevice<B> {
             if vec.kernel == want {
                 continue;
             }
-            let fd = vec.kernel_fd(want);
-            match self.backend.set_irqs(
-                index,
-                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                v as u32,
-                1,
-                &[fd],
-            ) {
+            let fd = [vec.kernel_fd(want)];
+            let set = IrqSet::eventfds(index, VFIO_IRQ_SET_ACTION_TRIGGER, v as u32, &fd);
+            match self.backend.set_irqs(&set) {
                 Ok(()) => {
                     self.stats.rebinds += 1;
                     if let Some(x) = self.vectors_mut(index).get_mut(v) {
@@ -446,13 +441,8 @@ impl<B: VfioBackend> PassthroughDevice<B> {
             .enumerate()
             .map(|(v, b)| self.vectors(index).get(v).map_or(-1, |x| x.kernel_fd(*b)))
             .collect();
-        if let Err(e) = self.backend.set_irqs(
-            index,
-            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-            0,
-            nvec,
-            &fds,
-        ) {
+        let set = IrqSet::eventfds(index, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &fds);
+        if let Err(e) = self.backend.set_irqs(&set) {
             self.active = None;
             self.active_nvec = 0;
             if let Some(m) = self
@@ -476,13 +466,7 @@ impl<B: VfioBackend> PassthroughDevice<B> {
         let Some(index) = self.active else {
             return Ok(());
         };
-        let r = self.backend.set_irqs(
-            index,
-            VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
-            0,
-            0,
-            &[],
-        );
+        let r = self.backend.set_irqs(&IrqSet::disable(index));
         self.active = None;
         self.active_nvec = 0;
         for v in self.vectors_mut(index).iter_mut() {
@@ -573,7 +557,7 @@ impl<B: VfioBackend> PassthroughDevice<B> {
     ) -> Result<Option<EventFd>, Errno> {
         let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
         self.backend
-            .set_irqs(index, VFIO_IRQ_SET_DATA_EVENTFD | action, 0, 1, &[raw])
+            .set_irqs(&IrqSet::eventfds(index, action, 0, &[raw]))
             .map_err(|e| errno_of(&e))?;
         Ok(fd)
     }
@@ -589,13 +573,7 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                 .take_while(|(v, want)| **v == *want)
                 .count();
             self.backend
-                .set_irqs(
-                    index,
-                    VFIO_IRQ_SET_DATA_NONE | action,
-                    first,
-                    run as u32,
-                    &[],
-                )
+                .set_irqs(&IrqSet::none(index, action, first, run as u32))
                 .map_err(|e| errno_of(&e))?;
             rest = rest.get(run..).unwrap_or_default();
         }
@@ -933,13 +911,7 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
                     }
                     IrqOp::Disable => {
                         self.backend
-                            .set_irqs(
-                                i,
-                                VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
-                                0,
-                                0,
-                                &[],
-                            )
+                            .set_irqs(&IrqSet::disable(i))
                             .map_err(|e| errno_of(&e))?;
                         None
                     }
@@ -1016,13 +988,8 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
         }
         for (i, t) in self.other_triggers.iter_mut().enumerate() {
             if t.take().is_some() {
-                let _ = self.backend.set_irqs(
-                    VFIO_PCI_ERR_IRQ_INDEX + i as u32,
-                    VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
-                    0,
-                    0,
-                    &[],
-                );
+                let index = VFIO_PCI_ERR_IRQ_INDEX + i as u32;
+                let _ = self.backend.set_irqs(&IrqSet::disable(index));
             }
         }
         self.drop_client_fds(VFIO_PCI_INTX_IRQ_INDEX);

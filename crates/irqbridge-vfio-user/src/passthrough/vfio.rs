@@ -27,7 +27,8 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use crate::proto::{
-    VFIO_DEVICE_FLAGS_PCI, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
+    VFIO_DEVICE_FLAGS_PCI, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
 };
 
 /// `_IO(VFIO_TYPE, VFIO_BASE + nr)`: every VFIO ioctl is a plain `_IO` number.
@@ -237,6 +238,51 @@ pub struct HostIrq {
     pub count: u32,
 }
 
+/// One `VFIO_DEVICE_SET_IRQS` request: one action with DATA_NONE, or with DATA_EVENTFD and one
+/// fd per sub-index (−1 de-assigns).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IrqSet<'a> {
+    /// IRQ index.
+    pub index: u32,
+    /// `VFIO_IRQ_SET_DATA_*` | `VFIO_IRQ_SET_ACTION_*`.
+    pub flags: u32,
+    /// First sub-index.
+    pub start: u32,
+    /// Number of sub-indexes.
+    pub count: u32,
+    /// With DATA_EVENTFD, `count` fds; empty otherwise.
+    pub fds: &'a [RawFd],
+}
+
+impl<'a> IrqSet<'a> {
+    /// `action` with DATA_EVENTFD: `fds` for the sub-indexes from `start`.
+    pub fn eventfds(index: u32, action: u32, start: u32, fds: &'a [RawFd]) -> Self {
+        IrqSet {
+            index,
+            flags: VFIO_IRQ_SET_DATA_EVENTFD | action,
+            start,
+            count: fds.len() as u32,
+            fds,
+        }
+    }
+
+    /// `action` with DATA_NONE on `count` sub-indexes from `start`.
+    pub fn none(index: u32, action: u32, start: u32, count: u32) -> Self {
+        IrqSet {
+            index,
+            flags: VFIO_IRQ_SET_DATA_NONE | action,
+            start,
+            count,
+            fds: &[],
+        }
+    }
+
+    /// TRIGGER with DATA_NONE and count 0: the index off, its eventfds released.
+    pub fn disable(index: u32) -> Self {
+        Self::none(index, VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0)
+    }
+}
+
 /// What the passthrough device needs from a VFIO device. Implemented by [`VfioDevice`] and by
 /// the fakes of the unit tests. Errors are the kernel's.
 pub trait VfioBackend: Send + fmt::Debug {
@@ -250,16 +296,8 @@ pub trait VfioBackend: Send + fmt::Debug {
     fn read(&self, index: u32, offset: u64, data: &mut [u8]) -> io::Result<()>;
     /// pwrite of `data` at `offset` inside region `index`.
     fn write(&self, index: u32, offset: u64, data: &[u8]) -> io::Result<()>;
-    /// `VFIO_DEVICE_SET_IRQS` with DATA_NONE or DATA_EVENTFD (`fds.len() == count`, −1 entries
-    /// allowed) and one action.
-    fn set_irqs(
-        &self,
-        index: u32,
-        flags: u32,
-        start: u32,
-        count: u32,
-        fds: &[RawFd],
-    ) -> io::Result<()>;
+    /// `VFIO_DEVICE_SET_IRQS`.
+    fn set_irqs(&self, set: &IrqSet<'_>) -> io::Result<()>;
     /// `VFIO_IOMMU_MAP_DMA` of `size` bytes at process address `vaddr` to `iova`.
     fn dma_map(&self, vaddr: u64, iova: u64, size: u64, flags: u32) -> io::Result<()>;
     /// `VFIO_IOMMU_UNMAP_DMA` of exactly one earlier mapping.
@@ -564,14 +602,14 @@ impl VfioBackend for VfioDevice {
         self.device.write_all_at(data, at)
     }
 
-    fn set_irqs(
-        &self,
-        index: u32,
-        flags: u32,
-        start: u32,
-        count: u32,
-        fds: &[RawFd],
-    ) -> io::Result<()> {
+    fn set_irqs(&self, set: &IrqSet<'_>) -> io::Result<()> {
+        let IrqSet {
+            index,
+            flags,
+            start,
+            count,
+            fds,
+        } = *set;
         let data_len = if flags & VFIO_IRQ_SET_DATA_EVENTFD != 0 {
             if fds.len() != count as usize {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));

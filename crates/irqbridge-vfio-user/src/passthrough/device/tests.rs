@@ -11,8 +11,12 @@ use super::*;
 use crate::device::{IrqAction, IrqData};
 use crate::dma::DmaTable;
 use crate::passthrough::config::tests::image;
+use crate::passthrough::vfio::IrqSet;
 use crate::passthrough::vfio::{HostIrq, HostRegion, VfioDevice};
-use crate::proto::{DmaMapRequest, VFIO_DEVICE_FLAGS_PCI, VFIO_IRQ_INFO_EVENTFD};
+use crate::proto::{
+    DmaMapRequest, VFIO_DEVICE_FLAGS_PCI, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_NONE,
+};
 
 #[derive(Debug, Default)]
 struct FakeState {
@@ -155,14 +159,14 @@ impl VfioBackend for FakeVfio {
             .copy_from_slice(data);
         Ok(())
     }
-    fn set_irqs(
-        &self,
-        index: u32,
-        flags: u32,
-        start: u32,
-        count: u32,
-        fds: &[RawFd],
-    ) -> std::io::Result<()> {
+    fn set_irqs(&self, set: &IrqSet<'_>) -> std::io::Result<()> {
+        let IrqSet {
+            index,
+            flags,
+            start,
+            count,
+            fds,
+        } = *set;
         let mut st = self.st();
         st.calls.push((index, flags, start, count, fds.to_vec()));
         let data = flags & 7;
