@@ -603,15 +603,9 @@ impl VfioBackend for VfioDevice {
     }
 
     fn set_irqs(&self, set: &IrqSet<'_>) -> io::Result<()> {
-        let IrqSet {
-            index,
-            flags,
-            start,
-            count,
-            fds,
-        } = *set;
-        let data_len = if flags & VFIO_IRQ_SET_DATA_EVENTFD != 0 {
-            if fds.len() != count as usize {
+        let fds = set.fds;
+        let data_len = if set.flags & VFIO_IRQ_SET_DATA_EVENTFD != 0 {
+            if fds.len() != set.count as usize {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
             std::mem::size_of_val(fds)
@@ -627,11 +621,8 @@ impl VfioBackend for VfioDevice {
         let argsz = u32::try_from(head + data_len)
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         if let Some(h) = buf.first_mut() {
-            h.argsz = argsz;
-            h.flags = flags;
-            h.index = index;
-            h.start = start;
-            h.count = count;
+            (h.argsz, h.flags, h.index) = (argsz, set.flags, set.index);
+            (h.start, h.count) = (set.start, set.count);
         }
         // SAFETY: the buffer holds `n * head >= head + data_len` bytes; the fd array is
         // written right after the header, inside it, as unaligned i32s.
