@@ -10,26 +10,32 @@
 //! - the six BARs and the expansion ROM BAR: the host's type bits and sizes (from the region
 //!   info), address bits writable, so sizing with all-ones writes is answered from the copy;
 //! - the capability pointer and every capability's ID and next pointer (read-only);
-//! - the whole MSI capability (Enable, Multiple Message Enable, address, data, mask bits;
-//!   pending bits are the server's): enabling MSI on the host is done with `SET_IRQS`, not
-//!   with config writes;
+//! - the whole MSI capability: Message Control here (Enable and Multiple Message Enable
+//!   writable, the rest as the host has it; enabling MSI on the host is done with `SET_IRQS`,
+//!   not with config writes), address, data, mask and pending bits in the MSI model of
+//!   `irqbridge-core`, laid out and written by the same code as the
+//!   [`PciFunction`](crate::pci::PciFunction) model (`MsiCap::window`);
 //! - the whole MSI-X capability (Enable and Function Mask writable, table and PBA location
 //!   read-only).
 
-/// PCI config space size of a conventional device.
-pub const PCI_CONFIG_SIZE: usize = 256;
-/// PCIe config space size.
-pub const PCIE_CONFIG_SIZE: usize = 4096;
+use crate::pci::BarKind;
+use crate::pci::config::ConfigSpace;
+use crate::pci::parts::{MsiShape, MsiWindow, bar_address_masks};
 
-const PCI_BAR0: usize = 0x10;
-const PCI_ROM: usize = 0x30;
-const PCI_CAP_PTR: usize = 0x34;
-const PCI_STATUS: usize = 0x06;
-const PCI_STATUS_CAP_LIST: u8 = 0x10;
-/// Capability ID of MSI.
-pub const PCI_CAP_ID_MSI: u8 = 0x05;
-/// Capability ID of MSI-X.
-pub const PCI_CAP_ID_MSIX: u8 = 0x11;
+use crate::pci::consts::{
+    CONFIG_SPACE_SIZE_CONVENTIONAL, CONFIG_SPACE_SIZE_EXTENDED, PCI_BAR0, PCI_CAPABILITY_LIST,
+    PCI_ROM_ADDRESS, PCI_STATUS, PCI_STATUS_CAP_LIST,
+};
+pub use crate::pci::consts::{PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX};
+
+/// PCI config space size of a conventional device.
+pub const PCI_CONFIG_SIZE: usize = CONFIG_SPACE_SIZE_CONVENTIONAL as usize;
+/// PCIe config space size.
+pub const PCIE_CONFIG_SIZE: usize = CONFIG_SPACE_SIZE_EXTENDED as usize;
+/// Config offsets as indexes of the image.
+const BAR0: usize = PCI_BAR0 as usize;
+const ROM: usize = PCI_ROM_ADDRESS as usize;
+const CAP_PTR: usize = PCI_CAPABILITY_LIST as usize;
 
 /// The MSI capability of the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,29 +51,40 @@ pub struct MsiCap {
 }
 
 impl MsiCap {
+    pub(crate) fn shape(&self) -> MsiShape {
+        MsiShape {
+            is64: self.is64,
+            per_vector_mask: self.pvm,
+        }
+    }
+    /// The registers the MSI model serves: address, data, mask and pending bits (Message
+    /// Control is virtual bytes here).
+    pub(crate) fn window(&self) -> MsiWindow {
+        MsiWindow {
+            cap: self.offset as u64,
+            from: 4,
+            shape: self.shape(),
+        }
+    }
     /// Message Control.
     pub fn control_off(&self) -> usize {
         self.offset + 2
     }
     /// Message Data.
     pub fn data_off(&self) -> usize {
-        self.offset + if self.is64 { 0x0c } else { 0x08 }
+        self.offset + self.shape().data() as usize
     }
     /// Mask Bits (PVM only).
     pub fn mask_off(&self) -> usize {
-        self.offset + if self.is64 { 0x10 } else { 0x0c }
+        self.offset + self.shape().mask() as usize
     }
     /// Pending Bits (PVM only).
     pub fn pending_off(&self) -> usize {
-        self.mask_off() + 4
+        self.offset + self.shape().pending() as usize
     }
     /// Bytes of the capability.
     pub fn size(&self) -> usize {
-        if self.pvm {
-            self.pending_off() + 4 - self.offset
-        } else {
-            self.data_off() + 2 - self.offset
-        }
+        self.shape().size() as usize
     }
     /// Vectors the device supports.
     pub fn vectors(&self) -> u32 {
@@ -106,10 +123,8 @@ impl MsixCap {
 /// What a virtual config write changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConfigChange {
-    /// MSI Message Control, address or data was written.
+    /// MSI Message Control was written.
     pub msi: bool,
-    /// MSI mask bits were written.
-    pub msi_mask: bool,
     /// MSI-X Message Control was written.
     pub msix_control: bool,
 }
@@ -126,9 +141,8 @@ pub struct HostBar {
 pub struct VirtConfig {
     size: usize,
     virt: Vec<bool>,
-    bytes: Vec<u8>,
-    wmask: Vec<u8>,
-    power_on: Vec<u8>,
+    /// The virtual bytes and their write masks (the pci model's config image).
+    space: ConfigSpace,
     msi: Option<MsiCap>,
     msix: Option<MsixCap>,
 }
@@ -152,9 +166,7 @@ impl VirtConfig {
         let mut c = VirtConfig {
             size,
             virt: vec![false; size],
-            bytes: vec![0; size],
-            wmask: vec![0; size],
-            power_on: Vec::new(),
+            space: ConfigSpace::blank(size),
             msi: None,
             msix: None,
         };
@@ -163,7 +175,7 @@ impl VirtConfig {
         // BARs.
         let mut i = 0;
         while i < 6 {
-            let off = PCI_BAR0 + 4 * i;
+            let off = BAR0 + 4 * i;
             let raw = get_u32(host, off);
             let sz = bars[i].size;
             if sz == 0 {
@@ -171,20 +183,16 @@ impl VirtConfig {
                 i += 1;
                 continue;
             }
-            if raw & 1 != 0 {
-                // I/O BAR.
-                let mask = !(sz.saturating_sub(1) as u32) & !0x3;
-                c.set_virtual(off, (raw & mask) | (raw & 1), mask, 4);
-                i += 1;
-                continue;
-            }
-            let flags = raw & 0xf;
-            let mask64 = !(sz.next_power_of_two().saturating_sub(1));
-            let lo_mask = (mask64 as u32) & !0xf;
+            // The host's type bits, the address bits the size leaves writable.
+            let (kind, flags) = match raw & 1 {
+                1 => (BarKind::Io, raw & 1),
+                _ if (raw >> 1) & 3 == 2 && i < 5 => (BarKind::Mem64, raw & 0xf),
+                _ => (BarKind::Mem32, raw & 0xf),
+            };
+            let (lo_mask, hi_mask) = bar_address_masks(kind, sz);
             c.set_virtual(off, (raw & lo_mask) | flags, lo_mask, 4);
-            if (flags >> 1) & 3 == 2 && i < 5 {
+            if kind == BarKind::Mem64 {
                 let hi_off = off + 4;
-                let hi_mask = (mask64 >> 32) as u32;
                 c.set_virtual(hi_off, get_u32(host, hi_off) & hi_mask, hi_mask, 4);
                 i += 2;
             } else {
@@ -194,16 +202,16 @@ impl VirtConfig {
         // Expansion ROM.
         if rom_size > 0 {
             let mask = (!(rom_size.next_power_of_two().saturating_sub(1)) as u32) & 0xffff_f800;
-            let raw = get_u32(host, PCI_ROM);
-            c.set_virtual(PCI_ROM, raw & (mask | 1), mask | 1, 4);
+            let raw = get_u32(host, ROM);
+            c.set_virtual(ROM, raw & (mask | 1), mask | 1, 4);
         } else {
-            c.set_virtual(PCI_ROM, 0, 0, 4);
+            c.set_virtual(ROM, 0, 0, 4);
         }
 
         // Capability list.
-        if host_byte(PCI_STATUS) & PCI_STATUS_CAP_LIST != 0 {
-            c.set_virtual(PCI_CAP_PTR, u32::from(host_byte(PCI_CAP_PTR)), 0, 1);
-            let mut ptr = usize::from(host_byte(PCI_CAP_PTR) & 0xfc);
+        if u16::from(host_byte(PCI_STATUS as usize)) & PCI_STATUS_CAP_LIST != 0 {
+            c.set_virtual(CAP_PTR, u32::from(host_byte(CAP_PTR)), 0, 1);
+            let mut ptr = usize::from(host_byte(CAP_PTR) & 0xfc);
             let mut seen = 0;
             while ptr >= 0x40 && ptr + 2 <= PCI_CONFIG_SIZE && seen < 48 {
                 seen += 1;
@@ -219,7 +227,6 @@ impl VirtConfig {
                 ptr = usize::from(next & 0xfc);
             }
         }
-        c.power_on = c.bytes.clone();
         c
     }
 
@@ -237,21 +244,10 @@ impl VirtConfig {
         // Enable (bit 0) and Multiple Message Enable (bits 6:4) writable; the rest as the
         // device has it, with Enable and MME cleared.
         self.set_virtual(cap.control_off(), u32::from(ctrl & !0x71), 0x71, 2);
-        self.set_virtual(ptr + 4, 0, 0xffff_fffc, 4);
-        if cap.is64 {
-            self.set_virtual(ptr + 8, 0, 0xffff_ffff, 4);
-        }
-        self.set_virtual(cap.data_off(), 0, 0xffff, 2);
-        if cap.pvm {
-            // The two bytes after Message Data are reserved.
-            self.set_virtual(cap.data_off() + 2, 0, 0, 2);
-            let vmask = if cap.vectors() >= 32 {
-                u32::MAX
-            } else {
-                (1u32 << cap.vectors()) - 1
-            };
-            self.set_virtual(cap.mask_off(), 0, vmask, 4);
-            self.set_virtual(cap.pending_off(), 0, 0, 4);
+        // The registers after Message Control: virtual, served by the MSI model (the
+        // bytes here stay 0 and read-only).
+        for o in (ptr + 4..ptr + cap.size()).step_by(4) {
+            self.set_virtual(o, 0, 0, (ptr + cap.size() - o).min(4));
         }
         self.msi = Some(cap);
     }
@@ -280,14 +276,10 @@ impl VirtConfig {
     fn set_virtual(&mut self, off: usize, value: u32, wmask: u32, len: usize) {
         for i in 0..len.min(4) {
             let o = off + i;
-            if let (Some(v), Some(b), Some(m)) = (
-                self.virt.get_mut(o),
-                self.bytes.get_mut(o),
-                self.wmask.get_mut(o),
-            ) {
+            if let Some(v) = self.virt.get_mut(o) {
                 *v = true;
-                *b = (value >> (8 * i)) as u8;
-                *m = (wmask >> (8 * i)) as u8;
+                let (value, wmask) = ((value >> (8 * i)) as u8, (wmask >> (8 * i)) as u8);
+                self.space.set_power_on(o as u64, value, wmask);
             }
         }
     }
@@ -325,7 +317,7 @@ impl VirtConfig {
     /// Reads virtual bytes at `offset`.
     pub fn read(&self, offset: usize, out: &mut [u8]) {
         for (i, b) in out.iter_mut().enumerate() {
-            *b = self.bytes.get(offset + i).copied().unwrap_or(0);
+            *b = self.space.byte((offset + i) as u64);
         }
     }
 
@@ -334,17 +326,12 @@ impl VirtConfig {
         let mut ch = ConfigChange::default();
         for (i, v) in data.iter().enumerate() {
             let o = offset + i;
-            let (Some(b), Some(m)) = (self.bytes.get_mut(o), self.wmask.get(o)) else {
-                continue;
-            };
-            *b = (*b & !m) | (v & m);
-            if let Some(msi) = self.msi {
-                if o >= msi.offset + 2 && o < msi.data_off() + 2 {
-                    ch.msi = true;
-                }
-                if msi.pvm && o >= msi.mask_off() && o < msi.mask_off() + 4 {
-                    ch.msi_mask = true;
-                }
+            self.space.write_byte(o as u64, *v);
+            if self
+                .msi
+                .is_some_and(|m| (m.control_off()..m.control_off() + 2).contains(&o))
+            {
+                ch.msi = true;
             }
             if let Some(x) = self.msix {
                 if o == x.offset + 2 || o == x.offset + 3 {
@@ -357,35 +344,18 @@ impl VirtConfig {
 
     /// A 32-bit virtual value (for the device's own use).
     pub fn get32(&self, offset: usize) -> u32 {
-        get_u32(&self.bytes, offset)
+        self.space.dword(offset as u64)
     }
 
     /// A 16-bit virtual value (for the device's own use).
     pub fn get16(&self, offset: usize) -> u16 {
-        get_u16(&self.bytes, offset)
-    }
-
-    /// Sets a 32-bit virtual value regardless of the write mask (MSI pending bits).
-    pub fn put32(&mut self, offset: usize, value: u32) {
-        for (i, b) in value.to_le_bytes().iter().enumerate() {
-            if let Some(d) = self.bytes.get_mut(offset + i) {
-                *d = *b;
-            }
-        }
+        self.space.word(offset as u64)
     }
 
     /// MSI Enable.
     pub fn msi_enabled(&self) -> bool {
         self.msi
             .is_some_and(|m| self.get16(m.control_off()) & 1 != 0)
-    }
-
-    /// MSI mask bits (0 without per-vector masking).
-    pub fn msi_mask(&self) -> u32 {
-        match self.msi {
-            Some(m) if m.pvm => self.get32(m.mask_off()),
-            _ => 0,
-        }
     }
 
     /// MSI-X Enable and Function Mask as written.
@@ -402,7 +372,7 @@ impl VirtConfig {
     /// Back to the state at open: BAR addresses and ROM as the host had them, MSI and MSI-X
     /// disabled and unmasked, pending bits clear.
     pub fn reset(&mut self) {
-        self.bytes.copy_from_slice(&self.power_on);
+        self.space.reset();
     }
 }
 
@@ -416,12 +386,12 @@ pub(crate) mod tests {
     pub(crate) fn image() -> (Vec<u8>, [HostBar; 6]) {
         let mut c = vec![0u8; 256];
         c[0..4].copy_from_slice(&0x11e8_1234u32.to_le_bytes());
-        c[6] = PCI_STATUS_CAP_LIST;
+        c[6] = PCI_STATUS_CAP_LIST as u8;
         c[0x10..0x14].copy_from_slice(&(0xfe00_0000u32 | 0xc).to_le_bytes());
         c[0x14..0x18].copy_from_slice(&0x1u32.to_le_bytes());
         c[0x18..0x1c].copy_from_slice(&0xc001u32.to_le_bytes());
         c[0x1c..0x20].copy_from_slice(&0xfd00_0000u32.to_le_bytes());
-        c[PCI_CAP_PTR] = 0x40;
+        c[CAP_PTR] = 0x40;
         c[0x40] = 0x01;
         c[0x41] = 0x50;
         c[0x42] = 0x03;
@@ -524,17 +494,25 @@ pub(crate) mod tests {
             ),
             (5, 3, 0, 3, 0x2000)
         );
-        // MSI enable + MME, then the mask bits (only 4 vectors' worth are writable).
+        // MSI enable + MME.
         let ch = c.write(0x52, &[0x71, 0xff]);
-        assert!(ch.msi && !ch.msi_mask && !ch.msix_control);
+        assert!(ch.msi && !ch.msix_control);
         assert!(c.msi_enabled());
         assert_eq!(c.get16(0x52), 0x180 | (2 << 1) | 0x71);
+        // Address, data, mask and pending bits belong to the MSI model (their write masks are
+        // tested in device/tests.rs); here they stay 0.
+        assert_eq!(
+            (
+                msi.window().register(0x53),
+                msi.window().register(0x54),
+                msi.window().register(0x67)
+            ),
+            (None, Some(4), Some(0x17))
+        );
+        assert_eq!(msi.window().register(0x68), None);
         let ch = w32(&mut c, 0x60, 0xffff_ffff);
-        assert!(ch.msi_mask);
-        assert_eq!(c.msi_mask(), 0xf);
-        // Pending bits are read-only to writes.
-        w32(&mut c, 0x64, 0xffff_ffff);
-        assert_eq!(c.get32(0x64), 0);
+        assert_eq!(ch, ConfigChange::default());
+        assert_eq!(c.get32(0x60), 0);
         // MSI-X: Enable and Function Mask writable, table size and location not.
         let ch = c.write(0x72, &[0xff, 0xff]);
         assert!(ch.msix_control);
@@ -543,8 +521,8 @@ pub(crate) mod tests {
         w32(&mut c, 0x74, 0);
         assert_eq!(c.get32(0x74), 3);
         // Capability pointers are read-only.
-        c.write(PCI_CAP_PTR, &[0x80]);
-        assert_eq!(c.get16(PCI_CAP_PTR) & 0xff, 0x40);
+        c.write(CAP_PTR, &[0x80]);
+        assert_eq!(c.get16(CAP_PTR) & 0xff, 0x40);
         c.write(0x51, &[0]);
         assert_eq!(c.get16(0x50), 0x7005);
         c.reset();
@@ -560,7 +538,7 @@ pub(crate) mod tests {
         assert!(c.msix().is_some());
         // Garbage pointers below 0x40 stop the walk.
         let (mut img, bars) = image();
-        img[PCI_CAP_PTR] = 0x10;
+        img[CAP_PTR] = 0x10;
         let c = VirtConfig::new(&img, bars, 0);
         assert!(c.msi().is_none() && c.msix().is_none());
     }

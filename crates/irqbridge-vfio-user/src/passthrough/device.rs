@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`PassthroughDevice`]: a host VFIO PCI device served over vfio-user.
 //!
-//! Implemented directly on [`VfioUserDevice`] (the reusable PCI function model of the
-//! device-framework issue was not ready when this was written; the MSI-X table and PBA use
-//! `irqbridge-core`'s [`Msix`] model). The type is `Send`.
+//! Implemented on [`VfioUserDevice`] with the pieces of the [`pci`] model that mean the same
+//! for a host device (`pci::parts`: SET_IRQS decoding, MSI register layout and writes, MSI-X
+//! access classes and binding, BAR masks); the MSI registers and the MSI-X table and PBA are
+//! `irqbridge-core`'s [`Msi`] and [`Msix`] models. The type is `Send`.
 //!
 //! # Interrupts
 //! - **INTx**: the client's TRIGGER eventfd and UNMASK eventfd (a KVM resamplefd) go straight
@@ -26,24 +27,26 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
+use irqbridge_core::Msi;
 use irqbridge_core::msix::Msix;
 use irqbridge_core::notifier::Notifier;
 use log::{debug, info, warn};
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use super::config::{HostBar, VirtConfig};
-use super::vfio::{VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VfioBackend};
+use super::vfio::{IrqSet, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VfioBackend};
 use crate::device::{
-    DeviceInfo, Errno, IoFd, IrqAction, IrqData, IrqInfo, RegionInfo, SetIrqs, SparseArea,
-    VfioUserDevice,
+    DeviceInfo, Errno, IoFd, IrqInfo, RegionInfo, SetIrqs, SparseArea, VfioUserDevice,
 };
 use crate::dma::DmaMapping;
+use crate::pci::consts::{PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
+use crate::pci::parts::{IrqOp, MsixHit, apply_msi_write, msix_bind, msix_hit};
+use crate::pci::{self, eventfd_fd};
 use crate::proto::{
-    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
+    VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
     VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
-    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX,
-    VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
-    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_PCI_REQ_IRQ_INDEX,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX,
     VFIO_PCI_ROM_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE,
 };
@@ -52,9 +55,7 @@ const PAGE: u64 = 4096;
 
 /// `(offset, length)` of the MSI-X table and of the PBA inside one BAR, where present.
 type MsixRanges = (Option<(u64, u64)>, Option<(u64, u64)>);
-const PCI_COMMAND: u64 = 0x04;
-const PCI_COMMAND_MASTER: u16 = 0x4;
-const PCI_COMMAND_IO_MEM_MASTER: u16 = 0x7;
+const PCI_COMMAND_IO_MEM_MASTER: u16 = PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
 
 /// Options of a passed-through device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -137,6 +138,9 @@ pub struct PassthroughDevice<B: VfioBackend> {
     intx_unmask: Option<EventFd>,
     other_triggers: [Option<EventFd>; 2],
     msi: Vec<Vector>,
+    /// The virtual MSI registers after Message Control (address, data, mask and pending
+    /// bits); always enabled with every vector, as the kernel's MSI index decides delivery.
+    msi_model: Option<Msi>,
     msix: Option<Msix>,
     msix_vectors: Vec<Vector>,
     dma: BTreeMap<u64, DmaMap>,
@@ -145,11 +149,6 @@ pub struct PassthroughDevice<B: VfioBackend> {
 
 fn errno_of(e: &std::io::Error) -> Errno {
     e.raw_os_error().filter(|e| *e > 0).unwrap_or(libc::EIO)
-}
-
-fn eventfd_fd(e: &EventFd) -> BorrowedFd<'_> {
-    // SAFETY: the EventFd owns the descriptor and outlives the borrow.
-    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
 }
 
 fn token(index: u32, v: usize) -> u64 {
@@ -203,6 +202,15 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                 .min(m.vectors()),
             None => 0,
         };
+        // The MSI model needs a power of two (the host reports the capability's count).
+        let msi_count = match msi_count {
+            0 => 0,
+            n => 1 << (31 - n.leading_zeros()),
+        };
+        let msi_model = u8::try_from(msi_count)
+            .ok()
+            .and_then(|n| Msi::new(n).ok())
+            .map(enabled_msi);
         let msi = (0..msi_count)
             .map(|_| Vector::new())
             .collect::<std::io::Result<Vec<_>>>()?;
@@ -232,6 +240,7 @@ impl<B: VfioBackend> PassthroughDevice<B> {
             intx_unmask: None,
             other_triggers: [None, None],
             msi,
+            msi_model,
             msix,
             msix_vectors,
             dma: BTreeMap::new(),
@@ -264,7 +273,10 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                 .msix
                 .as_ref()
                 .is_some_and(|m| m.pending(vector).unwrap_or(false)),
-            VFIO_PCI_MSI_IRQ_INDEX => self.msi_pending() & (1 << (vector % 32)) != 0,
+            VFIO_PCI_MSI_IRQ_INDEX => self
+                .msi_model
+                .as_ref()
+                .is_some_and(|m| m.pending_bits() & (1 << (vector % 32)) != 0),
             _ => false,
         }
     }
@@ -284,19 +296,6 @@ impl<B: VfioBackend> PassthroughDevice<B> {
         }
     }
 
-    fn msi_pending(&self) -> u32 {
-        match self.config.msi() {
-            Some(m) if m.pvm => self.config.get32(m.pending_off()),
-            _ => 0,
-        }
-    }
-
-    fn set_msi_pending(&mut self, bits: u32) {
-        if let Some(m) = self.config.msi().filter(|m| m.pvm) {
-            self.config.put32(m.pending_off(), bits);
-        }
-    }
-
     /// Whether vector `v` of `index` is masked in the virtual state.
     fn masked(&self, index: u32, v: usize) -> bool {
         match index {
@@ -306,7 +305,10 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                     .and_then(|v| m.is_masked(v).ok())
                     .unwrap_or(true)
             }),
-            _ => self.config.msi_mask() & (1u32 << (v % 32)) != 0,
+            _ => self
+                .msi_model
+                .as_ref()
+                .is_some_and(|m| m.mask_bits() & (1u32 << (v % 32)) != 0),
         }
     }
 
@@ -351,33 +353,31 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                 }
             }
             _ => {
-                if self.masked(index, v) {
-                    let p = self.msi_pending() | (1 << (v % 32));
-                    self.set_msi_pending(p);
-                } else if let Some(c) = self.msi.get(v).and_then(|x| x.client.clone()) {
-                    let _ = c.write(1);
+                if let (Some(m), Ok(v)) = (self.msi_model.as_mut(), u8::try_from(v)) {
+                    match m.fire(v) {
+                        Ok(d) => debug!("passthrough: MSI vector {v} caught: {d:?}"),
+                        Err(e) => warn!("passthrough: MSI vector {v}: {e}"),
+                    }
                 }
             }
         }
     }
 
-    /// MSI vectors unmasked with their pending bit set: clear it and signal once.
-    fn deliver_msi_pending(&mut self) {
-        let pending = self.msi_pending();
-        if pending == 0 {
+    /// Applies `change` to the MSI model, which signals (once) every vector it unmasks with
+    /// its pending bit set; counts those deliveries.
+    fn msi_write(&mut self, change: impl FnOnce(&mut Msi)) {
+        let Some(m) = self.msi_model.as_mut() else {
             return;
-        }
-        let mut left = pending;
-        for v in 0..self.msi.len().min(32) {
-            if pending & (1 << v) != 0 && !self.masked(VFIO_PCI_MSI_IRQ_INDEX, v) {
-                if let Some(c) = self.msi.get(v).and_then(|x| x.client.clone()) {
-                    let _ = c.write(1);
-                    self.stats.pending_delivered += 1;
-                }
-                left &= !(1 << v);
-            }
-        }
-        self.set_msi_pending(left);
+        };
+        let before = m.pending_bits();
+        change(m);
+        let cleared = before & !m.pending_bits();
+        let delivered = (0..self.msi.len().min(32))
+            .filter(|v| {
+                cleared & (1 << v) != 0 && self.msi.get(*v).is_some_and(|x| x.client.is_some())
+            })
+            .count();
+        self.stats.pending_delivered += delivered as u64;
     }
 
     /// Points the kernel at the desired fd of every vector of `index` that changed.
@@ -395,14 +395,9 @@ impl<B: VfioBackend> PassthroughDevice<B> {
             if vec.kernel == want {
                 continue;
             }
-            let fd = vec.kernel_fd(want);
-            match self.backend.set_irqs(
-                index,
-                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                v as u32,
-                1,
-                &[fd],
-            ) {
+            let fd = [vec.kernel_fd(want)];
+            let set = IrqSet::eventfds(index, VFIO_IRQ_SET_ACTION_TRIGGER, v as u32, &fd);
+            match self.backend.set_irqs(&set) {
                 Ok(()) => {
                     self.stats.rebinds += 1;
                     if let Some(x) = self.vectors_mut(index).get_mut(v) {
@@ -423,9 +418,6 @@ impl<B: VfioBackend> PassthroughDevice<B> {
     fn with_masks<T>(&mut self, index: u32, change: impl FnOnce(&mut Self) -> T) -> T {
         self.drain(index);
         let r = change(self);
-        if index == VFIO_PCI_MSI_IRQ_INDEX {
-            self.deliver_msi_pending();
-        }
         if let Err(e) = self.sync(index) {
             warn!("passthrough: IRQ index {index}: kernel rebind failed (errno {e})");
         }
@@ -450,13 +442,8 @@ impl<B: VfioBackend> PassthroughDevice<B> {
             .enumerate()
             .map(|(v, b)| self.vectors(index).get(v).map_or(-1, |x| x.kernel_fd(*b)))
             .collect();
-        if let Err(e) = self.backend.set_irqs(
-            index,
-            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-            0,
-            nvec,
-            &fds,
-        ) {
+        let set = IrqSet::eventfds(index, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &fds);
+        if let Err(e) = self.backend.set_irqs(&set) {
             self.active = None;
             self.active_nvec = 0;
             if let Some(m) = self
@@ -480,13 +467,7 @@ impl<B: VfioBackend> PassthroughDevice<B> {
         let Some(index) = self.active else {
             return Ok(());
         };
-        let r = self.backend.set_irqs(
-            index,
-            VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
-            0,
-            0,
-            &[],
-        );
+        let r = self.backend.set_irqs(&IrqSet::disable(index));
         self.active = None;
         self.active_nvec = 0;
         for v in self.vectors_mut(index).iter_mut() {
@@ -516,124 +497,114 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                     if let Some(m) = self.msix.as_mut() {
                         m.clear_notifiers();
                     }
+                } else if let Some(m) = self.msi_model.as_mut() {
+                    m.clear_notifiers();
                 }
             }
             _ => {}
         }
     }
 
-    fn set_intx(&mut self, req: SetIrqs) -> Result<(), Errno> {
-        const I: u32 = VFIO_PCI_INTX_IRQ_INDEX;
-        match (req.action, req.data) {
-            (IrqAction::Trigger, IrqData::None) if req.count == 0 => {
-                let r = if self.active == Some(I) {
-                    self.disable_active()
-                } else {
-                    Ok(())
-                };
-                self.drop_client_fds(I);
-                r
-            }
-            (IrqAction::Trigger, IrqData::Eventfds(mut fds)) => {
-                if matches!(self.active, Some(i) if i != I) {
-                    return Err(libc::EINVAL);
-                }
-                let fd = fds.pop().flatten();
-                let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
-                self.backend
-                    .set_irqs(
-                        I,
-                        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                        0,
-                        1,
-                        &[raw],
-                    )
-                    .map_err(|e| errno_of(&e))?;
-                self.active = Some(I);
-                self.intx_trigger = fd;
-                Ok(())
-            }
-            (IrqAction::Unmask, IrqData::Eventfds(mut fds)) => {
-                let fd = fds.pop().flatten();
-                let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
-                self.backend
-                    .set_irqs(
-                        I,
-                        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_UNMASK,
-                        0,
-                        1,
-                        &[raw],
-                    )
-                    .map_err(|e| errno_of(&e))?;
-                self.intx_unmask = fd;
-                Ok(())
-            }
-            (action, IrqData::None) => self.forward_none(I, action, 0, 1),
-            (action, IrqData::Bool(b)) => {
-                if b.first().copied().unwrap_or(false) {
-                    self.forward_none(I, action, 0, 1)
-                } else {
-                    Ok(())
-                }
-            }
-            (IrqAction::Mask, IrqData::Eventfds(_)) => Err(libc::ENOTTY),
+    /// EINVAL unless `len` bytes at `offset` lie inside region `index`.
+    fn check_region(&self, index: u32, offset: u64, len: usize) -> Result<(), Errno> {
+        let size = self.region_info(index).size;
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(libc::EINVAL),
         }
     }
 
-    fn forward_none(
+    /// Disables `index` in the kernel if it is the active one and drops the client's fds.
+    fn disable_index(&mut self, index: u32) -> Result<(), Errno> {
+        let r = if self.active == Some(index) {
+            self.disable_active()
+        } else {
+            Ok(())
+        };
+        self.drop_client_fds(index);
+        r
+    }
+
+    fn set_intx(&mut self, req: SetIrqs) -> Result<(), Errno> {
+        const I: u32 = VFIO_PCI_INTX_IRQ_INDEX;
+        match IrqOp::decode(req, 1)? {
+            IrqOp::Disable => self.disable_index(I),
+            IrqOp::Bind { fds, .. } => {
+                if matches!(self.active, Some(i) if i != I) {
+                    return Err(libc::EINVAL);
+                }
+                let fd = fds.into_iter().next().flatten();
+                self.intx_trigger = self.forward_fd(I, VFIO_IRQ_SET_ACTION_TRIGGER, fd)?;
+                self.active = Some(I);
+                Ok(())
+            }
+            IrqOp::UnmaskFd(fd) => {
+                self.intx_unmask = self.forward_fd(I, VFIO_IRQ_SET_ACTION_UNMASK, fd)?;
+                Ok(())
+            }
+            IrqOp::Trigger(v) => self.forward_none(I, VFIO_IRQ_SET_ACTION_TRIGGER, &v),
+            IrqOp::Mask { masked, vectors } => self.forward_none(I, mask_action(masked), &vectors),
+            IrqOp::MaskFd => Err(libc::ENOTTY),
+        }
+    }
+
+    /// Hands the client's eventfd for `action` on sub-index 0 of `index` to the kernel (no fd:
+    /// −1, de-assign) and returns it to be kept.
+    fn forward_fd(
         &mut self,
         index: u32,
-        action: IrqAction,
-        start: u32,
-        count: u32,
-    ) -> Result<(), Errno> {
-        let a = match action {
-            IrqAction::Mask => VFIO_IRQ_SET_ACTION_MASK,
-            IrqAction::Unmask => VFIO_IRQ_SET_ACTION_UNMASK,
-            IrqAction::Trigger => VFIO_IRQ_SET_ACTION_TRIGGER,
-        };
+        action: u32,
+        fd: Option<EventFd>,
+    ) -> Result<Option<EventFd>, Errno> {
+        let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
         self.backend
-            .set_irqs(index, VFIO_IRQ_SET_DATA_NONE | a, start, count, &[])
-            .map_err(|e| errno_of(&e))
+            .set_irqs(&IrqSet::eventfds(index, action, 0, &[raw]))
+            .map_err(|e| errno_of(&e))?;
+        Ok(fd)
+    }
+
+    /// `action` with DATA_NONE on the sub-indexes `vectors` (ascending), one kernel call per
+    /// run of consecutive ones.
+    fn forward_none(&mut self, index: u32, action: u32, vectors: &[u32]) -> Result<(), Errno> {
+        let mut rest = vectors;
+        while let Some(&first) = rest.first() {
+            let run = rest
+                .iter()
+                .zip(first..)
+                .take_while(|(v, want)| **v == *want)
+                .count();
+            self.backend
+                .set_irqs(&IrqSet::none(index, action, first, run as u32))
+                .map_err(|e| errno_of(&e))?;
+            rest = rest.get(run..).unwrap_or_default();
+        }
+        Ok(())
     }
 
     fn set_vectors(&mut self, req: SetIrqs) -> Result<(), Errno> {
         let index = req.index;
         let n = self.vectors(index).len();
-        let start = req.start as usize;
-        let end = start + req.count as usize;
-        if end > n {
-            return Err(libc::EINVAL);
-        }
-        match (req.action, req.data) {
-            (IrqAction::Trigger, IrqData::None) if req.count == 0 => {
-                let r = if self.active == Some(index) {
-                    self.disable_active()
-                } else {
-                    Ok(())
-                };
-                self.drop_client_fds(index);
-                r
-            }
-            (IrqAction::Trigger, IrqData::Eventfds(fds)) => {
+        match IrqOp::decode(req, n as u32)? {
+            IrqOp::Disable => self.disable_index(index),
+            IrqOp::Bind { start, fds } => {
                 if matches!(self.active, Some(i) if i != index) {
                     // Like the kernel: one index at a time (disable INTx first).
                     return Err(libc::EINVAL);
                 }
+                let end = start as usize + fds.len();
                 self.drain(index);
-                for (i, fd) in fds.into_iter().enumerate() {
-                    let v = start + i;
+                for (v, fd) in (start as usize..).zip(fds) {
                     let client = fd.map(Arc::new);
-                    if index == VFIO_PCI_MSIX_IRQ_INDEX {
-                        if let (Some(m), Ok(v16)) = (self.msix.as_mut(), u16::try_from(v)) {
-                            let n: Option<Arc<dyn Notifier>> =
-                                client.clone().map(|c| c as Arc<dyn Notifier>);
-                            let bound = n.is_some();
-                            let _ = m.set_notifier(v16, n);
-                            // The client that binds a vector owns its masking (as with the
-                            // kernel's VFIO and the irqbridge test device).
-                            if bound {
-                                let _ = m.set_entry_masked(v16, false);
+                    let notifier = client.clone().map(|c| c as Arc<dyn Notifier>);
+                    match index {
+                        VFIO_PCI_MSIX_IRQ_INDEX => {
+                            if let (Some(m), Ok(v)) = (self.msix.as_mut(), u16::try_from(v)) {
+                                let _ = msix_bind(m, v, notifier);
+                            }
+                        }
+                        _ => {
+                            if let (Some(m), Ok(v)) = (self.msi_model.as_mut(), u8::try_from(v)) {
+                                let _ = m.set_notifier(v, notifier);
                             }
                         }
                     }
@@ -643,7 +614,10 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                 }
                 if self.active == Some(index) && end as u32 <= self.active_nvec {
                     if index == VFIO_PCI_MSI_IRQ_INDEX {
-                        self.deliver_msi_pending();
+                        // A vector bound unmasked with its pending bit set gets it now.
+                        self.msi_write(|m| {
+                            let _ = m.write_mask(m.mask_bits());
+                        });
                     }
                     let r = self.sync(index);
                     self.drain(index);
@@ -664,41 +638,16 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                 }
                 r
             }
-            (IrqAction::Trigger, IrqData::None) => {
+            IrqOp::Trigger(v) => {
                 if self.active != Some(index) {
                     return Err(libc::EINVAL);
                 }
-                self.forward_none(index, IrqAction::Trigger, req.start, req.count)
+                self.forward_none(index, VFIO_IRQ_SET_ACTION_TRIGGER, &v)
             }
-            (IrqAction::Trigger, IrqData::Bool(b)) => {
-                if self.active != Some(index) {
-                    return Err(libc::EINVAL);
-                }
-                for (i, on) in b.iter().enumerate() {
-                    if *on {
-                        self.forward_none(index, IrqAction::Trigger, (start + i) as u32, 1)?;
-                    }
-                }
-                Ok(())
-            }
-            (action @ (IrqAction::Mask | IrqAction::Unmask), data) => {
-                if index != VFIO_PCI_MSIX_IRQ_INDEX {
-                    return Err(libc::ENOTTY);
-                }
-                let sel: Vec<usize> = match data {
-                    IrqData::None => (start..end).collect(),
-                    IrqData::Bool(b) => b
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, on)| **on)
-                        .map(|(i, _)| start + i)
-                        .collect(),
-                    IrqData::Eventfds(_) => return Err(libc::ENOTTY),
-                };
-                let masked = action == IrqAction::Mask;
+            IrqOp::Mask { masked, vectors } if index == VFIO_PCI_MSIX_IRQ_INDEX => {
                 self.with_masks(index, |d| {
                     if let Some(m) = d.msix.as_mut() {
-                        for v in sel {
+                        for v in vectors {
                             if let Ok(v) = u16::try_from(v) {
                                 let _ = m.set_host_mask(v, masked);
                             }
@@ -707,6 +656,7 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                 });
                 Ok(())
             }
+            IrqOp::Mask { .. } | IrqOp::MaskFd | IrqOp::UnmaskFd(_) => Err(libc::ENOTTY),
         }
     }
 
@@ -729,56 +679,49 @@ impl<B: VfioBackend> PassthroughDevice<B> {
         read: Option<&mut [u8]>,
     ) -> Result<(), Errno> {
         let (table, pba) = self.msix_ranges(bar);
-        let end = offset + len as u64;
-        let overlaps = |r: Option<(u64, u64)>| r.filter(|(o, l)| offset < o + l && *o < end);
-        if let Some((t, tl)) = overlaps(table) {
-            // The virtual table: whole, naturally aligned 4- or 8-byte accesses only.
-            let rel = offset.wrapping_sub(t);
-            if offset < t || end > t + tl || !(len == 4 || len == 8) || rel % len as u64 != 0 {
-                return Err(libc::EINVAL);
-            }
-            match (write, read) {
-                (Some(data), _) => {
-                    self.with_masks(VFIO_PCI_MSIX_IRQ_INDEX, |d| {
-                        if let Some(m) = d.msix.as_mut() {
-                            if let Err(e) = m.table_write(rel, data) {
-                                warn!("passthrough: MSI-X table write: {e}");
-                            }
+        let hit = |r: Option<(u64, u64)>| {
+            r.map_or(MsixHit::Outside, |(o, l)| msix_hit(o, l, offset, len))
+        };
+        match (hit(table), hit(pba), write, read) {
+            // The virtual table and PBA: whole, naturally aligned 4- or 8-byte accesses only;
+            // the PBA is read-only.
+            (MsixHit::Partial, ..)
+            | (MsixHit::Outside, MsixHit::Partial, ..)
+            | (MsixHit::Outside, MsixHit::Inside(_), Some(_), _) => Err(libc::EINVAL),
+            (MsixHit::Inside(rel), _, Some(data), _) => {
+                self.with_masks(VFIO_PCI_MSIX_IRQ_INDEX, |d| {
+                    if let Some(m) = d.msix.as_mut() {
+                        if let Err(e) = m.table_write(rel, data) {
+                            warn!("passthrough: MSI-X table write: {e}");
                         }
-                    });
-                }
-                (None, Some(out)) => {
-                    if let Some(m) = self.msix.as_ref() {
-                        m.table_read(rel, out);
                     }
+                });
+                Ok(())
+            }
+            (MsixHit::Inside(rel), _, None, out) => {
+                if let (Some(m), Some(out)) = (self.msix.as_ref(), out) {
+                    m.table_read(rel, out);
                 }
-                _ => {}
+                Ok(())
             }
-            return Ok(());
-        }
-        if let Some((p, pl)) = overlaps(pba) {
-            let rel = offset.wrapping_sub(p);
-            if write.is_some()
-                || offset < p
-                || end > p + pl
-                || !(len == 4 || len == 8)
-                || rel % len as u64 != 0
-            {
-                return Err(libc::EINVAL);
+            (MsixHit::Outside, MsixHit::Inside(rel), None, out) => {
+                // Catch up with events the catchers hold before showing the PBA.
+                self.drain(VFIO_PCI_MSIX_IRQ_INDEX);
+                if let (Some(m), Some(out)) = (self.msix.as_ref(), out) {
+                    m.pba_read(rel, out);
+                }
+                Ok(())
             }
-            // Catch up with events the catchers hold before showing the PBA.
-            self.drain(VFIO_PCI_MSIX_IRQ_INDEX);
-            if let (Some(m), Some(out)) = (self.msix.as_ref(), read) {
-                m.pba_read(rel, out);
-            }
-            return Ok(());
+            (MsixHit::Outside, MsixHit::Outside, Some(data), _) => self
+                .backend
+                .write(bar, offset, data)
+                .map_err(|e| errno_of(&e)),
+            (MsixHit::Outside, MsixHit::Outside, None, Some(out)) => self
+                .backend
+                .read(bar, offset, out)
+                .map_err(|e| errno_of(&e)),
+            (MsixHit::Outside, MsixHit::Outside, None, None) => Ok(()),
         }
-        match (write, read) {
-            (Some(data), _) => self.backend.write(bar, offset, data),
-            (None, Some(out)) => self.backend.read(bar, offset, out),
-            _ => Ok(()),
-        }
-        .map_err(|e| errno_of(&e))
     }
 
     fn config_read(&mut self, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
@@ -793,6 +736,9 @@ impl<B: VfioBackend> PassthroughDevice<B> {
             let dst = data.get_mut(o - off..o - off + l).ok_or(libc::EINVAL)?;
             if virt {
                 self.config.read(o, dst);
+                if let (Some(cap), Some(m)) = (self.config.msi(), self.msi_model.as_ref()) {
+                    cap.window().read(m, o as u64, dst);
+                }
             } else {
                 self.backend
                     .read(VFIO_PCI_CONFIG_REGION_INDEX, o as u64, dst)
@@ -828,8 +774,14 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                     }
                 });
             }
-            if ch.msi_mask {
-                self.with_masks(VFIO_PCI_MSI_IRQ_INDEX, |_| ());
+            let msi = match (self.config.msi(), self.msi_model.as_ref()) {
+                (Some(cap), Some(m)) => cap.window().collect(m, o as u64, src).zip(Some(cap)),
+                _ => None,
+            };
+            if let Some(((regs, written), cap)) = msi {
+                self.with_masks(VFIO_PCI_MSI_IRQ_INDEX, |d| {
+                    d.msi_write(|m| apply_msi_write(m, cap.shape(), &regs, written));
+                });
             }
         }
         Ok(())
@@ -871,21 +823,11 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
     fn device_info(&self) -> DeviceInfo {
         // RESET is always offered: with a host reset method it is VFIO_DEVICE_RESET, without
         // one a reset of the virtual state with interrupts off and COMMAND cleared.
-        DeviceInfo {
-            flags: VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET,
-            num_regions: VFIO_PCI_NUM_REGIONS,
-            num_irqs: VFIO_PCI_NUM_IRQS,
-        }
+        pci::parts::pci_device_info()
     }
 
     fn region_info(&self, index: u32) -> RegionInfo<'_> {
-        let absent = RegionInfo {
-            flags: 0,
-            size: 0,
-            offset: 0,
-            sparse_areas: Vec::new(),
-            mmap_fd: None,
-        };
+        let absent = pci::parts::absent_region();
         let Some(host) = self.backend.region(index) else {
             return absent;
         };
@@ -963,48 +905,33 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
             VFIO_PCI_MSI_IRQ_INDEX | VFIO_PCI_MSIX_IRQ_INDEX => self.set_vectors(req),
             i @ (VFIO_PCI_ERR_IRQ_INDEX | VFIO_PCI_REQ_IRQ_INDEX) => {
                 let slot = (i - VFIO_PCI_ERR_IRQ_INDEX) as usize;
-                match (req.action, req.data) {
-                    (IrqAction::Trigger, IrqData::Eventfds(mut fds)) => {
-                        let fd = fds.pop().flatten();
-                        let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+                let fd = match IrqOp::decode(req, 1)? {
+                    IrqOp::Bind { fds, .. } => {
+                        let fd = fds.into_iter().next().flatten();
+                        self.forward_fd(i, VFIO_IRQ_SET_ACTION_TRIGGER, fd)?
+                    }
+                    IrqOp::Disable => {
                         self.backend
-                            .set_irqs(
-                                i,
-                                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                                0,
-                                1,
-                                &[raw],
-                            )
+                            .set_irqs(&IrqSet::disable(i))
                             .map_err(|e| errno_of(&e))?;
-                        if let Some(s) = self.other_triggers.get_mut(slot) {
-                            *s = fd;
-                        }
-                        Ok(())
+                        None
                     }
-                    (IrqAction::Trigger, IrqData::None) => {
-                        self.forward_none(i, IrqAction::Trigger, req.start, req.count)?;
-                        if req.count == 0 {
-                            if let Some(s) = self.other_triggers.get_mut(slot) {
-                                *s = None;
-                            }
-                        }
-                        Ok(())
+                    IrqOp::Trigger(v) => {
+                        return self.forward_none(i, VFIO_IRQ_SET_ACTION_TRIGGER, &v);
                     }
-                    _ => Err(libc::EINVAL),
+                    _ => return Err(libc::EINVAL),
+                };
+                if let Some(s) = self.other_triggers.get_mut(slot) {
+                    *s = fd;
                 }
+                Ok(())
             }
             _ => Err(libc::EINVAL),
         }
     }
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
-        let size = self.region_info(index).size;
-        if offset
-            .checked_add(data.len() as u64)
-            .is_none_or(|e| e > size)
-        {
-            return Err(libc::EINVAL);
-        }
+        self.check_region(index, offset, data.len())?;
         match index {
             0..=5 => self.bar_access(index, offset, data.len(), None, Some(data)),
             VFIO_PCI_ROM_REGION_INDEX => self
@@ -1017,13 +944,7 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
     }
 
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
-        let size = self.region_info(index).size;
-        if offset
-            .checked_add(data.len() as u64)
-            .is_none_or(|e| e > size)
-        {
-            return Err(libc::EINVAL);
-        }
+        self.check_region(index, offset, data.len())?;
         match index {
             0..=5 => self.bar_access(index, offset, data.len(), Some(data), None),
             VFIO_PCI_CONFIG_REGION_INDEX => self.config_write(offset, data),
@@ -1045,6 +966,9 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
         if let Some(m) = self.msix.as_mut() {
             m.reset();
         }
+        if let Some(m) = self.msi_model.take() {
+            self.msi_model = Some(enabled_msi(m));
+        }
         if self.backend.device_flags() & VFIO_DEVICE_FLAGS_RESET != 0 {
             info!("passthrough: DEVICE_RESET: VFIO_DEVICE_RESET and a reset of the virtual state");
             self.backend.reset().map_err(|e| errno_of(&e))
@@ -1065,13 +989,8 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
         }
         for (i, t) in self.other_triggers.iter_mut().enumerate() {
             if t.take().is_some() {
-                let _ = self.backend.set_irqs(
-                    VFIO_PCI_ERR_IRQ_INDEX + i as u32,
-                    VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
-                    0,
-                    0,
-                    &[],
-                );
+                let index = VFIO_PCI_ERR_IRQ_INDEX + i as u32;
+                let _ = self.backend.set_irqs(&IrqSet::disable(index));
             }
         }
         self.drop_client_fds(VFIO_PCI_INTX_IRQ_INDEX);
@@ -1193,6 +1112,24 @@ impl<B: VfioBackend> VfioUserDevice for PassthroughDevice<B> {
             unsafe { libc::munmap(m.host as *mut libc::c_void, len) };
         }
     }
+}
+
+/// The VFIO action of a MASK (`masked`) or UNMASK request.
+fn mask_action(masked: bool) -> u32 {
+    if masked {
+        VFIO_IRQ_SET_ACTION_MASK
+    } else {
+        VFIO_IRQ_SET_ACTION_UNMASK
+    }
+}
+
+/// The MSI model back to power-on, then enabled with every vector: whether MSI is on is the
+/// kernel's MSI index (`SET_IRQS`), not the guest's Enable bit.
+fn enabled_msi(mut m: Msi) -> Msi {
+    m.reset();
+    let mmc = m.mmc();
+    let _ = m.write_control(true, mmc);
+    m
 }
 
 /// A client file must hold the whole range it maps (a memfd or regular file); other kinds

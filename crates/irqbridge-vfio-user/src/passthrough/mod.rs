@@ -8,9 +8,11 @@
 //!   virtual; the rest passed to the host).
 //! - [`device`]: [`PassthroughDevice`], the [`crate::device::VfioUserDevice`] the server runs.
 //!
-//! The issue asks for this to sit on the reusable PCI function model of the device-framework
-//! work; that model was not ready, so the device implements `VfioUserDevice` directly and uses
-//! `irqbridge-core`'s `Msix` model for the virtual MSI-X table and PBA. It is `Send`.
+//! The virtual parts of the function come from the [`pci`](crate::pci) model's code: the
+//! config bytes and write masks, BAR sizing, the MSI registers (`irqbridge-core`'s `Msi`), the
+//! MSI-X table and PBA (`Msix`) and `SET_IRQS` decoding; what stays here is the host's config
+//! space and BARs, the kernel's eventfd switching on mask and unmask, DMA into the container
+//! and host reset (docs/passthrough.md says why it is not a `PciFunction`). It is `Send`.
 //!
 //! ```no_run
 //! use irqbridge_vfio_user::passthrough::{self, PassthroughOptions};

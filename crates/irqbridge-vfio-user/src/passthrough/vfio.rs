@@ -28,7 +28,8 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use crate::proto::{
-    VFIO_DEVICE_FLAGS_PCI, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
+    VFIO_DEVICE_FLAGS_PCI, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
 };
 
 /// `_IO(VFIO_TYPE, VFIO_BASE + nr)`: every VFIO ioctl is a plain `_IO` number.
@@ -238,6 +239,51 @@ pub struct HostIrq {
     pub count: u32,
 }
 
+/// One `VFIO_DEVICE_SET_IRQS` request: one action with DATA_NONE, or with DATA_EVENTFD and one
+/// fd per sub-index (−1 de-assigns).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IrqSet<'a> {
+    /// IRQ index.
+    pub index: u32,
+    /// `VFIO_IRQ_SET_DATA_*` | `VFIO_IRQ_SET_ACTION_*`.
+    pub flags: u32,
+    /// First sub-index.
+    pub start: u32,
+    /// Number of sub-indexes.
+    pub count: u32,
+    /// With DATA_EVENTFD, `count` fds; empty otherwise.
+    pub fds: &'a [RawFd],
+}
+
+impl<'a> IrqSet<'a> {
+    /// `action` with DATA_EVENTFD: `fds` for the sub-indexes from `start`.
+    pub fn eventfds(index: u32, action: u32, start: u32, fds: &'a [RawFd]) -> Self {
+        IrqSet {
+            index,
+            flags: VFIO_IRQ_SET_DATA_EVENTFD | action,
+            start,
+            count: fds.len() as u32,
+            fds,
+        }
+    }
+
+    /// `action` with DATA_NONE on `count` sub-indexes from `start`.
+    pub fn none(index: u32, action: u32, start: u32, count: u32) -> Self {
+        IrqSet {
+            index,
+            flags: VFIO_IRQ_SET_DATA_NONE | action,
+            start,
+            count,
+            fds: &[],
+        }
+    }
+
+    /// TRIGGER with DATA_NONE and count 0: the index off, its eventfds released.
+    pub fn disable(index: u32) -> Self {
+        Self::none(index, VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0)
+    }
+}
+
 /// What the passthrough device needs from a VFIO device. Implemented by [`VfioDevice`] and by
 /// the fakes of the unit tests. Errors are the kernel's.
 pub trait VfioBackend: Send + fmt::Debug {
@@ -251,16 +297,8 @@ pub trait VfioBackend: Send + fmt::Debug {
     fn read(&self, index: u32, offset: u64, data: &mut [u8]) -> io::Result<()>;
     /// pwrite of `data` at `offset` inside region `index`.
     fn write(&self, index: u32, offset: u64, data: &[u8]) -> io::Result<()>;
-    /// `VFIO_DEVICE_SET_IRQS` with DATA_NONE or DATA_EVENTFD (`fds.len() == count`, −1 entries
-    /// allowed) and one action.
-    fn set_irqs(
-        &self,
-        index: u32,
-        flags: u32,
-        start: u32,
-        count: u32,
-        fds: &[RawFd],
-    ) -> io::Result<()>;
+    /// `VFIO_DEVICE_SET_IRQS`.
+    fn set_irqs(&self, set: &IrqSet<'_>) -> io::Result<()>;
     /// `VFIO_IOMMU_MAP_DMA` of `size` bytes at process address `vaddr` to `iova`.
     fn dma_map(&self, vaddr: u64, iova: u64, size: u64, flags: u32) -> io::Result<()>;
     /// `VFIO_IOMMU_UNMAP_DMA` of exactly one earlier mapping.
@@ -304,6 +342,65 @@ unsafe fn ioctl(fd: BorrowedFd<'_>, req: libc::Ioctl, arg: libc::c_ulong) -> io:
     } else {
         Ok(r)
     }
+}
+
+/// `req` on `fd` with `arg` (argsz set), which the kernel fills in; the filled structure.
+///
+/// # Safety
+/// `req` must be an ioctl that reads and writes exactly a `T`.
+unsafe fn filled<T>(fd: BorrowedFd<'_>, req: libc::Ioctl, mut arg: T) -> io::Result<T> {
+    // SAFETY: `arg` is a live T, which is what `req` reads and writes (the caller's promise).
+    unsafe { ioctl(fd, req, &mut arg as *mut T as libc::c_ulong) }?;
+    Ok(arg)
+}
+
+/// The per-index infos of the device fd for indexes `0..count`: `arg(index)` is the
+/// structure to fill (argsz and index set), `keep` what is kept of a filled one. vfio-pci
+/// answers EINVAL for an index the device lacks (ERR without PCIe, an absent BAR): that one
+/// is `H::default()`.
+///
+/// # Safety
+/// `req` must be an ioctl that reads and writes exactly a `T`.
+unsafe fn index_infos<T, H: Default>(
+    device: &File,
+    req: libc::Ioctl,
+    what: &'static str,
+    count: u32,
+    arg: impl Fn(u32) -> T,
+    keep: impl Fn(&T) -> H,
+) -> Result<Vec<H>, OpenError> {
+    (0..count)
+        .map(|index| {
+            // SAFETY: `req` reads and writes exactly a `T` (the caller's promise).
+            match unsafe { filled(device.as_fd(), req, arg(index)) } {
+                Ok(a) => Ok(keep(&a)),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(H::default()),
+                Err(e) => Err(ioctl_err(what)(e)),
+            }
+        })
+        .collect()
+}
+
+/// [`index_infos`] for a VFIO info structure `$ty` with `argsz` and `index` fields, filled by
+/// `$req`.
+macro_rules! infos {
+    ($device:expr, $req:ident, $ty:ident, $count:expr, |$r:ident| $keep:expr) => {
+        // SAFETY: `$req` reads and writes exactly a `$ty` (the uapi pairs them).
+        unsafe {
+            index_infos(
+                &$device,
+                $req,
+                stringify!($req),
+                $count,
+                |index| $ty {
+                    argsz: std::mem::size_of::<$ty>() as u32,
+                    index,
+                    ..Default::default()
+                },
+                |$r: &$ty| $keep,
+            )
+        }
+    };
 }
 
 fn open_rw(path: &Path) -> Result<File, OpenError> {
@@ -370,19 +467,13 @@ impl VfioDevice {
         }
 
         let group_file = open_rw(&paths.dev_vfio.join(group.to_string()))?;
-        let mut status = vfio_group_status {
+        let status = vfio_group_status {
             argsz: std::mem::size_of::<vfio_group_status>() as u32,
             flags: 0,
         };
-        // SAFETY: `status` is a live vfio_group_status with argsz set; the kernel fills flags.
-        unsafe {
-            ioctl(
-                group_file.as_fd(),
-                VFIO_GROUP_GET_STATUS,
-                &mut status as *mut _ as libc::c_ulong,
-            )
-        }
-        .map_err(ioctl_err("VFIO_GROUP_GET_STATUS"))?;
+        // SAFETY: GET_STATUS fills the flags of a vfio_group_status.
+        let status = unsafe { filled(group_file.as_fd(), VFIO_GROUP_GET_STATUS, status) }
+            .map_err(ioctl_err("VFIO_GROUP_GET_STATUS"))?;
         if status.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
             return Err(OpenError::GroupNotViable { group });
         }
@@ -419,73 +510,38 @@ impl VfioDevice {
         // SAFETY: the ioctl returned a new descriptor that nothing else owns.
         let device = unsafe { File::from_raw_fd(dfd) };
 
-        let mut info = vfio_device_info {
+        let info = vfio_device_info {
             argsz: std::mem::size_of::<vfio_device_info>() as u32,
             ..Default::default()
         };
-        // SAFETY: `info` is a live vfio_device_info with argsz set.
-        unsafe {
-            ioctl(
-                device.as_fd(),
-                VFIO_DEVICE_GET_INFO,
-                &mut info as *mut _ as libc::c_ulong,
-            )
-        }
-        .map_err(ioctl_err("VFIO_DEVICE_GET_INFO"))?;
+        // SAFETY: GET_INFO fills a vfio_device_info.
+        let info = unsafe { filled(device.as_fd(), VFIO_DEVICE_GET_INFO, info) }
+            .map_err(ioctl_err("VFIO_DEVICE_GET_INFO"))?;
         if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
             return Err(OpenError::NotPci(bdf.to_string()));
         }
-        let mut regions = Vec::new();
-        for index in 0..info.num_regions.min(VFIO_PCI_NUM_REGIONS) {
-            let mut r = vfio_region_info {
-                argsz: std::mem::size_of::<vfio_region_info>() as u32,
-                index,
-                ..Default::default()
-            };
-            // SAFETY: `r` is a live vfio_region_info with argsz and index set; with argsz 32
-            // the kernel writes no capability data past it.
-            let res = unsafe {
-                ioctl(
-                    device.as_fd(),
-                    VFIO_DEVICE_GET_REGION_INFO,
-                    &mut r as *mut _ as libc::c_ulong,
-                )
-            };
-            regions.push(match res {
-                Ok(_) => HostRegion {
-                    flags: r.flags,
-                    size: r.size,
-                    offset: r.offset,
-                },
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => HostRegion::default(),
-                Err(e) => return Err(ioctl_err("VFIO_DEVICE_GET_REGION_INFO")(e)),
-            });
-        }
-        let mut irqs = Vec::new();
-        for index in 0..info.num_irqs.min(VFIO_PCI_NUM_IRQS) {
-            let mut q = vfio_irq_info {
-                argsz: std::mem::size_of::<vfio_irq_info>() as u32,
-                index,
-                ..Default::default()
-            };
-            // SAFETY: `q` is a live vfio_irq_info with argsz and index set.
-            let res = unsafe {
-                ioctl(
-                    device.as_fd(),
-                    VFIO_DEVICE_GET_IRQ_INFO,
-                    &mut q as *mut _ as libc::c_ulong,
-                )
-            };
-            irqs.push(match res {
-                Ok(_) => HostIrq {
-                    flags: q.flags,
-                    count: q.count,
-                },
-                // vfio-pci answers EINVAL for indexes the device lacks (ERR without PCIe).
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => HostIrq::default(),
-                Err(e) => return Err(ioctl_err("VFIO_DEVICE_GET_IRQ_INFO")(e)),
-            });
-        }
+        // With argsz 32 the kernel writes no region capability data past the structure.
+        let regions = infos!(
+            device,
+            VFIO_DEVICE_GET_REGION_INFO,
+            vfio_region_info,
+            info.num_regions.min(VFIO_PCI_NUM_REGIONS),
+            |r| HostRegion {
+                flags: r.flags,
+                size: r.size,
+                offset: r.offset,
+            }
+        )?;
+        let irqs = infos!(
+            device,
+            VFIO_DEVICE_GET_IRQ_INFO,
+            vfio_irq_info,
+            info.num_irqs.min(VFIO_PCI_NUM_IRQS),
+            |q| HostIrq {
+                flags: q.flags,
+                count: q.count,
+            }
+        )?;
         Ok(VfioDevice {
             bdf: bdf.clone(),
             group,
@@ -547,16 +603,10 @@ impl VfioBackend for VfioDevice {
         self.device.write_all_at(data, at)
     }
 
-    fn set_irqs(
-        &self,
-        index: u32,
-        flags: u32,
-        start: u32,
-        count: u32,
-        fds: &[RawFd],
-    ) -> io::Result<()> {
-        let data_len = if flags & VFIO_IRQ_SET_DATA_EVENTFD != 0 {
-            if fds.len() != count as usize {
+    fn set_irqs(&self, set: &IrqSet<'_>) -> io::Result<()> {
+        let fds = set.fds;
+        let data_len = if set.flags & VFIO_IRQ_SET_DATA_EVENTFD != 0 {
+            if fds.len() != set.count as usize {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
             std::mem::size_of_val(fds)
@@ -572,11 +622,8 @@ impl VfioBackend for VfioDevice {
         let argsz = u32::try_from(head + data_len)
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         if let Some(h) = buf.first_mut() {
-            h.argsz = argsz;
-            h.flags = flags;
-            h.index = index;
-            h.start = start;
-            h.count = count;
+            (h.argsz, h.flags, h.index) = (argsz, set.flags, set.index);
+            (h.start, h.count) = (set.start, set.count);
         }
         // SAFETY: the buffer holds `n * head >= head + data_len` bytes; the fd array is
         // written right after the header, inside it, as unaligned i32s.

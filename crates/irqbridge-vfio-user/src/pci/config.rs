@@ -12,6 +12,7 @@
 
 use super::consts::*;
 use super::layout::{BarKind, Layout};
+use super::parts::bar_address_masks;
 
 /// A config-space register that belongs to an interrupt model rather than to the image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,11 +75,11 @@ impl ConfigSpace {
         for (i, bar) in layout.bars.iter().enumerate() {
             let Some(bar) = bar else { continue };
             let off = PCI_BAR0 + 4 * i as u64;
-            let addr_mask = !(bar.size - 1);
-            let (flags, low_mask) = match bar.kind {
-                BarKind::Io => (PCI_BAR_IO, addr_mask as u32 & !0x3),
-                BarKind::Mem32 => (0, addr_mask as u32 & !0xf),
-                BarKind::Mem64 => (PCI_BAR_MEM64, addr_mask as u32 & !0xf),
+            let (low_mask, high_mask) = bar_address_masks(bar.kind, bar.size);
+            let flags = match bar.kind {
+                BarKind::Io => PCI_BAR_IO,
+                BarKind::Mem32 => 0,
+                BarKind::Mem64 => PCI_BAR_MEM64,
             };
             let flags = flags
                 | if bar.prefetchable {
@@ -89,7 +90,7 @@ impl ConfigSpace {
             put(&mut b, off, &flags.to_le_bytes());
             put(&mut m, off, &low_mask.to_le_bytes());
             if bar.kind == BarKind::Mem64 {
-                put(&mut m, off + 4, &((addr_mask >> 32) as u32).to_le_bytes());
+                put(&mut m, off + 4, &high_mask.to_le_bytes());
             }
         }
 
@@ -131,6 +132,36 @@ impl ConfigSpace {
             rw1c: c,
             msix_cap,
             msi_cap,
+        }
+    }
+
+    /// An image of `size` zero bytes without write masks, filled byte by byte with
+    /// [`set_power_on`](Self::set_power_on): the virtual bytes of a function that is not
+    /// built from a [`Layout`] (a passed-through host device).
+    pub fn blank(size: usize) -> Self {
+        let zeros = vec![0u8; size].into_boxed_slice();
+        ConfigSpace {
+            bytes: zeros.clone(),
+            rw: zeros.clone(),
+            rw1c: zeros.clone(),
+            power_on: zeros,
+            msix_cap: None,
+            msi_cap: None,
+        }
+    }
+
+    /// Sets one byte's power-on (and current) value and its read-write mask; outside the
+    /// image it is ignored.
+    pub fn set_power_on(&mut self, offset: u64, value: u8, rw: u8) {
+        let Ok(i) = usize::try_from(offset) else {
+            return;
+        };
+        if let (Some(b), Some(p), Some(m)) = (
+            self.bytes.get_mut(i),
+            self.power_on.get_mut(i),
+            self.rw.get_mut(i),
+        ) {
+            (*b, *p, *m) = (value, value, rw);
         }
     }
 
@@ -189,6 +220,11 @@ impl ConfigSpace {
     /// A little-endian 16-bit field of the image.
     pub fn word(&self, offset: u64) -> u16 {
         u16::from_le_bytes([self.byte(offset), self.byte(offset + 1)])
+    }
+
+    /// A little-endian 32-bit field of the image.
+    pub fn dword(&self, offset: u64) -> u32 {
+        u32::from(self.word(offset)) | u32::from(self.word(offset + 2)) << 16
     }
 
     /// Sets one byte ignoring the masks (device side); outside the image it is ignored.

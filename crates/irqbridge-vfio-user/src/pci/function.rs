@@ -14,12 +14,12 @@ use super::config::Owner;
 use super::consts::*;
 use super::irq::PciCore;
 use super::layout::{BarKind, Layout};
+use super::parts::{MsixHit, apply_msi_write, msix_hit};
 use super::{BarIndex, ConfigEffect, DEVICE_TOKEN_LIMIT, Error, PciDevice, eventfd_fd};
 use crate::device::{
     DeviceInfo, Errno, IoFd, IrqInfo, RegionInfo, SetIrqs, SparseArea, VfioUserDevice,
 };
 use crate::proto::{
-    VFIO_DEVICE_FLAGS_PCI as DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET as DEVICE_FLAGS_RESET,
     VFIO_REGION_INFO_FLAG_MMAP as REGION_MMAP, VFIO_REGION_INFO_FLAG_READ as REGION_READ,
     VFIO_REGION_INFO_FLAG_WRITE as REGION_WRITE,
 };
@@ -195,10 +195,6 @@ impl<D: PciDevice> PciFunction<D> {
     fn config_read(&self, offset: u64, data: &mut [u8]) {
         let core = &self.core;
         let msix_ctl = core.msix.as_ref().map_or(0, |m| m.message_control());
-        let msi = core
-            .msi
-            .as_ref()
-            .map(|m| msi_registers(m, core.layout.msi_mask));
         for (i, out) in data.iter_mut().enumerate() {
             let Some(off) = offset.checked_add(i as u64) else {
                 *out = 0;
@@ -206,10 +202,8 @@ impl<D: PciDevice> PciFunction<D> {
             };
             *out = match core.config.owner(off) {
                 Some(Owner::MsixControl(b)) => msix_ctl.to_le_bytes()[(b & 1) as usize],
-                Some(Owner::Msi(b)) => msi
-                    .as_ref()
-                    .and_then(|r| r.get(usize::try_from(b).ok()?).copied())
-                    .unwrap_or(0),
+                // Filled in below.
+                Some(Owner::Msi(_)) => 0,
                 None => {
                     let mut b = core.config.byte(off);
                     if off == PCI_STATUS && core.intx.level() {
@@ -219,13 +213,19 @@ impl<D: PciDevice> PciFunction<D> {
                 }
             };
         }
+        if let (Some(w), Some(m)) = (core.msi_window(), &core.msi) {
+            w.read(m, offset, data);
+        }
     }
 
     fn config_write(&mut self, offset: u64, data: &[u8]) {
         let core = &mut self.core;
         let old_command = core.config.word(PCI_COMMAND);
         let mut msix_ctl: Option<[u8; 2]> = None;
-        let mut msi: Option<([u8; MSI_CAP_SIZE as usize], u32)> = None;
+        let msi = match (core.msi_window(), &core.msi) {
+            (Some(w), Some(m)) => w.collect(m, offset, data),
+            _ => None,
+        };
         let mut bars = 0u8;
         let mut image = false;
         for (i, &value) in data.iter().enumerate() {
@@ -240,21 +240,8 @@ impl<D: PciDevice> PciFunction<D> {
                         *r = value;
                     }
                 }
-                Some(Owner::Msi(b)) => {
-                    let (regs, written) = msi.get_or_insert_with(|| {
-                        (
-                            core.msi
-                                .as_ref()
-                                .map(|m| msi_registers(m, core.layout.msi_mask))
-                                .unwrap_or_default(),
-                            0,
-                        )
-                    });
-                    if let Some(r) = usize::try_from(b).ok().and_then(|b| regs.get_mut(b)) {
-                        *r = value;
-                        *written |= 1 << b;
-                    }
-                }
+                // Collected above.
+                Some(Owner::Msi(_)) => {}
                 None => {
                     core.config.write_byte(off, value);
                     if (PCI_BAR0..PCI_BAR0 + 24).contains(&off) {
@@ -280,13 +267,14 @@ impl<D: PciDevice> PciFunction<D> {
                 warn!("pci: COMMAND write: {}", super::error_chain(&e));
             }
         }
+        let msi_shape = core.msi_shape();
         if let (Some((regs, written)), Some(m)) = (msi, core.msi.as_mut()) {
             // Suppress INTx before MSI can fire; release it after MSI is off.
             let control = u16::from_le_bytes([regs[2], regs[3]]);
             if written & 0b1100 != 0 && control & MSI_CONTROL_ENABLE != 0 {
                 let _ = core.intx.set_suppressed(true);
             }
-            apply_msi_write(m, &regs, written);
+            apply_msi_write(m, msi_shape, &regs, written);
             core.update_intx_suppression();
             effects.push(ConfigEffect::Msi);
         }
@@ -350,17 +338,13 @@ impl<D: PciDevice> PciFunction<D> {
         if u32::from(x.bar) != bar {
             return None;
         }
-        let ok = |base: u64, size: u64| -> Option<u64> {
-            let rel = offset.checked_sub(base)?;
-            (matches!(len, 4 | 8)
-                && rel % len as u64 == 0
-                && rel.checked_add(len as u64).is_some_and(|e| e <= size))
-            .then_some(rel)
-        };
-        if let Some(rel) = ok(x.table_offset, x.table_size()) {
+        if let MsixHit::Inside(rel) = msix_hit(x.table_offset, x.table_size(), offset, len) {
             return Some((true, rel));
         }
-        ok(x.pba_offset, x.pba_size()).map(|rel| (false, rel))
+        match msix_hit(x.pba_offset, x.pba_size(), offset, len) {
+            MsixHit::Inside(rel) => Some((false, rel)),
+            _ => None,
+        }
     }
 
     fn handle_ioevent(&mut self, i: usize) {
@@ -378,89 +362,13 @@ impl<D: PciDevice> PciFunction<D> {
     }
 }
 
-/// The MSI capability's registers as the guest reads them (bytes from the capability start).
-/// Without per-vector masking the capability ends before Mask Bits, so those bytes are never
-/// read or written through it.
-fn msi_registers(m: &irqbridge_core::Msi, per_vector_mask: bool) -> [u8; MSI_CAP_SIZE as usize] {
-    let mut r = [0u8; MSI_CAP_SIZE as usize];
-    let mut control = (u16::from(m.mmc()) << MSI_CONTROL_MMC_SHIFT)
-        | (u16::from(m.mme()) << MSI_CONTROL_MME_SHIFT)
-        | MSI_CONTROL_64BIT;
-    if per_vector_mask {
-        control |= MSI_CONTROL_PER_VECTOR_MASK;
-    }
-    if m.enabled() {
-        control |= MSI_CONTROL_ENABLE;
-    }
-    let mut put = |off: u64, bytes: &[u8]| {
-        let off = off as usize;
-        if let Some(dst) = r.get_mut(off..off + bytes.len()) {
-            dst.copy_from_slice(bytes);
-        }
-    };
-    put(0, &[PCI_CAP_ID_MSI, 0]);
-    put(MSI_CAP_CONTROL, &control.to_le_bytes());
-    put(MSI_CAP_ADDRESS_LO, &m.address().to_le_bytes());
-    put(MSI_CAP_DATA, &m.data().to_le_bytes());
-    put(MSI_CAP_MASK, &m.mask_bits().to_le_bytes());
-    put(MSI_CAP_PENDING, &m.pending_bits().to_le_bytes());
-    r
-}
-
-/// Hands the written bytes of the MSI capability (`written`: bit b = byte b) to the model:
-/// message first, then mask bits, then Enable / MME, so an enabling write delivers with the
-/// final message.
-fn apply_msi_write(m: &mut irqbridge_core::Msi, regs: &[u8], written: u32) {
-    let span = |from: u64, len: u64| (from..from + len).any(|b| written & (1 << b) != 0);
-    let dword = |off: u64| -> u32 {
-        let o = off as usize;
-        regs.get(o..o + 4)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u32::from_le_bytes)
-    };
-    if span(MSI_CAP_ADDRESS_LO, 8) {
-        m.write_address(
-            u64::from(dword(MSI_CAP_ADDRESS_LO)) | u64::from(dword(MSI_CAP_ADDRESS_HI)) << 32,
-        );
-    }
-    if span(MSI_CAP_DATA, 2) {
-        m.write_data(dword(MSI_CAP_DATA) as u16);
-    }
-    if span(MSI_CAP_MASK, 4) {
-        if let Err(e) = m.write_mask(dword(MSI_CAP_MASK)) {
-            warn!("pci: MSI mask write: {}", super::error_chain(&e));
-        }
-    }
-    if span(MSI_CAP_CONTROL, 2) {
-        let control = dword(MSI_CAP_CONTROL) as u16;
-        let enable = control & MSI_CONTROL_ENABLE != 0;
-        let mme = ((control >> MSI_CONTROL_MME_SHIFT) & 7) as u8;
-        if enable != m.enabled() || mme != m.mme() {
-            debug!("pci: MSI enable={enable} mme={mme}");
-        }
-        if let Err(e) = m.write_control(enable, mme) {
-            warn!("pci: MSI Message Control write: {}", super::error_chain(&e));
-        }
-    }
-}
-
 impl<D: PciDevice> VfioUserDevice for PciFunction<D> {
     fn device_info(&self) -> DeviceInfo {
-        DeviceInfo {
-            flags: DEVICE_FLAGS_PCI | DEVICE_FLAGS_RESET,
-            num_regions: NUM_REGIONS,
-            num_irqs: NUM_IRQS,
-        }
+        super::parts::pci_device_info()
     }
 
     fn region_info(&self, index: u32) -> RegionInfo<'_> {
-        let absent = RegionInfo {
-            flags: 0,
-            size: 0,
-            offset: 0,
-            sparse_areas: Vec::new(),
-            mmap_fd: None,
-        };
+        let absent = super::parts::absent_region();
         if index == REGION_CONFIG {
             return RegionInfo {
                 flags: REGION_READ | REGION_WRITE,

@@ -22,7 +22,8 @@ use super::Error;
 use super::config::ConfigSpace;
 use super::consts::*;
 use super::layout::Layout;
-use crate::device::{Errno, IrqAction, IrqData, IrqInfo, SetIrqs};
+use super::parts::{IrqOp, msix_bind};
+use crate::device::{Errno, IrqInfo, SetIrqs};
 use crate::proto::{
     VFIO_IRQ_INFO_AUTOMASKED as IRQ_INFO_AUTOMASKED, VFIO_IRQ_INFO_EVENTFD as IRQ_INFO_EVENTFD,
     VFIO_IRQ_INFO_MASKABLE as IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE as IRQ_INFO_NORESIZE,
@@ -50,19 +51,6 @@ pub struct PciCore {
     pub(crate) msix: Option<Msix>,
     err_trigger: Option<EventFd>,
     req_trigger: Option<EventFd>,
-}
-
-/// Flags of a DATA_NONE / DATA_BOOL request, one per sub-index of `[start, start + count)`.
-fn selection(data: &IrqData, count: u32) -> Vec<bool> {
-    match data {
-        IrqData::Bool(flags) => flags.clone(),
-        // The server checked `count` against the IRQ info (at most 2048).
-        _ => vec![true; count.min(u32::from(irqbridge_core::msix::MSIX_MAX_VECTORS)) as usize],
-    }
-}
-
-fn first(data: &IrqData, count: u32) -> bool {
-    selection(data, count).first().copied().unwrap_or(false)
 }
 
 fn log_err(what: &str, r: Result<(), irqbridge_core::Error>) {
@@ -93,6 +81,24 @@ impl PciCore {
             msix,
             err_trigger: None,
             req_trigger: None,
+        })
+    }
+
+    /// The register layout of the MSI capability: always 64-bit, Mask and Pending Bits as
+    /// the layout says.
+    pub(crate) fn msi_shape(&self) -> super::parts::MsiShape {
+        super::parts::MsiShape {
+            is64: true,
+            per_vector_mask: self.layout.msi_mask,
+        }
+    }
+
+    /// The MSI registers the MSI model serves: the whole capability after its header.
+    pub(crate) fn msi_window(&self) -> Option<super::parts::MsiWindow> {
+        Some(super::parts::MsiWindow {
+            cap: self.layout.cap_offset(PCI_CAP_ID_MSI)?,
+            from: MSI_CAP_CONTROL,
+            shape: self.msi_shape(),
         })
     }
 
@@ -201,14 +207,7 @@ impl PciCore {
     pub fn bar_address(&self, index: u32) -> Option<u64> {
         let bar = self.layout.bar(index)?;
         let off = PCI_BAR0 + 4 * u64::from(index);
-        let dword = |o: u64| {
-            u32::from_le_bytes([
-                self.config.byte(o),
-                self.config.byte(o + 1),
-                self.config.byte(o + 2),
-                self.config.byte(o + 3),
-            ])
-        };
+        let dword = |o: u64| self.config.dword(o);
         let lo = dword(off);
         Some(match bar.kind {
             super::BarKind::Io => u64::from(lo & !0x3),
@@ -308,8 +307,8 @@ impl PciCore {
     }
 
     fn set_intx_irqs(&mut self, req: SetIrqs) -> Result<(), Errno> {
-        match (req.action, req.data) {
-            (IrqAction::Trigger, IrqData::Eventfds(fds)) => {
+        match IrqOp::decode(req, 1)? {
+            IrqOp::Bind { fds, .. } => {
                 match fds.into_iter().next().flatten() {
                     Some(fd) => {
                         let fd = Arc::new(fd);
@@ -326,14 +325,14 @@ impl PciCore {
                 }
                 Ok(())
             }
-            (IrqAction::Trigger, IrqData::None) if req.count == 0 => {
+            IrqOp::Disable => {
                 self.intx.disable_index();
                 self.intx_trigger = None;
                 self.intx_unmask = None;
                 Ok(())
             }
-            (IrqAction::Trigger, data) => {
-                if !first(&data, req.count) {
+            IrqOp::Trigger(sel) => {
+                if sel.is_empty() {
                     return Ok(());
                 }
                 // Loopback, like the kernel's `vfio_send_intx_eventfd`: signal the trigger if
@@ -349,21 +348,18 @@ impl PciCore {
                     _ => Ok(()),
                 }
             }
-            (IrqAction::Mask, IrqData::Eventfds(_)) => Err(libc::ENOTTY),
-            (IrqAction::Mask, data) => {
-                if first(&data, req.count) {
-                    self.intx.mask();
-                }
+            IrqOp::MaskFd => Err(libc::ENOTTY),
+            IrqOp::Mask { vectors, .. } if vectors.is_empty() => Ok(()),
+            IrqOp::Mask { masked: true, .. } => {
+                self.intx.mask();
                 Ok(())
             }
-            (IrqAction::Unmask, IrqData::Eventfds(fds)) => {
-                self.intx_unmask = fds.into_iter().next().flatten();
+            IrqOp::Mask { masked: false, .. } => {
+                log_err("INTx unmask", self.intx.unmask().map(|_| ()));
                 Ok(())
             }
-            (IrqAction::Unmask, data) => {
-                if first(&data, req.count) {
-                    log_err("INTx unmask", self.intx.unmask().map(|_| ()));
-                }
+            IrqOp::UnmaskFd(fd) => {
+                self.intx_unmask = fd;
                 Ok(())
             }
         }
@@ -372,29 +368,17 @@ impl PciCore {
     /// MSI, after the kernel's `vfio_pci_set_msi_trigger` (passthrough.md §3).
     fn set_msi_irqs(&mut self, req: SetIrqs) -> Result<(), Errno> {
         let Some(msi) = self.msi.as_mut() else {
-            // No MSI capability: only the disable request (count 0) is accepted.
-            return match (req.action, &req.data) {
-                (IrqAction::Trigger, IrqData::None) if req.count == 0 => Ok(()),
-                _ => Err(libc::EINVAL),
-            };
+            return IrqOp::only_disable(req);
         };
-        let n = msi.num_vectors();
-        let vector = |i: usize| -> Result<u8, Errno> {
-            u32::try_from(i)
-                .ok()
-                .and_then(|i| req.start.checked_add(i))
-                .and_then(|v| u8::try_from(v).ok())
-                .filter(|v| *v < n)
-                .ok_or(libc::EINVAL)
-        };
-        match (req.action, req.data) {
-            (IrqAction::Trigger, IrqData::None) if req.count == 0 => {
+        // Sub-indexes below `num_vectors` (at most 32) fit a u8.
+        match IrqOp::decode(req, u32::from(msi.num_vectors()))? {
+            IrqOp::Disable => {
                 msi.clear_notifiers();
                 self.msi_nvec = 0;
                 Ok(())
             }
-            (IrqAction::Trigger, IrqData::Eventfds(fds)) => {
-                let end = req.start.checked_add(req.count).ok_or(libc::EINVAL)?;
+            IrqOp::Bind { start, fds } => {
+                let end = start + fds.len() as u32;
                 if self.msi_nvec == 0 {
                     // First bind on an idle index: allocate start + count vectors.
                     self.msi_nvec = end;
@@ -402,85 +386,53 @@ impl PciCore {
                     // NORESIZE: growing needs a disable and a new enable.
                     return Err(libc::EINVAL);
                 }
-                let mut fds = fds.into_iter();
-                for i in 0..req.count as usize {
-                    let v = vector(i)?;
-                    let n = fds
-                        .next()
-                        .flatten()
-                        .map(|fd| Arc::new(fd) as Arc<dyn Notifier>);
-                    msi.set_notifier(v, n).map_err(|_| libc::EINVAL)?;
+                for (v, fd) in (start..).zip(fds) {
+                    let n = fd.map(|fd| Arc::new(fd) as Arc<dyn Notifier>);
+                    msi.set_notifier(v as u8, n).map_err(|_| libc::EINVAL)?;
                 }
                 Ok(())
             }
-            (IrqAction::Trigger, data) => {
+            IrqOp::Trigger(sel) => {
                 if self.msi_nvec == 0 {
                     return Err(libc::EINVAL);
                 }
-                for (i, sel) in selection(&data, req.count).into_iter().enumerate() {
-                    if sel {
-                        log_err("MSI loopback", msi.loopback(vector(i)?).map(|_| ()));
-                    }
+                for v in sel {
+                    log_err("MSI loopback", msi.loopback(v as u8).map(|_| ()));
                 }
                 Ok(())
             }
-            (IrqAction::Mask | IrqAction::Unmask, _) => Err(libc::ENOTTY),
+            _ => Err(libc::ENOTTY),
         }
     }
 
     fn set_msix_irqs(&mut self, req: SetIrqs) -> Result<(), Errno> {
         let Some(msix) = self.msix.as_mut() else {
-            return match (req.action, &req.data) {
-                (IrqAction::Trigger, IrqData::None) if req.count == 0 => Ok(()),
-                _ => Err(libc::EINVAL),
-            };
+            return IrqOp::only_disable(req);
         };
-        let n = msix.num_vectors();
-        let vector = |i: usize| -> Result<u16, Errno> {
-            u32::try_from(i)
-                .ok()
-                .and_then(|i| req.start.checked_add(i))
-                .and_then(|v| u16::try_from(v).ok())
-                .filter(|v| *v < n)
-                .ok_or(libc::EINVAL)
-        };
-        match (req.action, req.data) {
-            (IrqAction::Trigger, IrqData::Eventfds(fds)) => {
-                let mut fds = fds.into_iter();
-                for i in 0..req.count as usize {
-                    let v = vector(i)?;
-                    match fds.next().flatten() {
-                        Some(fd) => {
-                            let n: Arc<dyn Notifier> = Arc::new(fd);
-                            msix.set_notifier(v, Some(n)).map_err(|_| libc::EINVAL)?;
-                            // The VMM that binds a vector owns its masking (docs/device-abi.md).
-                            log_err("MSI-X vector bind", msix.set_entry_masked(v, false));
-                        }
-                        None => msix.set_notifier(v, None).map_err(|_| libc::EINVAL)?,
-                    }
+        // Sub-indexes below `num_vectors` (at most 2048) fit a u16.
+        match IrqOp::decode(req, u32::from(msix.num_vectors()))? {
+            IrqOp::Bind { start, fds } => {
+                for (v, fd) in (start..).zip(fds) {
+                    let n = fd.map(|fd| Arc::new(fd) as Arc<dyn Notifier>);
+                    msix_bind(msix, v as u16, n).map_err(|_| libc::EINVAL)?;
                 }
                 Ok(())
             }
-            (IrqAction::Trigger, IrqData::None) if req.count == 0 => {
+            IrqOp::Disable => {
                 msix.clear_notifiers();
                 Ok(())
             }
-            (IrqAction::Trigger, data) => {
+            IrqOp::Trigger(sel) => {
                 // Loopback of the bound eventfds, as vfio-pci's `vfio_msi_set_block` does.
-                for (i, sel) in selection(&data, req.count).into_iter().enumerate() {
-                    if sel {
-                        log_err("MSI-X loopback", msix.loopback(vector(i)?).map(|_| ()));
-                    }
+                for v in sel {
+                    log_err("MSI-X loopback", msix.loopback(v as u16).map(|_| ()));
                 }
                 Ok(())
             }
-            (IrqAction::Mask | IrqAction::Unmask, IrqData::Eventfds(_)) => Err(libc::ENOTTY),
-            (action, data) => {
-                let masked = action == IrqAction::Mask;
-                for (i, sel) in selection(&data, req.count).into_iter().enumerate() {
-                    if sel {
-                        log_err("MSI-X host mask", msix.set_host_mask(vector(i)?, masked));
-                    }
+            IrqOp::MaskFd | IrqOp::UnmaskFd(_) => Err(libc::ENOTTY),
+            IrqOp::Mask { masked, vectors } => {
+                for v in vectors {
+                    log_err("MSI-X host mask", msix.set_host_mask(v as u16, masked));
                 }
                 Ok(())
             }
@@ -493,20 +445,18 @@ impl PciCore {
         } else {
             &mut self.req_trigger
         };
-        match (req.action, req.data) {
-            (IrqAction::Trigger, IrqData::Eventfds(fds)) => {
+        match IrqOp::decode(req, 1)? {
+            IrqOp::Bind { fds, .. } => {
                 *slot = fds.into_iter().next().flatten();
                 Ok(())
             }
-            (IrqAction::Trigger, IrqData::None) if req.count == 0 => {
+            IrqOp::Disable => {
                 *slot = None;
                 Ok(())
             }
-            (IrqAction::Trigger, data) => {
-                if first(&data, req.count) {
-                    if let Some(fd) = slot {
-                        fd.notify().map_err(|_| libc::EIO)?;
-                    }
+            IrqOp::Trigger(sel) => {
+                if let (false, Some(fd)) = (sel.is_empty(), slot) {
+                    fd.notify().map_err(|_| libc::EIO)?;
                 }
                 Ok(())
             }

@@ -413,12 +413,11 @@ impl PciFunctionBuilder {
             let (id, len, body, rw, rw1c) = match spec {
                 CapSpec::Msix => (PCI_CAP_ID_MSIX, MSIX_CAP_SIZE, vec![], vec![], vec![]),
                 CapSpec::Msi => {
-                    let len = if self.msi_mask {
-                        MSI_CAP_SIZE
-                    } else {
-                        MSI_CAP_SIZE_NO_MASK
+                    let shape = super::parts::MsiShape {
+                        is64: true,
+                        per_vector_mask: self.msi_mask,
                     };
-                    (PCI_CAP_ID_MSI, len, vec![], vec![], vec![])
+                    (PCI_CAP_ID_MSI, shape.size(), vec![], vec![], vec![])
                 }
                 CapSpec::Vendor(body, rw, c) => {
                     (PCI_CAP_ID_VNDR, 2 + body.len() as u64, body, rw, c)

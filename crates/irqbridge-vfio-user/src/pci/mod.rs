@@ -69,11 +69,12 @@
 
 #![deny(missing_docs)]
 
-mod config;
+pub(crate) mod config;
 pub mod consts;
 mod function;
 mod irq;
 mod layout;
+pub(crate) mod parts;
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
