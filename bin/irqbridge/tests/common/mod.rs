@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Helpers shared by the tests of the `irqbridge` binary: temporary directories, the process
 //! under test, waiting for its sockets and for its exit.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Pieces of a PCI function that [`PciFunction`](super::PciFunction) and the passthrough
 //! device share: what is the same whether the function is emulated here or a host device
 //! whose MSI, MSI-X and BARs are virtualized (docs/passthrough.md).
