@@ -45,6 +45,7 @@ fuzz_target!(|data: &[u8]| {
         msix_vectors: 4,
         evtchn_ports: 64,
         intx: true,
+        msi_vectors: 4,
     }) else {
         return;
     };
