@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PUBLISHED=(irqbridge-core irqbridge-vfio-user irqbridge-vhost-user irqbridge-kvm)
+PUBLISHED=(irqbridge-core irqbridge-sys irqbridge-vfio-user irqbridge-vhost-user irqbridge-kvm)
 
 echo "== cargo doc (warnings denied)"
 RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings" cargo doc --no-deps --workspace --quiet

@@ -251,6 +251,70 @@ fn saturated_blocking_eventfds_never_block_the_server() {
     server.terminate();
 }
 
+/// Clears `O_NONBLOCK` on our copy of `e` again (the server set it on the shared open file
+/// description at SET_IRQS) and pushes the counter to its maximum, as a hostile client would.
+fn make_blocking_and_saturate(e: &EventFd) {
+    // SAFETY: F_GETFL/F_SETFL on a live descriptor.
+    unsafe {
+        let fl = libc::fcntl(e.as_raw_fd(), libc::F_GETFL);
+        assert!(fl >= 0);
+        assert_eq!(
+            libc::fcntl(e.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK),
+            0
+        );
+    }
+    assert!(!is_nonblocking(e.as_raw_fd()));
+    let _ = counter(e);
+    e.write(SATURATED).unwrap();
+}
+
+/// A client that clears `O_NONBLOCK` again on its copy of a bound eventfd after SET_IRQS and
+/// saturates it: the server's interrupt writes (BAR0 MSIX_FIRE and INTX_ASSERT on the
+/// connection thread, the control socket's fires on the device thread) are cut off at their
+/// deadline instead of waiting for the client to read.
+#[test]
+fn eventfds_made_blocking_again_after_set_irqs_never_block_the_server() {
+    let server = Server::start("reblock", &[]);
+    let mut c = server.client();
+    let msix = EventFd::new(0).unwrap();
+    let intx = EventFd::new(0).unwrap();
+    let bind = VFIO_IRQ_SET_ACTION_TRIGGER | VFIO_IRQ_SET_DATA_EVENTFD;
+    c.set_irqs(IRQ_MSIX, bind, 1, &[bfd(&msix)]).unwrap();
+    c.set_irqs(IRQ_INTX, bind, 1, &[bfd(&intx)]).unwrap();
+    assert!(is_nonblocking(msix.as_raw_fd()), "server set O_NONBLOCK");
+    // MSI-X enabled in Message Control (config 0x42, bit 15).
+    c.write(REGION_CONFIG, 0x42, &0x8000u16.to_le_bytes());
+    let mut ctl = server.control();
+    for _ in 0..3 {
+        make_blocking_and_saturate(&msix);
+        c.write(REGION_BAR0, REG_MSIX_FIRE, &0u32.to_le_bytes());
+        assert_eq!(c.read32(REGION_BAR0, REG_MAGIC), MAGIC);
+        make_blocking_and_saturate(&msix);
+        let r = ctl
+            .request(&json!({"cmd": "msix_fire", "vector": 0}))
+            .unwrap();
+        assert_eq!(r["ok"], true, "{r}");
+        make_blocking_and_saturate(&intx);
+        c.write(REGION_BAR0, REG_INTX_ASSERT, &1u32.to_le_bytes());
+        c.write(REGION_BAR0, REG_INTX_DEASSERT, &1u32.to_le_bytes());
+        assert_eq!(c.read32(REGION_BAR0, REG_MAGIC), MAGIC);
+    }
+    // Nothing was added to the saturated counter; drained, it delivers again.
+    assert_eq!(counter(&msix), Some(SATURATED));
+    c.write(REGION_BAR0, REG_MSIX_FIRE, &0u32.to_le_bytes());
+    assert_eq!(c.read32(REGION_BAR0, REG_MAGIC), MAGIC);
+    assert_eq!(counter(&msix), Some(1));
+    let r = ctl.request(&json!({"cmd": "counters"})).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+
+    // A fresh client is served after this one leaves, and SIGTERM still ends the server.
+    drop(c);
+    let mut c2 = server.client();
+    assert_eq!(c2.read32(REGION_BAR0, REG_MAGIC), MAGIC);
+    drop(c2);
+    server.terminate();
+}
+
 /// Control clients that pile up requests and never read a reply: device service (REGION_READ
 /// round trips) is not delayed, the stuck clients are dropped after the control write timeout,
 /// and the control socket serves the next client.

@@ -51,4 +51,4 @@ pub use evtchn::{EventChannels, EvtchnState, EvtchnStats, PortState, SendOutcome
 pub use intx::{IntxLine, IntxState, IntxStats};
 pub use msi::{Msi, MsiDelivery, MsiState, MsiStats};
 pub use msix::{Delivery, Msix, MsixEntry, MsixState, MsixStats};
-pub use notifier::{CountingNotifier, Notifier, saturated_writes};
+pub use notifier::{CountingNotifier, Notifier, count_saturated_write, saturated_writes};

@@ -15,6 +15,12 @@ pub fn saturated_writes() -> u64 {
     SATURATED_WRITES.load(Ordering::Relaxed)
 }
 
+/// Count one write that found its eventfd saturated (for [`saturated_writes`]); for
+/// [`Notifier`] implementations outside this crate that write an eventfd themselves.
+pub fn count_saturated_write() {
+    SATURATED_WRITES.fetch_add(1, Ordering::Relaxed);
+}
+
 use vmm_sys_util::eventfd::EventFd;
 
 /// Something that can be signalled when an interrupt fires.

@@ -21,20 +21,19 @@
 //!   interrupt is already pending ([`signal`]).
 //! - The flag is shared, so a hostile frontend can clear it again, and nothing makes the check
 //!   and the write one step. [`signal`] therefore also arms a per-thread one-shot timer
-//!   ([`WRITE_DEADLINE`]) that interrupts a write that blocks anyway (`SIGURG`, a handler that
+//!   ([`irqbridge_sys::WRITE_DEADLINE`], shared with the vfio-user server) that interrupts a write that blocks anyway (`SIGURG`, a handler that
 //!   does nothing and no `SA_RESTART`): such a write ends with `EINTR` and counts as
 //!   saturated. Together with the hand-off of upcalls to the target connection's own worker
 //!   (`Session::deliver_from`), the worst a frontend can do is delay its own worker by the
 //!   deadline per upcall.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::warn;
 use vhost_user_backend::{
@@ -133,121 +132,8 @@ pub(crate) fn is_eventfd(fd: RawFd) -> bool {
 /// Set `O_NONBLOCK` on `fd` if it is not set (see the module documentation for why this is
 /// done on a descriptor the peer shares).
 fn ensure_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFL on a descriptor the caller keeps open; no memory is passed.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if flags & libc::O_NONBLOCK == 0 {
-        // SAFETY: F_SETFL on the same descriptor with an int argument.
-        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// Longest a call-fd write may block (see the module documentation).
-pub(crate) const WRITE_DEADLINE: Duration = Duration::from_millis(2);
-
-/// The signal that interrupts a call-fd write past its deadline.
-const INTERRUPT: libc::c_int = libc::SIGURG;
-
-extern "C" fn on_interrupt(_sig: libc::c_int) {}
-
-/// Install the do-nothing `SIGURG` handler (without `SA_RESTART`), once per process.
-fn interrupt_installed() -> bool {
-    static INSTALLED: OnceLock<bool> = OnceLock::new();
-    *INSTALLED.get_or_init(|| {
-        // SAFETY: a zeroed sigaction naming a handler of the right signature, an empty mask
-        // and no flags; sigaction(2) copies it. SIGURG is otherwise unused here (no socket
-        // has an owner for out-of-band data), and its default action is to ignore it.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_interrupt as *const () as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(INTERRUPT, &sa, std::ptr::null_mut()) == 0
-        }
-    })
-}
-
-/// A POSIX timer that sends [`INTERRUPT`] to the thread that created it.
-struct ThreadTimer(libc::timer_t);
-
-impl Drop for ThreadTimer {
-    fn drop(&mut self) {
-        // SAFETY: deletes the timer this value created; it is not used afterwards.
-        unsafe { libc::timer_delete(self.0) };
-    }
-}
-
-impl ThreadTimer {
-    fn new() -> Option<ThreadTimer> {
-        if !interrupt_installed() {
-            return None;
-        }
-        // SAFETY: sigevent is plain data; all zeroes is valid before the fields are set.
-        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
-        sev.sigev_notify = libc::SIGEV_THREAD_ID;
-        sev.sigev_signo = INTERRUPT;
-        // SAFETY: gettid(2) has no preconditions.
-        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
-        let mut id: libc::timer_t = std::ptr::null_mut();
-        // SAFETY: `sev` and `id` are valid for the call; the kernel writes the timer id.
-        let r = unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) };
-        (r == 0).then_some(ThreadTimer(id))
-    }
-
-    /// Arm (`Some`) or disarm (`None`) the one-shot timer.
-    fn set(&self, after: Option<Duration>) {
-        let d = after.unwrap_or(Duration::ZERO);
-        let its = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: d.as_secs() as libc::time_t,
-                tv_nsec: d.subsec_nanos() as libc::c_long,
-            },
-        };
-        // SAFETY: `its` is valid for the call; the timer belongs to this thread.
-        unsafe { libc::timer_settime(self.0, 0, &its, std::ptr::null_mut()) };
-    }
-}
-
-thread_local! {
-    /// This thread's write-deadline timer, created on first use, deleted with the thread.
-    static TIMER: RefCell<Option<ThreadTimer>> = const { RefCell::new(None) };
-    static TIMER_TRIED: Cell<bool> = const { Cell::new(false) };
-}
-
-/// `write(2)` of `buf` to `fd`, interrupted after [`WRITE_DEADLINE`] if it blocks.
-fn write_with_deadline(fd: RawFd, buf: &[u8]) -> isize {
-    TIMER.with(|t| {
-        let mut t = t.borrow_mut();
-        if t.is_none() && !TIMER_TRIED.with(|tried| tried.replace(true)) {
-            *t = ThreadTimer::new();
-        }
-        if let Some(timer) = t.as_ref() {
-            timer.set(Some(WRITE_DEADLINE));
-        }
-        // SAFETY: write(2) from a live buffer of `buf.len()` bytes to a descriptor the caller
-        // keeps open.
-        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-        let errno = io::Error::last_os_error();
-        if let Some(timer) = t.as_ref() {
-            timer.set(None);
-        }
-        if n < 0 {
-            // Keep the write's errno for the caller (the disarm may have changed it).
-            if let Some(e) = errno.raw_os_error() {
-                // SAFETY: errno is thread-local and its location valid for the thread.
-                unsafe { *libc::__errno_location() = e };
-            }
-        }
-        n
-    })
+    // SAFETY: the caller keeps `fd` open for the duration of the call.
+    irqbridge_sys::ensure_nonblocking(unsafe { BorrowedFd::borrow_raw(fd) })
 }
 
 /// The outcome of a call-fd signal.
@@ -263,39 +149,21 @@ pub(crate) enum Signal {
     Failed(io::Error),
 }
 
-/// Signal the call fd of `st` without ever blocking: the descriptor is `O_NONBLOCK` since
-/// [`Vring::set_call`]; the frontend could clear the shared flag again, so it is checked (and
-/// set) before each write, and a write that blocks anyway is cut off at [`WRITE_DEADLINE`].
+/// Signal the call fd of `st` without ever blocking, with [`irqbridge_sys::signal`]: the
+/// descriptor is `O_NONBLOCK` since [`Vring::set_call`]; the frontend could clear the shared
+/// flag again, so it is checked (and set) before each write, and a write that blocks anyway is
+/// cut off at [`irqbridge_sys::WRITE_DEADLINE`].
 pub(crate) fn signal(st: &VringState<Mem>) -> Signal {
     let Some(call) = st.get_call() else {
         return Signal::NoFd;
     };
-    let fd = call.as_raw_fd();
-    if let Err(e) = ensure_nonblocking(fd) {
-        return Signal::Failed(e);
-    }
-    let one = 1u64.to_ne_bytes();
-    let start = Instant::now();
-    loop {
-        // The descriptor is owned by the vring, which the caller's guard keeps alive.
-        let n = write_with_deadline(fd, &one);
-        if n == 8 {
-            return Signal::Sent;
-        }
-        if n >= 0 {
-            return Signal::Failed(io::Error::other(format!("short write of {n} bytes")));
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            // Cut off at the deadline: the frontend made the descriptor blocking again and
-            // saturated it. Any other interruption: try again.
-            io::ErrorKind::Interrupted if start.elapsed() >= WRITE_DEADLINE => {
-                return Signal::Saturated;
-            }
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => return Signal::Saturated,
-            _ => return Signal::Failed(e),
-        }
+    // SAFETY: the descriptor is owned by the vring, which the caller's guard keeps alive
+    // for the duration of the call.
+    let fd = unsafe { BorrowedFd::borrow_raw(call.as_raw_fd()) };
+    match irqbridge_sys::signal(fd) {
+        irqbridge_sys::Signal::Sent => Signal::Sent,
+        irqbridge_sys::Signal::Saturated => Signal::Saturated,
+        irqbridge_sys::Signal::Failed(e) => Signal::Failed(e),
     }
 }
 
@@ -465,23 +333,6 @@ impl VringT<Mem> for Vring {
 mod tests {
     use super::*;
     use vmm_sys_util::eventfd::EventFd;
-
-    #[test]
-    fn a_blocking_write_is_cut_off_at_the_deadline() {
-        let efd = EventFd::new(0).unwrap(); // blocking
-        efd.write(0xffff_ffff_ffff_fffe).unwrap();
-        let t = Instant::now();
-        let n = write_with_deadline(efd.as_raw_fd(), &1u64.to_ne_bytes());
-        let e = io::Error::last_os_error();
-        assert_eq!(n, -1);
-        assert_eq!(e.kind(), io::ErrorKind::Interrupted);
-        assert!(t.elapsed() >= WRITE_DEADLINE);
-        assert!(t.elapsed() < Duration::from_secs(1));
-        // Not saturated: written at once.
-        assert_eq!(efd.read().unwrap(), 0xffff_ffff_ffff_fffe);
-        assert_eq!(write_with_deadline(efd.as_raw_fd(), &1u64.to_ne_bytes()), 8);
-        assert_eq!(efd.read().unwrap(), 1);
-    }
 
     #[test]
     fn kinds() {

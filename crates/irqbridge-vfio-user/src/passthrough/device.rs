@@ -30,6 +30,7 @@ use std::sync::Arc;
 use irqbridge_core::Msi;
 use irqbridge_core::msix::Msix;
 use irqbridge_core::notifier::Notifier;
+use irqbridge_sys::PeerEventFd;
 use log::{debug, info, warn};
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
@@ -89,7 +90,7 @@ enum Bound {
 /// One MSI or MSI-X vector.
 #[derive(Debug)]
 struct Vector {
-    client: Option<Arc<EventFd>>,
+    client: Option<Arc<PeerEventFd>>,
     catcher: EventFd,
     kernel: Bound,
 }
@@ -594,7 +595,7 @@ impl<B: VfioBackend> PassthroughDevice<B> {
                 let end = start as usize + fds.len();
                 self.drain(index);
                 for (v, fd) in (start as usize..).zip(fds) {
-                    let client = fd.map(Arc::new);
+                    let client = fd.map(|fd| Arc::new(PeerEventFd::new(fd)));
                     let notifier = client.clone().map(|c| c as Arc<dyn Notifier>);
                     match index {
                         VFIO_PCI_MSIX_IRQ_INDEX => {

@@ -15,6 +15,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use irqbridge_core::{Delivery, IntxLine, Msi, MsiDelivery, Msix, Notifier};
+use irqbridge_sys::PeerEventFd;
 use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -43,14 +44,14 @@ pub struct PciCore {
     pub(crate) config: ConfigSpace,
     pub(crate) intx: IntxLine,
     /// Our copy of the INTx trigger, for loopback `SET_IRQS(INTX, TRIGGER|NONE)`.
-    intx_trigger: Option<Arc<EventFd>>,
+    intx_trigger: Option<Arc<PeerEventFd>>,
     pub(crate) intx_unmask: Option<EventFd>,
     pub(crate) msi: Option<Msi>,
     /// Vectors allocated by the first `SET_IRQS(MSI, TRIGGER|EVENTFD)`; 0 while idle.
     msi_nvec: u32,
     pub(crate) msix: Option<Msix>,
-    err_trigger: Option<EventFd>,
-    req_trigger: Option<EventFd>,
+    err_trigger: Option<PeerEventFd>,
+    req_trigger: Option<PeerEventFd>,
 }
 
 fn log_err(what: &str, r: Result<(), irqbridge_core::Error>) {
@@ -311,7 +312,7 @@ impl PciCore {
             IrqOp::Bind { fds, .. } => {
                 match fds.into_iter().next().flatten() {
                     Some(fd) => {
-                        let fd = Arc::new(fd);
+                        let fd = Arc::new(PeerEventFd::new(fd));
                         self.intx_trigger = Some(Arc::clone(&fd));
                         log_err(
                             "INTx trigger bind",
@@ -387,7 +388,7 @@ impl PciCore {
                     return Err(libc::EINVAL);
                 }
                 for (v, fd) in (start..).zip(fds) {
-                    let n = fd.map(|fd| Arc::new(fd) as Arc<dyn Notifier>);
+                    let n = fd.map(|fd| Arc::new(PeerEventFd::new(fd)) as Arc<dyn Notifier>);
                     msi.set_notifier(v as u8, n).map_err(|_| libc::EINVAL)?;
                 }
                 Ok(())
@@ -413,7 +414,7 @@ impl PciCore {
         match IrqOp::decode(req, u32::from(msix.num_vectors()))? {
             IrqOp::Bind { start, fds } => {
                 for (v, fd) in (start..).zip(fds) {
-                    let n = fd.map(|fd| Arc::new(fd) as Arc<dyn Notifier>);
+                    let n = fd.map(|fd| Arc::new(PeerEventFd::new(fd)) as Arc<dyn Notifier>);
                     msix_bind(msix, v as u16, n).map_err(|_| libc::EINVAL)?;
                 }
                 Ok(())
@@ -447,7 +448,7 @@ impl PciCore {
         };
         match IrqOp::decode(req, 1)? {
             IrqOp::Bind { fds, .. } => {
-                *slot = fds.into_iter().next().flatten();
+                *slot = fds.into_iter().next().flatten().map(PeerEventFd::new);
                 Ok(())
             }
             IrqOp::Disable => {
