@@ -540,8 +540,8 @@ fn is_eventfd(fd: &OwnedFd) -> bool {
 /// eventfd becomes non-blocking too. That is acceptable for an eventfd: the flag only changes
 /// a read of a zero counter and a write of a saturated one, KVM's irqfd and ioeventfd paths
 /// never look at it, and the VMMs poll an eventfd before they read it. A peer could clear the
-/// flag again on its copy; it only hurts its own connection's interrupts then, and
-/// docs/reliability.md says what that costs.
+/// flag again on its copy: the device writes its triggers through `irqbridge_sys::PeerEventFd`,
+/// which sets it again and cuts a write that blocks anyway off at a 2 ms deadline.
 fn set_nonblocking(fd: &OwnedFd) -> Result<()> {
     // SAFETY: F_GETFL/F_SETFL on a live descriptor we own; no memory is passed.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
