@@ -62,8 +62,18 @@ if [ "${1:-}" != --no-package ]; then
     echo "== cargo package (${PUBLISHED[*]})"
     args=()
     for c in "${PUBLISHED[@]}"; do args+=(-p "$c"); done
+    # cargo verifies each package against the others through a temporary local registry and
+    # unpacks them under $CARGO_HOME/registry/src/-<hash>/ (one hash per checkout path); a
+    # second run with the same version reuses that unpacked copy, and its builds (registry
+    # sources are never re-fingerprinted), even when the sources changed. Start both afresh:
+    # our crates' unpacked copies (never crates.io's) and a target dir of its own.
+    for d in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/irqbridge-*; do
+        [ -d "$d" ] && rm -rf "$d"
+    done
+    verify_dir="${CARGO_TARGET_DIR:-target}/package-verify"
+    rm -rf "$verify_dir"
     # --allow-dirty: CI checks out exactly the commit, but local runs may have edits.
-    cargo package --quiet --allow-dirty "${args[@]}"
+    cargo package --quiet --allow-dirty --target-dir "$verify_dir" "${args[@]}"
     # Every other package must say so.
     unpublished=$(cargo metadata --no-deps --format-version 1 |
         python3 -c 'import json,sys
